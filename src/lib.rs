@@ -13,3 +13,7 @@ pub mod source;
 pub mod store;
 pub mod tarlayer;
 pub mod tree;
+pub mod cli;
+pub mod disk;
+pub mod export;
+pub mod image;

@@ -1,1 +1,260 @@
-fn main() {}
+//! The esgz-nbd command.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::Parser;
+use tracing::{info, warn};
+use tracing_subscriber::EnvFilter;
+
+use esgz_nbd::cli::{Cli, Command, ExportArgs, ImageArgs, IoChoice, LogFormat, ServeArgs};
+use esgz_nbd::disk::ImageDisk;
+use esgz_nbd::estargz::TocLimits;
+use esgz_nbd::export::export_to_file;
+use esgz_nbd::image::{open_image, OpenOptions};
+use esgz_nbd::nbd::{self, ServerOptions};
+use esgz_nbd::registry::RegistryOptions;
+use esgz_nbd::source::Platform;
+use esgz_nbd::store::IoBackendChoice;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(&cli);
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("error: failed to start the async runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        match cli.command {
+            Command::Serve(args) => serve(args).await,
+            Command::Export(args) => export(args).await,
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(cli: &Cli) {
+    let default_level = match (cli.quiet, cli.verbose) {
+        (true, _) => "warn",
+        (false, 0) => "info",
+        (false, 1) => "debug",
+        (false, _) => "trace",
+    };
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new(format!("esgz_nbd={default_level},warn")));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match cli.log_format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() == 0 }
+}
+
+fn default_cache_dir() -> PathBuf {
+    if is_root() {
+        return PathBuf::from("/var/cache/esgz-nbd");
+    }
+    if let Some(dir) = std::env::var_os("XDG_CACHE_HOME") {
+        return PathBuf::from(dir).join("esgz-nbd");
+    }
+    match std::env::var_os("HOME") {
+        Some(home) => PathBuf::from(home).join(".cache/esgz-nbd"),
+        None => std::env::temp_dir().join("esgz-nbd-cache"),
+    }
+}
+
+fn default_runtime_dir() -> PathBuf {
+    if is_root() {
+        return PathBuf::from("/run/esgz-nbd");
+    }
+    match std::env::var_os("XDG_RUNTIME_DIR") {
+        Some(dir) => PathBuf::from(dir).join("esgz-nbd"),
+        None => std::env::temp_dir().join(format!("esgz-nbd-{}", unsafe_uid())),
+    }
+}
+
+fn unsafe_uid() -> u32 {
+    // SAFETY: getuid has no preconditions and cannot fail.
+    unsafe { libc::getuid() }
+}
+
+/// Creates `dir` (and parents) with mode 0700 for the last component.
+fn create_private_dir(dir: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .with_context(|| format!("failed to create directory {}", dir.display()))
+}
+
+fn open_options(args: &ImageArgs) -> anyhow::Result<OpenOptions> {
+    let platform = match &args.platform {
+        Some(text) => Platform::parse(text)?,
+        None => Platform::host(),
+    };
+    if args.insecure_skip_verify {
+        warn!("--insecure-skip-verify: TOC and chunk digests are not checked; corrupted or tampered data will be served");
+    }
+    let cache_dir = args.cache_dir.clone().unwrap_or_else(default_cache_dir);
+    create_private_dir(&cache_dir)?;
+    let registry = RegistryOptions {
+        plain_http: args.plain_http,
+        insecure_skip_tls_verify: args.insecure_skip_tls_verify,
+        auth_file: args.auth_file.clone(),
+        ..RegistryOptions::default()
+    };
+    Ok(OpenOptions {
+        platform,
+        verify: !args.insecure_skip_verify,
+        cache_dir,
+        registry,
+        io: match args.io {
+            IoChoice::Auto => IoBackendChoice::Auto,
+            IoChoice::IoUring => IoBackendChoice::Uring,
+            IoChoice::Std => IoBackendChoice::Std,
+        },
+        toc_limits: TocLimits::default(),
+    })
+}
+
+/// Parses `--listen`: a bare port binds loopback, anything else is taken as given.
+fn parse_listen(text: &str) -> anyhow::Result<SocketAddr> {
+    if let Ok(port) = text.parse::<u16>() {
+        return Ok(SocketAddr::from(([127, 0, 0, 1], port)));
+    }
+    text.parse::<SocketAddr>().with_context(|| {
+        format!("invalid --listen value {text:?}: expected PORT, ADDR:PORT or [IPV6]:PORT")
+    })
+}
+
+async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let options = open_options(&args.image)?;
+    let image = open_image(&args.image.image, &options).await?;
+    let disk = Arc::new(ImageDisk::new(&image));
+    let server_options = ServerOptions {
+        export_name: args.export_name.clone(),
+        description: format!("{} ({})", image.description, image.manifest_digest),
+        ..ServerOptions::default()
+    };
+
+    let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        let _ = shutdown_tx.send(true);
+    });
+    let stats_task = args.stats_file.clone().map(|path| {
+        let disk = disk.clone();
+        let mut shutdown = shutdown_rx.clone();
+        tokio::spawn(async move {
+            loop {
+                write_stats(&disk, &path);
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    _ = shutdown.changed() => break,
+                }
+            }
+            write_stats(&disk, &path);
+        })
+    });
+
+    let result = match &args.listen {
+        Some(listen) => {
+            let addr = parse_listen(listen)?;
+            if !addr.ip().is_loopback() {
+                warn!(%addr, "listening on a non-loopback address: anyone who can reach it can read the image");
+            }
+            info!(%addr, export = %args.export_name, "serving NBD on TCP");
+            println!("nbd://{addr}/{}", args.export_name);
+            nbd::serve_tcp(addr, disk.clone(), server_options, shutdown_rx).await
+        }
+        None => {
+            let socket = match &args.socket {
+                Some(path) => path.clone(),
+                None => {
+                    let dir = default_runtime_dir();
+                    create_private_dir(&dir)?;
+                    dir.join("serve.sock")
+                }
+            };
+            info!(socket = %socket.display(), export = %args.export_name, "serving NBD on a unix socket");
+            println!("nbd+unix:///{}?socket={}", args.export_name, socket.display());
+            nbd::serve_unix(&socket, disk.clone(), server_options, shutdown_rx).await
+        }
+    };
+    if let Some(task) = stats_task {
+        let _ = task.await;
+    }
+    let stats = disk.store().stats();
+    info!(?stats, "server stopped");
+    result
+}
+
+fn write_stats(disk: &ImageDisk, path: &Path) {
+    let stats = disk.store().stats();
+    let text = match serde_json::to_string_pretty(&stats) {
+        Ok(text) => text,
+        Err(error) => {
+            warn!(%error, "failed to encode the stats");
+            return;
+        }
+    };
+    let staging = path.with_extension("tmp");
+    let result = std::fs::write(&staging, text).and_then(|()| std::fs::rename(&staging, path));
+    if let Err(error) = result {
+        warn!(path = %path.display(), %error, "failed to write the stats file");
+    }
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut terminate = match signal(SignalKind::terminate()) {
+        Ok(stream) => stream,
+        Err(error) => {
+            warn!(%error, "failed to watch SIGTERM; only Ctrl-C stops the server");
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => info!("interrupted: shutting down"),
+        _ = terminate.recv() => info!("terminated: shutting down"),
+    }
+}
+
+async fn export(args: ExportArgs) -> anyhow::Result<()> {
+    let options = open_options(&args.image)?;
+    let image = open_image(&args.image.image, &options).await?;
+    let disk = Arc::new(ImageDisk::new(&image));
+    if args.output.exists() && args.output.is_dir() {
+        bail!("output {} is a directory; give a file path", args.output.display());
+    }
+    let size = export_to_file(disk.clone(), &args.output).await?;
+    let stats = disk.store().stats();
+    info!(
+        output = %args.output.display(),
+        bytes = size,
+        ?stats,
+        "export finished"
+    );
+    Ok(())
+}

@@ -1,0 +1,181 @@
+//! The image disk: a [`BlockDevice`] whose metadata blocks are rendered from
+//! the ext4 layout and whose file blocks are read through the chunk store.
+
+use std::io;
+use std::sync::Arc;
+
+use bytes::{Bytes, BytesMut};
+use futures::future::try_join_all;
+use tracing::warn;
+
+use crate::device::BlockDevice;
+use crate::ext4::{Layout, Segment, SegmentKind, BLOCK_SIZE};
+use crate::image::OpenedImage;
+use crate::store::ChunkStore;
+use crate::tree::{NodeKind, Tree};
+
+/// A read-only disk holding the ext4 filesystem of one image.
+pub struct ImageDisk {
+    tree: Arc<Tree>,
+    layout: Arc<Layout>,
+    store: Arc<ChunkStore>,
+}
+
+impl ImageDisk {
+    pub fn new(image: &OpenedImage) -> ImageDisk {
+        ImageDisk {
+            tree: image.tree.clone(),
+            layout: image.layout.clone(),
+            store: image.store.clone(),
+        }
+    }
+
+    pub fn store(&self) -> &Arc<ChunkStore> {
+        &self.store
+    }
+
+    /// Reads the whole blocks `start_block..start_block + block_count`.
+    async fn read_blocks(&self, start_block: u64, block_count: u64) -> io::Result<Bytes> {
+        let segments = self.layout.segments(start_block, block_count);
+        let parts = try_join_all(segments.iter().map(|segment| self.read_segment(*segment))).await?;
+        if parts.len() == 1 {
+            return Ok(parts.into_iter().next().unwrap_or_default());
+        }
+        let mut out = BytesMut::with_capacity((block_count * BLOCK_SIZE) as usize);
+        for part in parts {
+            out.extend_from_slice(&part);
+        }
+        Ok(out.freeze())
+    }
+
+    async fn read_segment(&self, segment: Segment) -> io::Result<Bytes> {
+        let len = (segment.block_count * BLOCK_SIZE) as usize;
+        match segment.kind {
+            SegmentKind::Zero => Ok(Bytes::from(vec![0u8; len])),
+            SegmentKind::Metadata => {
+                let mut out = vec![0u8; len];
+                for (i, block) in out.chunks_exact_mut(BLOCK_SIZE as usize).enumerate() {
+                    self.layout.render_metadata(segment.start_block + i as u64, block);
+                }
+                Ok(Bytes::from(out))
+            }
+            SegmentKind::File { node, file_offset } => {
+                let data = match &self.tree.node(node).kind {
+                    NodeKind::Reg { data } => *data,
+                    other => {
+                        return Err(io::Error::other(format!(
+                            "layout error: block {} maps to node {node}, which is not a regular file ({other:?})",
+                            segment.start_block
+                        )))
+                    }
+                };
+                let available = data.size.saturating_sub(file_offset).min(len as u64);
+                if available == 0 {
+                    return Ok(Bytes::from(vec![0u8; len]));
+                }
+                let bytes = self
+                    .store
+                    .read(data.layer, data.data_offset + file_offset, available)
+                    .await
+                    .map_err(|error| {
+                        warn!(
+                            layer = data.layer,
+                            data_offset = data.data_offset + file_offset,
+                            len = available,
+                            error = %error,
+                            "read failed: returning EIO for this range"
+                        );
+                        io::Error::other(error.to_string())
+                    })?;
+                if bytes.len() == len {
+                    return Ok(bytes);
+                }
+                let mut out = BytesMut::with_capacity(len);
+                out.extend_from_slice(&bytes);
+                out.resize(len, 0);
+                Ok(out.freeze())
+            }
+        }
+    }
+
+    async fn prefetch_blocks(&self, start_block: u64, block_count: u64) -> io::Result<()> {
+        for segment in self.layout.segments(start_block, block_count) {
+            let SegmentKind::File { node, file_offset } = segment.kind else {
+                continue;
+            };
+            let NodeKind::Reg { data } = &self.tree.node(node).kind else {
+                continue;
+            };
+            let len = data
+                .size
+                .saturating_sub(file_offset)
+                .min(segment.block_count * BLOCK_SIZE);
+            if len > 0 {
+                self.store
+                    .prefetch(data.layer, data.data_offset + file_offset, len)
+                    .await
+                    .map_err(|error| io::Error::other(error.to_string()))?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Converts a byte range into the whole blocks that cover it.
+fn covering_blocks(offset: u64, len: u32) -> (u64, u64) {
+    let start_block = offset / BLOCK_SIZE;
+    let end = offset + u64::from(len);
+    let end_block = end.div_ceil(BLOCK_SIZE);
+    (start_block, end_block - start_block)
+}
+
+impl BlockDevice for ImageDisk {
+    fn size(&self) -> u64 {
+        self.layout.size()
+    }
+
+    async fn read(&self, offset: u64, len: u32) -> io::Result<Bytes> {
+        if len == 0 {
+            return Ok(Bytes::new());
+        }
+        let end = offset.checked_add(u64::from(len));
+        if end.is_none_or(|end| end > self.size()) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("read of {len} bytes at {offset:#x} is past the end of the disk"),
+            ));
+        }
+        let (start_block, block_count) = covering_blocks(offset, len);
+        let blocks = self.read_blocks(start_block, block_count).await?;
+        let skip = (offset - start_block * BLOCK_SIZE) as usize;
+        Ok(blocks.slice(skip..skip + len as usize))
+    }
+
+    async fn prefetch(&self, offset: u64, len: u32) -> io::Result<()> {
+        if len == 0 || offset >= self.size() {
+            return Ok(());
+        }
+        let len = u64::from(len).min(self.size() - offset) as u32;
+        let (start_block, block_count) = covering_blocks(offset, len);
+        self.prefetch_blocks(start_block, block_count).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::covering_blocks;
+
+    #[test]
+    fn covering_blocks_rounds_outward() {
+        let cases = [
+            (0, 1, (0, 1)),
+            (0, 4096, (0, 1)),
+            (4095, 2, (0, 2)),
+            (4096, 4096, (1, 1)),
+            (8191, 8194, (1, 3)),
+        ];
+        for (offset, len, expected) in cases {
+            assert_eq!(covering_blocks(offset, len), expected, "offset {offset} len {len}");
+        }
+    }
+}

@@ -1,0 +1,336 @@
+//! Opening an image: resolve the manifest, read each layer's footer and TOC
+//! (or fetch a non-eStargz layer whole), merge the layers and decide the ext4
+//! layout.
+
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{bail, Context};
+use futures::future::try_join_all;
+use sha2::{Digest, Sha256};
+use tracing::{info, warn};
+
+use crate::estargz::{self, TocLimits};
+use crate::ext4::{Layout, LayoutOptions};
+use crate::layer::LayerIndex;
+use crate::oci_layout::open_oci_layout;
+use crate::reference::{parse_image_arg, ImageArg};
+use crate::registry::{open_registry, RegistryOptions};
+use crate::source::{BlobSource, ImageSource, LayerDescriptor, Platform};
+use crate::store::{ChunkStore, IoBackendChoice, StoreLayer, StoreOptions, WholeLayerWriter};
+use crate::tarlayer;
+use crate::tree::{merge, Tree};
+
+/// Layer annotation holding the sha256 of the TOC JSON.
+pub const TOC_DIGEST_ANNOTATION: &str = "containerd.io/snapshot/stargz/toc.digest";
+
+/// Size of each ranged read while a non-eStargz layer is fetched whole.
+const WHOLE_LAYER_READ_SIZE: u64 = 8 << 20;
+
+/// Everything that decides how an image is opened.
+#[derive(Clone, Debug)]
+pub struct OpenOptions {
+    pub platform: Platform,
+    /// Check the TOC digest and every chunk digest.
+    pub verify: bool,
+    pub cache_dir: PathBuf,
+    pub registry: RegistryOptions,
+    pub io: IoBackendChoice,
+    pub toc_limits: TocLimits,
+}
+
+/// An image ready to serve: its merged tree, ext4 layout and chunk store.
+pub struct OpenedImage {
+    /// The image argument as given, without credentials.
+    pub description: String,
+    pub manifest_digest: String,
+    pub layers: Vec<Arc<LayerIndex>>,
+    pub tree: Arc<Tree>,
+    pub layout: Arc<Layout>,
+    pub store: Arc<ChunkStore>,
+}
+
+/// Opens `image` (`oci:DIR[:TAG]` or a registry reference) for serving.
+pub async fn open_image(image: &str, options: &OpenOptions) -> anyhow::Result<OpenedImage> {
+    let started = Instant::now();
+    let source = open_source(image, &options.registry)?;
+    let resolved = source
+        .resolve(&options.platform)
+        .await
+        .with_context(|| format!("failed to resolve image {}", source.describe()))?;
+    info!(
+        image = %source.describe(),
+        manifest = %resolved.manifest_digest,
+        layers = resolved.layers.len(),
+        "resolved image manifest"
+    );
+    if resolved.layers.is_empty() {
+        bail!("image {} has no layers", source.describe());
+    }
+
+    let opened = try_join_all(
+        resolved
+            .layers
+            .iter()
+            .enumerate()
+            .map(|(position, descriptor)| open_layer(&*source, position, descriptor, options)),
+    )
+    .await?;
+
+    let mut entries = Vec::with_capacity(opened.len());
+    let mut layers = Vec::with_capacity(opened.len());
+    let mut store_layers = Vec::with_capacity(opened.len());
+    for (mut index, blob) in opened {
+        entries.push(std::mem::take(&mut index.entries));
+        let index = Arc::new(index);
+        layers.push(index.clone());
+        store_layers.push(StoreLayer { index, blob });
+    }
+
+    let tree = Arc::new(merge(&entries).context("failed to merge the image layers")?);
+    drop(entries);
+    let layout_options = layout_options_for(&resolved.manifest_digest);
+    let layout = Arc::new(
+        Layout::new(tree.clone(), layout_options).context("failed to lay out the ext4 filesystem")?,
+    );
+    let store = Arc::new(
+        ChunkStore::open(
+            store_layers,
+            StoreOptions {
+                cache_dir: options.cache_dir.clone(),
+                verify: options.verify,
+                io: options.io,
+                ..StoreOptions::default()
+            },
+        )
+        .context("failed to open the chunk cache")?,
+    );
+    info!(
+        image = %source.describe(),
+        nodes = tree.nodes.len(),
+        device_bytes = layout.size(),
+        io = store.io_backend(),
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "image ready"
+    );
+    Ok(OpenedImage {
+        description: source.describe(),
+        manifest_digest: resolved.manifest_digest,
+        layers,
+        tree,
+        layout,
+        store,
+    })
+}
+
+/// Opens the image source named by `image`.
+pub fn open_source(
+    image: &str,
+    registry: &RegistryOptions,
+) -> anyhow::Result<Arc<dyn ImageSource>> {
+    match parse_image_arg(image)? {
+        ImageArg::Oci { dir, tag } => open_oci_layout(&dir, tag.as_deref()),
+        ImageArg::Registry(reference) => open_registry(&reference, registry),
+    }
+}
+
+/// Derives the filesystem UUID and directory hash seed from the manifest
+/// digest, so the same image always gives the same bytes.
+fn layout_options_for(manifest_digest: &str) -> LayoutOptions {
+    let uuid_hash = Sha256::digest(format!("esgz-nbd uuid {manifest_digest}"));
+    let seed_hash = Sha256::digest(format!("esgz-nbd hash seed {manifest_digest}"));
+    let mut uuid = [0u8; 16];
+    uuid.copy_from_slice(&uuid_hash[..16]);
+    // RFC 4122 version 4 and variant bits, so tools print a well-formed UUID.
+    uuid[6] = (uuid[6] & 0x0f) | 0x40;
+    uuid[8] = (uuid[8] & 0x3f) | 0x80;
+    let mut hash_seed = [0u8; 16];
+    hash_seed.copy_from_slice(&seed_hash[..16]);
+    LayoutOptions {
+        uuid,
+        hash_seed,
+        volume_name: "esgz-nbd".to_string(),
+        extra_free_blocks: 0,
+    }
+}
+
+/// Reads one layer's index: lazily from its footer and TOC when it is
+/// eStargz, otherwise by fetching it whole into the cache.
+async fn open_layer(
+    source: &dyn ImageSource,
+    position: usize,
+    descriptor: &LayerDescriptor,
+    options: &OpenOptions,
+) -> anyhow::Result<(LayerIndex, Option<Arc<dyn BlobSource>>)> {
+    let layer = u32::try_from(position).context("too many layers")?;
+    let blob = source.blob(descriptor)?;
+    let annotation = descriptor.annotations.get(TOC_DIGEST_ANNOTATION);
+
+    let reason = match (annotation, options.verify) {
+        (None, true) => Some(format!(
+            "the layer descriptor has no {TOC_DIGEST_ANNOTATION} annotation, so its TOC cannot be verified"
+        )),
+        _ => match read_lazy_index(&*blob, layer, descriptor, annotation, options).await? {
+            LazyOutcome::Index(index) => {
+                info!(layer = %descriptor.digest, chunks = index.chunks.len(), "layer is eStargz, read lazily");
+                return Ok((index, Some(blob)));
+            }
+            LazyOutcome::NotEstargz(reason) => Some(reason),
+        },
+    };
+    let reason = reason.unwrap_or_default();
+    warn!(layer = %descriptor.digest, size = descriptor.size, %reason, "layer is not lazy: fetching it whole");
+    let index = fetch_whole_layer(&*blob, layer, descriptor, &options.cache_dir).await?;
+    Ok((index, None))
+}
+
+enum LazyOutcome {
+    Index(LayerIndex),
+    /// The blob has no valid eStargz footer; the reason says what was found.
+    NotEstargz(String),
+}
+
+async fn read_lazy_index(
+    blob: &dyn BlobSource,
+    layer: u32,
+    descriptor: &LayerDescriptor,
+    annotation: Option<&String>,
+    options: &OpenOptions,
+) -> anyhow::Result<LazyOutcome> {
+    let size = descriptor.size;
+    if size < estargz::LEGACY_FOOTER_SIZE {
+        return Ok(LazyOutcome::NotEstargz(format!(
+            "the blob is {size} bytes, shorter than an eStargz footer"
+        )));
+    }
+    let tail_len = size.min(estargz::FOOTER_SIZE);
+    let tail = blob
+        .read_range(size - tail_len, tail_len)
+        .await
+        .with_context(|| format!("failed to read the footer of layer {}", descriptor.digest))?;
+    let footer = match estargz::parse_footer(&tail, size) {
+        Ok(footer) => footer,
+        Err(error) => return Ok(LazyOutcome::NotEstargz(format!("no eStargz footer: {error}"))),
+    };
+
+    let toc_len = size - footer.footer_size - footer.toc_offset;
+    let toc_member = blob
+        .read_range(footer.toc_offset, toc_len)
+        .await
+        .with_context(|| {
+            format!(
+                "failed to read the TOC of layer {} at offset {:#x}",
+                descriptor.digest, footer.toc_offset
+            )
+        })?;
+    let max_toc = options.toc_limits.max_toc_bytes;
+    let toc_json = estargz::extract_toc_json(&toc_member, max_toc)
+        .with_context(|| format!("invalid TOC in layer {}", descriptor.digest))?;
+
+    let actual = format!("sha256:{}", hex::encode(Sha256::digest(&toc_json)));
+    match annotation {
+        Some(expected) if options.verify && *expected != actual => bail!(
+            "TOC digest mismatch in layer {}: the {TOC_DIGEST_ANNOTATION} annotation is {expected} but the TOC hashes to {actual}; the blob or the manifest is corrupt (use --insecure-skip-verify only to debug)",
+            descriptor.digest
+        ),
+        _ => {}
+    }
+
+    let index = estargz::build_index(
+        layer,
+        &descriptor.digest,
+        &toc_json,
+        footer.toc_offset,
+        &options.toc_limits,
+    )
+    .with_context(|| format!("invalid TOC in layer {}", descriptor.digest))?;
+    Ok(LazyOutcome::Index(index))
+}
+
+/// Downloads a whole layer into a temporary file (checking the blob digest),
+/// then unpacks its tar into the layer's cache file.
+async fn fetch_whole_layer(
+    blob: &dyn BlobSource,
+    layer: u32,
+    descriptor: &LayerDescriptor,
+    cache_dir: &Path,
+) -> anyhow::Result<LayerIndex> {
+    let expected = descriptor
+        .digest
+        .strip_prefix("sha256:")
+        .with_context(|| format!("unsupported digest algorithm in {}", descriptor.digest))?
+        .to_string();
+    let mut download = tempfile::tempfile_in(cache_dir).with_context(|| {
+        format!("failed to create a temporary file in {}", cache_dir.display())
+    })?;
+    let mut hasher = Sha256::new();
+    let mut offset = 0;
+    while offset < descriptor.size {
+        let len = (descriptor.size - offset).min(WHOLE_LAYER_READ_SIZE);
+        let bytes = blob.read_range(offset, len).await.with_context(|| {
+            format!(
+                "failed to fetch layer {} at offset {offset:#x}",
+                descriptor.digest
+            )
+        })?;
+        hasher.update(&bytes);
+        download
+            .write_all(&bytes)
+            .context("failed to write the downloaded layer to a temporary file")?;
+        offset += len;
+    }
+    let actual = hex::encode(hasher.finalize());
+    if actual != expected {
+        bail!(
+            "layer {} does not match its digest: the fetched blob hashes to sha256:{actual}",
+            descriptor.digest
+        );
+    }
+
+    let digest = descriptor.digest.clone();
+    let cache_dir = cache_dir.to_path_buf();
+    tokio::task::spawn_blocking(move || unpack_whole_layer(download, layer, &digest, &cache_dir))
+        .await
+        .context("the layer unpacking task failed")?
+}
+
+fn unpack_whole_layer(
+    mut download: std::fs::File,
+    layer: u32,
+    digest: &str,
+    cache_dir: &Path,
+) -> anyhow::Result<LayerIndex> {
+    download.seek(SeekFrom::Start(0))?;
+    let mut magic = [0u8; 4];
+    let magic_len = read_up_to(&mut download, &mut magic)?;
+    download.seek(SeekFrom::Start(0))?;
+    let reader: Box<dyn Read> = match &magic[..magic_len] {
+        [0x1f, 0x8b, ..] => Box::new(flate2::read::MultiGzDecoder::new(std::io::BufReader::new(download))),
+        [0x28, 0xb5, 0x2f, 0xfd] => bail!(
+            "layer {digest} is zstd-compressed, which esgz-nbd does not read yet; convert the image to eStargz"
+        ),
+        _ => Box::new(std::io::BufReader::new(download)),
+    };
+
+    // The tar is unpacked straight into the layer's cache file; its data
+    // space size is only known at the end, when `finish` sets the length.
+    let mut writer = WholeLayerWriter::create(cache_dir, digest, 0)?;
+    let mut sink = |data_offset: u64, bytes: &[u8]| writer.write_at(data_offset, bytes);
+    let index = tarlayer::index_tar(layer, digest, reader, &mut sink)
+        .with_context(|| format!("failed to read the tar of layer {digest}"))?;
+    writer.finish_with_size(index.data_size)?;
+    Ok(index)
+}
+
+fn read_up_to(file: &mut std::fs::File, buffer: &mut [u8]) -> std::io::Result<usize> {
+    let mut filled = 0;
+    while filled < buffer.len() {
+        match file.read(&mut buffer[filled..])? {
+            0 => break,
+            n => filled += n,
+        }
+    }
+    Ok(filled)
+}
