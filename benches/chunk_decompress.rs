@@ -15,7 +15,9 @@ fn text_chunk() -> Vec<u8> {
     let mut data = Vec::with_capacity(CHUNK_SIZE + 64);
     let mut line = 0u64;
     while data.len() < CHUNK_SIZE {
-        data.extend_from_slice(format!("line {line:010} of a compressible benchmark chunk\n").as_bytes());
+        data.extend_from_slice(
+            format!("line {line:010} of a compressible benchmark chunk\n").as_bytes(),
+        );
         line += 1;
     }
     data.truncate(CHUNK_SIZE);
@@ -49,12 +51,16 @@ fn bench_decode(c: &mut Criterion) {
     for (name, data) in [("text", text_chunk()), ("random", random_chunk())] {
         let expected = sha256(&data);
         let member = gzip(&data, 6);
-        group.bench_with_input(BenchmarkId::new("gunzip_sha256", name), &member, |b, member| {
-            b.iter(|| {
-                let decoded = decode_member(member, CHUNK_SIZE as u64).expect("valid member");
-                assert_eq!(sha256(&decoded), expected);
-            })
-        });
+        group.bench_with_input(
+            BenchmarkId::new("gunzip_sha256", name),
+            &member,
+            |b, member| {
+                b.iter(|| {
+                    let decoded = decode_member(member, CHUNK_SIZE as u64).expect("valid member");
+                    assert_eq!(sha256(&decoded), expected);
+                })
+            },
+        );
     }
     group.finish();
 }

@@ -14,9 +14,14 @@ const FILE_MODE: u32 = 0o600;
 
 /// Checks that `digest` is `sha256:<64 lowercase hex>` and returns the hex part.
 pub(crate) fn digest_hex(digest: &str) -> Result<&str, StoreError> {
-    let invalid = || StoreError::InvalidDigest { digest: digest.to_string() };
+    let invalid = || StoreError::InvalidDigest {
+        digest: digest.to_string(),
+    };
     let hex = digest.strip_prefix("sha256:").ok_or_else(invalid)?;
-    let valid = hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+    let valid = hex.len() == 64
+        && hex
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
     if !valid {
         return Err(invalid());
     }
@@ -30,7 +35,10 @@ pub(crate) fn layers_dir(cache_dir: &Path) -> Result<PathBuf, StoreError> {
         .recursive(true)
         .mode(DIR_MODE)
         .create(&dir)
-        .map_err(|source| StoreError::CreateCacheDir { path: dir.clone(), source })?;
+        .map_err(|source| StoreError::CreateCacheDir {
+            path: dir.clone(),
+            source,
+        })?;
     Ok(dir)
 }
 
@@ -43,7 +51,10 @@ pub(crate) fn layer_path(cache_dir: &Path, layer_digest: &str) -> Result<PathBuf
 /// Opens (creating if missing) the cache file of a lazily fetched layer, mode 0600, sized to
 /// `data_size`; holes read as zeros and are never served before their chunk is written.
 pub(crate) fn open_lazy(path: &Path, data_size: u64) -> Result<File, StoreError> {
-    let open_error = |source| StoreError::OpenCacheFile { path: path.to_path_buf(), source };
+    let open_error = |source| StoreError::OpenCacheFile {
+        path: path.to_path_buf(),
+        source,
+    };
     let file = OpenOptions::new()
         .read(true)
         .write(true)
@@ -52,12 +63,17 @@ pub(crate) fn open_lazy(path: &Path, data_size: u64) -> Result<File, StoreError>
         .mode(FILE_MODE)
         .open(path)
         .map_err(open_error)?;
-    file.set_permissions(Permissions::from_mode(FILE_MODE)).map_err(open_error)?;
+    file.set_permissions(Permissions::from_mode(FILE_MODE))
+        .map_err(open_error)?;
 
     let len = file.metadata().map_err(open_error)?.len();
     if len != data_size {
         file.set_len(data_size)
-            .map_err(|source| StoreError::ResizeCacheFile { path: path.to_path_buf(), size: data_size, source })?;
+            .map_err(|source| StoreError::ResizeCacheFile {
+                path: path.to_path_buf(),
+                size: data_size,
+                source,
+            })?;
     }
     Ok(file)
 }
@@ -68,10 +84,16 @@ pub(crate) fn open_whole(path: &Path, layer: &str, data_size: u64) -> Result<Fil
         .read(true)
         .write(true)
         .open(path)
-        .map_err(|source| StoreError::OpenCacheFile { path: path.to_path_buf(), source })?;
+        .map_err(|source| StoreError::OpenCacheFile {
+            path: path.to_path_buf(),
+            source,
+        })?;
     let actual = file
         .metadata()
-        .map_err(|source| StoreError::OpenCacheFile { path: path.to_path_buf(), source })?
+        .map_err(|source| StoreError::OpenCacheFile {
+            path: path.to_path_buf(),
+            source,
+        })?
         .len();
     if actual != data_size {
         return Err(StoreError::WholeLayerNotCached {
@@ -94,7 +116,11 @@ pub(crate) struct Presence {
 
 impl Presence {
     pub(crate) fn new(chunks: usize) -> Presence {
-        Presence { words: (0..chunks.div_ceil(64)).map(|_| AtomicU64::new(0)).collect() }
+        Presence {
+            words: (0..chunks.div_ceil(64))
+                .map(|_| AtomicU64::new(0))
+                .collect(),
+        }
     }
 
     pub(crate) fn contains(&self, chunk: usize) -> bool {
@@ -126,7 +152,11 @@ pub struct WholeLayerWriter {
 
 impl WholeLayerWriter {
     /// Creates the partial cache file of `layer_digest`, sized to `data_size`.
-    pub fn create(cache_dir: &Path, layer_digest: &str, data_size: u64) -> Result<Self, StoreError> {
+    pub fn create(
+        cache_dir: &Path,
+        layer_digest: &str,
+        data_size: u64,
+    ) -> Result<Self, StoreError> {
         layers_dir(cache_dir)?;
         let final_path = layer_path(cache_dir, layer_digest)?;
         let mut partial_path = final_path.clone().into_os_string();
@@ -139,13 +169,29 @@ impl WholeLayerWriter {
             .truncate(true)
             .mode(FILE_MODE)
             .open(&partial_path)
-            .map_err(|source| StoreError::OpenCacheFile { path: partial_path.clone(), source })?;
+            .map_err(|source| StoreError::OpenCacheFile {
+                path: partial_path.clone(),
+                source,
+            })?;
         file.set_permissions(Permissions::from_mode(FILE_MODE))
-            .map_err(|source| StoreError::OpenCacheFile { path: partial_path.clone(), source })?;
+            .map_err(|source| StoreError::OpenCacheFile {
+                path: partial_path.clone(),
+                source,
+            })?;
         file.set_len(data_size)
-            .map_err(|source| StoreError::ResizeCacheFile { path: partial_path.clone(), size: data_size, source })?;
+            .map_err(|source| StoreError::ResizeCacheFile {
+                path: partial_path.clone(),
+                size: data_size,
+                source,
+            })?;
 
-        Ok(WholeLayerWriter { file, partial_path, final_path, layer: layer_digest.to_string(), data_size })
+        Ok(WholeLayerWriter {
+            file,
+            partial_path,
+            final_path,
+            layer: layer_digest.to_string(),
+            data_size,
+        })
     }
 
     /// Writes `bytes` at `data_offset`; the range must lie within the data size.
@@ -167,7 +213,10 @@ impl WholeLayerWriter {
 
     /// Flushes the file to disk and renames it to the layer's cache file.
     pub fn finish(self) -> Result<(), StoreError> {
-        let finish_error = |source| StoreError::FinishCacheFile { path: self.partial_path.clone(), source };
+        let finish_error = |source| StoreError::FinishCacheFile {
+            path: self.partial_path.clone(),
+            source,
+        };
         self.file.sync_all().map_err(finish_error)?;
         fs::rename(&self.partial_path, &self.final_path).map_err(finish_error)?;
         Ok(())
@@ -186,7 +235,10 @@ mod tests {
             ("sha256:", false),
             ("sha512:abcd", false),
             (&good[..good.len() - 1], false),
-            ("sha256:../../../../../../../../../../../../../../../../etc/passwd0123456789", false),
+            (
+                "sha256:../../../../../../../../../../../../../../../../etc/passwd0123456789",
+                false,
+            ),
             (&format!("sha256:{}", "AB".repeat(32)), false),
             (&format!("{good}/x"), false),
         ];
@@ -205,7 +257,10 @@ mod tests {
         }
         assert!(!presence.contains(1));
         assert!(!presence.contains(128));
-        assert!(!presence.contains(130), "a chunk past the end is never present");
+        assert!(
+            !presence.contains(130),
+            "a chunk past the end is never present"
+        );
         presence.insert(500);
     }
 
@@ -222,8 +277,14 @@ mod tests {
 
         let path = layer_path(dir.path(), &digest).expect("path");
         assert_eq!(fs::read(&path).expect("read"), b"helloworld");
-        assert_eq!(fs::metadata(&path).expect("stat").permissions().mode() & 0o777, 0o600);
+        assert_eq!(
+            fs::metadata(&path).expect("stat").permissions().mode() & 0o777,
+            0o600
+        );
         assert!(open_whole(&path, &digest, 10).is_ok());
-        assert!(matches!(open_whole(&path, &digest, 11), Err(StoreError::WholeLayerNotCached { .. })));
+        assert!(matches!(
+            open_whole(&path, &digest, 11),
+            Err(StoreError::WholeLayerNotCached { .. })
+        ));
     }
 }

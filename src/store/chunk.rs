@@ -15,18 +15,29 @@ use sha2::{Digest, Sha256};
 /// used because the range may end after more than one gzip member.
 pub fn decode_member(member: &[u8], decoded_len: u64) -> io::Result<Vec<u8>> {
     let capacity = usize::try_from(decoded_len).map_err(|_| {
-        io::Error::new(io::ErrorKind::InvalidInput, format!("decoded length {decoded_len} does not fit in memory"))
+        io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("decoded length {decoded_len} does not fit in memory"),
+        )
     })?;
     let mut output = Vec::new();
     output.try_reserve_exact(capacity).map_err(|error| {
-        io::Error::new(io::ErrorKind::OutOfMemory, format!("cannot allocate {decoded_len} bytes: {error}"))
+        io::Error::new(
+            io::ErrorKind::OutOfMemory,
+            format!("cannot allocate {decoded_len} bytes: {error}"),
+        )
     })?;
 
-    MultiGzDecoder::new(member).take(decoded_len).read_to_end(&mut output)?;
+    MultiGzDecoder::new(member)
+        .take(decoded_len)
+        .read_to_end(&mut output)?;
     if output.len() != capacity {
         return Err(io::Error::new(
             io::ErrorKind::UnexpectedEof,
-            format!("the gzip stream ends after {} of the {decoded_len} bytes the chunks need", output.len()),
+            format!(
+                "the gzip stream ends after {} of the {decoded_len} bytes the chunks need",
+                output.len()
+            ),
         ));
     }
     Ok(output)
@@ -53,15 +64,26 @@ pub(crate) enum ChunkOutcome {
     /// The chunk's bytes, verified, or accepted without a check when verification is off
     /// or the TOC has no digest.
     Ready { chunk: usize, bytes: Bytes },
-    Mismatch { chunk: usize, expected: [u8; 32], actual: [u8; 32] },
+    Mismatch {
+        chunk: usize,
+        expected: [u8; 32],
+        actual: [u8; 32],
+    },
 }
 
 /// Decodes `member` and cuts out (and, with `verify`, checks) every chunk in `slices`.
-pub(crate) fn decode_chunks(member: &[u8], slices: &[ChunkSlice], verify: bool) -> io::Result<Vec<ChunkOutcome>> {
+pub(crate) fn decode_chunks(
+    member: &[u8],
+    slices: &[ChunkSlice],
+    verify: bool,
+) -> io::Result<Vec<ChunkOutcome>> {
     let mut decoded_len = 0u64;
     for slice in slices {
         let end = slice.inner_offset.checked_add(slice.size).ok_or_else(|| {
-            io::Error::new(io::ErrorKind::InvalidInput, format!("chunk {} ends past 2^64", slice.chunk))
+            io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("chunk {} ends past 2^64", slice.chunk),
+            )
         })?;
         decoded_len = decoded_len.max(end);
     }
@@ -77,12 +99,22 @@ pub(crate) fn decode_chunks(member: &[u8], slices: &[ChunkSlice], verify: bool) 
                 Some(expected) if verify => {
                     let actual = sha256(&bytes);
                     if actual == expected {
-                        ChunkOutcome::Ready { chunk: slice.chunk, bytes }
+                        ChunkOutcome::Ready {
+                            chunk: slice.chunk,
+                            bytes,
+                        }
                     } else {
-                        ChunkOutcome::Mismatch { chunk: slice.chunk, expected, actual }
+                        ChunkOutcome::Mismatch {
+                            chunk: slice.chunk,
+                            expected,
+                            actual,
+                        }
                     }
                 }
-                _ => ChunkOutcome::Ready { chunk: slice.chunk, bytes },
+                _ => ChunkOutcome::Ready {
+                    chunk: slice.chunk,
+                    bytes,
+                },
             }
         })
         .collect();
@@ -139,17 +171,40 @@ mod tests {
     fn decode_chunks_verifies_each_chunk() {
         let member = gzip(b"aaaabbbbcccc");
         let slices = [
-            ChunkSlice { chunk: 0, inner_offset: 0, size: 4, digest: Some(sha256(b"aaaa")) },
-            ChunkSlice { chunk: 1, inner_offset: 8, size: 4, digest: Some(sha256(b"wrong")) },
-            ChunkSlice { chunk: 2, inner_offset: 4, size: 4, digest: None },
+            ChunkSlice {
+                chunk: 0,
+                inner_offset: 0,
+                size: 4,
+                digest: Some(sha256(b"aaaa")),
+            },
+            ChunkSlice {
+                chunk: 1,
+                inner_offset: 8,
+                size: 4,
+                digest: Some(sha256(b"wrong")),
+            },
+            ChunkSlice {
+                chunk: 2,
+                inner_offset: 4,
+                size: 4,
+                digest: None,
+            },
         ];
 
         let outcomes = decode_chunks(&member, &slices, true).expect("decodes");
-        assert!(matches!(&outcomes[0], ChunkOutcome::Ready { chunk: 0, bytes } if bytes.as_ref() == b"aaaa"));
-        assert!(matches!(&outcomes[1], ChunkOutcome::Mismatch { chunk: 1, actual, .. } if *actual == sha256(b"cccc")));
-        assert!(matches!(&outcomes[2], ChunkOutcome::Ready { chunk: 2, bytes } if bytes.as_ref() == b"bbbb"));
+        assert!(
+            matches!(&outcomes[0], ChunkOutcome::Ready { chunk: 0, bytes } if bytes.as_ref() == b"aaaa")
+        );
+        assert!(
+            matches!(&outcomes[1], ChunkOutcome::Mismatch { chunk: 1, actual, .. } if *actual == sha256(b"cccc"))
+        );
+        assert!(
+            matches!(&outcomes[2], ChunkOutcome::Ready { chunk: 2, bytes } if bytes.as_ref() == b"bbbb")
+        );
 
         let unverified = decode_chunks(&member, &slices, false).expect("decodes");
-        assert!(matches!(&unverified[1], ChunkOutcome::Ready { chunk: 1, bytes } if bytes.as_ref() == b"cccc"));
+        assert!(
+            matches!(&unverified[1], ChunkOutcome::Ready { chunk: 1, bytes } if bytes.as_ref() == b"cccc")
+        );
     }
 }

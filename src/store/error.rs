@@ -17,13 +17,27 @@ pub enum StoreError {
     OpenCacheFile { path: PathBuf, source: io::Error },
 
     #[error("failed to resize cache file {path} to {size} bytes: {source}; check free disk space")]
-    ResizeCacheFile { path: PathBuf, size: u64, source: io::Error },
+    ResizeCacheFile {
+        path: PathBuf,
+        size: u64,
+        source: io::Error,
+    },
 
     #[error("cache file {path} of whole layer {layer} is {actual} bytes, expected {expected}; write the layer with WholeLayerWriter before opening the store")]
-    WholeLayerNotCached { layer: String, path: PathBuf, expected: u64, actual: u64 },
+    WholeLayerNotCached {
+        layer: String,
+        path: PathBuf,
+        expected: u64,
+        actual: u64,
+    },
 
     #[error("write of {len} bytes at data offset {offset:#x} exceeds the data size {data_size} of layer {layer}")]
-    WholeLayerOutOfRange { layer: String, offset: u64, len: u64, data_size: u64 },
+    WholeLayerOutOfRange {
+        layer: String,
+        offset: u64,
+        len: u64,
+        data_size: u64,
+    },
 
     #[error("failed to finish cache file {path}: {source}")]
     FinishCacheFile { path: PathBuf, source: io::Error },
@@ -50,13 +64,29 @@ pub enum ReadError {
     UnknownLayer { layer: u32, count: usize },
 
     #[error("read of {len} bytes at data offset {offset:#x} exceeds the data size {data_size} of layer {layer}")]
-    OutOfRange { layer: String, offset: u64, len: u64, data_size: u64 },
+    OutOfRange {
+        layer: String,
+        offset: u64,
+        len: u64,
+        data_size: u64,
+    },
 
     #[error("failed to fetch blob range {compressed_offset:#x}..{compressed_end:#x} of layer {layer}: {chain}")]
-    Fetch { layer: String, compressed_offset: u64, compressed_end: u64, chain: String },
+    Fetch {
+        layer: String,
+        compressed_offset: u64,
+        compressed_end: u64,
+        chain: String,
+    },
 
     #[error("failed to decompress the gzip member at {compressed_offset:#x} of layer {layer} (entry {name:?}, data offset {data_offset:#x}): {chain}")]
-    Decompress { layer: String, name: String, compressed_offset: u64, data_offset: u64, chain: String },
+    Decompress {
+        layer: String,
+        name: String,
+        compressed_offset: u64,
+        data_offset: u64,
+        chain: String,
+    },
 
     #[error("digest mismatch in layer {layer}, entry {name:?}, member at compressed offset {compressed_offset:#x}, data offset {data_offset:#x}: expected sha256:{expected}, got sha256:{actual}; the blob or its TOC is corrupt")]
     DigestMismatch {
@@ -68,8 +98,16 @@ pub enum ReadError {
         actual: String,
     },
 
-    #[error("cache {op} of {len} bytes at data offset {offset:#x} of layer {layer} failed: {source}")]
-    CacheIo { layer: String, op: &'static str, offset: u64, len: u64, source: Arc<io::Error> },
+    #[error(
+        "cache {op} of {len} bytes at data offset {offset:#x} of layer {layer} failed: {source}"
+    )]
+    CacheIo {
+        layer: String,
+        op: &'static str,
+        offset: u64,
+        len: u64,
+        source: Arc<io::Error>,
+    },
 
     #[error("fetch task for layer {layer} stopped before finishing ({detail}); this is a bug")]
     TaskFailed { layer: String, detail: String },
@@ -80,7 +118,9 @@ impl ReadError {
     /// every kind except an out-of-range request, which is `EINVAL`).
     pub fn into_io_error(self) -> io::Error {
         let kind = match self {
-            ReadError::UnknownLayer { .. } | ReadError::OutOfRange { .. } => io::ErrorKind::InvalidInput,
+            ReadError::UnknownLayer { .. } | ReadError::OutOfRange { .. } => {
+                io::ErrorKind::InvalidInput
+            }
             _ => io::ErrorKind::Other,
         };
         io::Error::new(kind, self)

@@ -14,7 +14,9 @@ pub(crate) struct StdBackend {
 
 impl StdBackend {
     pub(crate) fn new(files: Vec<File>) -> StdBackend {
-        StdBackend { files: Arc::new(files) }
+        StdBackend {
+            files: Arc::new(files),
+        }
     }
 
     /// Reads exactly `len` bytes of file `file` at `offset`.
@@ -40,12 +42,17 @@ impl StdBackend {
     }
 }
 
-async fn run_blocking<T: Send + 'static>(work: impl FnOnce() -> io::Result<T> + Send + 'static) -> io::Result<T> {
+async fn run_blocking<T: Send + 'static>(
+    work: impl FnOnce() -> io::Result<T> + Send + 'static,
+) -> io::Result<T> {
     tokio::task::spawn_blocking(work)
         .await
         .map_err(|error| io::Error::other(format!("cache I/O task failed: {error}")))?
 }
 
 fn unknown_file(file: usize) -> io::Error {
-    io::Error::new(io::ErrorKind::InvalidInput, format!("no cache file with index {file}"))
+    io::Error::new(
+        io::ErrorKind::InvalidInput,
+        format!("no cache file with index {file}"),
+    )
 }

@@ -31,7 +31,11 @@ impl Inner {
     /// Each missing chunk's member is either joined (another reader fetches it already)
     /// or fetched by a task spawned here. Afterwards the chunks are checked again: a
     /// chunk still missing means its member's fetch failed, and that error is returned.
-    pub(crate) async fn ensure_present(self: &Arc<Self>, layer: usize, chunks: Range<usize>) -> Result<(), ReadError> {
+    pub(crate) async fn ensure_present(
+        self: &Arc<Self>,
+        layer: usize,
+        chunks: Range<usize>,
+    ) -> Result<(), ReadError> {
         let state = &self.layers[layer];
         let mut waits = Vec::new();
         let mut owned = Vec::new();
@@ -55,7 +59,10 @@ impl Inner {
                 let flight: Flight = receiver
                     .map(move |result| {
                         result.unwrap_or_else(|_| {
-                            Err(ReadError::TaskFailed { layer: layer_digest, detail: "the fetch task was dropped".into() })
+                            Err(ReadError::TaskFailed {
+                                layer: layer_digest,
+                                detail: "the fetch task was dropped".into(),
+                            })
                         })
                     })
                     .boxed()
@@ -102,7 +109,9 @@ impl Inner {
             });
             match groups.last_mut() {
                 Some(group) if joins_last => group.members.push((member, sender)),
-                _ => groups.push(Group { members: vec![(member, sender)] }),
+                _ => groups.push(Group {
+                    members: vec![(member, sender)],
+                }),
             }
         }
         groups
@@ -113,7 +122,10 @@ impl Inner {
     async fn fetch_group(self: Arc<Self>, layer: usize, group: Group) {
         let state = &self.layers[layer];
         let member_ids: Vec<usize> = group.members.iter().map(|(member, _)| *member).collect();
-        let guard = FlightGuard { state, members: member_ids.clone() };
+        let guard = FlightGuard {
+            state,
+            members: member_ids.clone(),
+        };
 
         let start = state.table.members[member_ids[0]].compressed_offset;
         let end = state.table.members[member_ids[member_ids.len() - 1]].compressed_end;
@@ -121,7 +133,8 @@ impl Inner {
             Ok(bytes) => {
                 let loads = member_ids.iter().map(|&member| {
                     let info = &state.table.members[member];
-                    let range = (info.compressed_offset - start) as usize..(info.compressed_end - start) as usize;
+                    let range = (info.compressed_offset - start) as usize
+                        ..(info.compressed_end - start) as usize;
                     self.load_member(layer, member, bytes.slice(range))
                 });
                 future::join_all(loads).await
@@ -138,7 +151,12 @@ impl Inner {
 
     /// Downloads `start..end` of the layer's blob in requests of at most
     /// `max_request_size` bytes, each holding a permit of the fetch semaphore.
-    async fn fetch_range(&self, state: &LayerState, start: u64, end: u64) -> Result<Bytes, ReadError> {
+    async fn fetch_range(
+        &self,
+        state: &LayerState,
+        start: u64,
+        end: u64,
+    ) -> Result<Bytes, ReadError> {
         let fetch_error = |chain: String| ReadError::Fetch {
             layer: state.index.digest.clone(),
             compressed_offset: start,
@@ -193,17 +211,29 @@ impl Inner {
 
     /// Decodes one member's still-missing chunks, writes the good ones to the cache and
     /// marks them present; returns the first digest mismatch, if any.
-    async fn load_member(&self, layer: usize, member: usize, bytes: Bytes) -> Result<(), ReadError> {
+    async fn load_member(
+        &self,
+        layer: usize,
+        member: usize,
+        bytes: Bytes,
+    ) -> Result<(), ReadError> {
         let state = &self.layers[layer];
         let info = &state.table.members[member];
-        let slices: Vec<_> = info.slices.iter().filter(|slice| !state.presence.contains(slice.chunk)).cloned().collect();
+        let slices: Vec<_> = info
+            .slices
+            .iter()
+            .filter(|slice| !state.presence.contains(slice.chunk))
+            .cloned()
+            .collect();
         let Some(first) = slices.first() else {
             return Ok(());
         };
         let first_record = &state.index.chunks[first.chunk];
 
         let verify = self.verify;
-        let decoded = tokio::task::spawn_blocking(move || chunk::decode_chunks(&bytes, &slices, verify)).await;
+        let decoded =
+            tokio::task::spawn_blocking(move || chunk::decode_chunks(&bytes, &slices, verify))
+                .await;
         let outcomes = match decoded {
             Ok(Ok(outcomes)) => outcomes,
             Ok(Err(error)) => {
@@ -217,7 +247,10 @@ impl Inner {
                 });
             }
             Err(error) => {
-                return Err(ReadError::TaskFailed { layer: state.index.digest.clone(), detail: error.to_string() });
+                return Err(ReadError::TaskFailed {
+                    layer: state.index.digest.clone(),
+                    detail: error.to_string(),
+                });
             }
         };
         Stats::add(&self.stats.members_decompressed, 1);
@@ -226,8 +259,14 @@ impl Inner {
         let mut writes = Vec::new();
         for outcome in outcomes {
             match outcome {
-                ChunkOutcome::Ready { chunk, bytes } => writes.push(self.store_chunk(layer, chunk, bytes)),
-                ChunkOutcome::Mismatch { chunk, expected, actual } => {
+                ChunkOutcome::Ready { chunk, bytes } => {
+                    writes.push(self.store_chunk(layer, chunk, bytes))
+                }
+                ChunkOutcome::Mismatch {
+                    chunk,
+                    expected,
+                    actual,
+                } => {
                     let record = &state.index.chunks[chunk];
                     Stats::add(&self.stats.verify_failures, 1);
                     let error = ReadError::DigestMismatch {
@@ -280,7 +319,11 @@ struct FlightGuard<'a> {
 
 impl Drop for FlightGuard<'_> {
     fn drop(&mut self) {
-        let mut flights = self.state.flights.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut flights = self
+            .state
+            .flights
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         for member in &self.members {
             flights.remove(member);
         }

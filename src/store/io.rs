@@ -39,16 +39,23 @@ impl CacheIo {
         match choice {
             IoBackendChoice::Std => Ok(CacheIo::Std(StdBackend::new(files))),
             IoBackendChoice::Uring => {
-                probe_once().clone().map_err(|reason| StoreError::UringUnavailable { reason })?;
+                probe_once()
+                    .clone()
+                    .map_err(|reason| StoreError::UringUnavailable { reason })?;
                 Ok(CacheIo::Uring(UringBackend::start(files)?))
             }
             IoBackendChoice::Auto => {
                 if probe_once().is_err() {
                     return Ok(CacheIo::Std(StdBackend::new(files)));
                 }
-                let clones = files.iter().map(File::try_clone).collect::<io::Result<Vec<_>>>();
+                let clones = files
+                    .iter()
+                    .map(File::try_clone)
+                    .collect::<io::Result<Vec<_>>>();
                 let started = clones
-                    .map_err(|error| StoreError::StartUring { reason: format!("failed to duplicate a cache file: {error}") })
+                    .map_err(|error| StoreError::StartUring {
+                        reason: format!("failed to duplicate a cache file: {error}"),
+                    })
                     .and_then(UringBackend::start);
                 match started {
                     Ok(backend) => Ok(CacheIo::Uring(backend)),

@@ -167,7 +167,9 @@ impl ChunkStore {
             fetch_permits: Semaphore::new(options.max_concurrent_fetches.max(1)),
             stats: Stats::default(),
         };
-        Ok(ChunkStore { inner: Arc::new(inner) })
+        Ok(ChunkStore {
+            inner: Arc::new(inner),
+        })
     }
 
     /// Reads `len` bytes of layer `layer`'s data space at `data_offset`; fetches,
@@ -191,7 +193,12 @@ impl ChunkStore {
         };
         let len_usize = usize::try_from(len)
             .map_err(|_| cache_error(std::io::Error::other("the length does not fit in memory")))?;
-        let bytes = self.inner.io.read(layer as usize, data_offset, len_usize).await.map_err(cache_error)?;
+        let bytes = self
+            .inner
+            .io
+            .read(layer as usize, data_offset, len_usize)
+            .await
+            .map_err(cache_error)?;
 
         Stats::add(&self.inner.stats.bytes_served, len);
         Ok(bytes)
@@ -228,13 +235,25 @@ impl Inner {
         let state = self
             .layers
             .get(layer as usize)
-            .ok_or(ReadError::UnknownLayer { layer, count: self.layers.len() })?;
+            .ok_or(ReadError::UnknownLayer {
+                layer,
+                count: self.layers.len(),
+            })?;
         let data_size = state.index.data_size;
         let end = data_offset.checked_add(len);
         if end.is_none_or(|end| end > data_size) {
-            return Err(ReadError::OutOfRange { layer: state.index.digest.clone(), offset: data_offset, len, data_size });
+            return Err(ReadError::OutOfRange {
+                layer: state.index.digest.clone(),
+                offset: data_offset,
+                len,
+                data_size,
+            });
         }
-        let chunks = if len == 0 { 0..0 } else { table::chunks_covering(&state.index, data_offset, len) };
+        let chunks = if len == 0 {
+            0..0
+        } else {
+            table::chunks_covering(&state.index, data_offset, len)
+        };
         Ok((state, chunks))
     }
 }

@@ -37,8 +37,11 @@ pub(crate) fn probe() -> io::Result<()> {
         return Err(io::Error::last_os_error());
     }
 
-    let fd = libc::c_int::try_from(fd)
-        .map_err(|_| io::Error::other(format!("io_uring_setup returned an invalid descriptor {fd}")))?;
+    let fd = libc::c_int::try_from(fd).map_err(|_| {
+        io::Error::other(format!(
+            "io_uring_setup returned an invalid descriptor {fd}"
+        ))
+    })?;
     // SAFETY: `fd` was just returned by io_uring_setup, nothing else owns it, and it is
     // closed exactly once here.
     unsafe { libc::close(fd) };
@@ -46,8 +49,18 @@ pub(crate) fn probe() -> io::Result<()> {
 }
 
 enum Request {
-    Read { file: usize, offset: u64, len: usize, reply: oneshot::Sender<io::Result<Bytes>> },
-    Write { file: usize, offset: u64, data: Bytes, reply: oneshot::Sender<io::Result<()>> },
+    Read {
+        file: usize,
+        offset: u64,
+        len: usize,
+        reply: oneshot::Sender<io::Result<Bytes>>,
+    },
+    Write {
+        file: usize,
+        offset: u64,
+        data: Bytes,
+        reply: oneshot::Sender<io::Result<()>>,
+    },
 }
 
 /// Handle to the io_uring thread; dropping the last handle stops the thread once the
@@ -65,12 +78,16 @@ impl UringBackend {
         thread::Builder::new()
             .name("esgz-cache-uring".to_string())
             .spawn(move || run_thread(files, receiver, ready_tx))
-            .map_err(|error| StoreError::StartUring { reason: format!("failed to spawn the thread: {error}") })?;
+            .map_err(|error| StoreError::StartUring {
+                reason: format!("failed to spawn the thread: {error}"),
+            })?;
 
         match ready_rx.recv() {
             Ok(Ok(())) => Ok(UringBackend { requests }),
             Ok(Err(reason)) => Err(StoreError::StartUring { reason }),
-            Err(_) => Err(StoreError::StartUring { reason: "the thread exited before it was ready".to_string() }),
+            Err(_) => Err(StoreError::StartUring {
+                reason: "the thread exited before it was ready".to_string(),
+            }),
         }
     }
 
@@ -78,7 +95,12 @@ impl UringBackend {
     pub(crate) async fn read(&self, file: usize, offset: u64, len: usize) -> io::Result<Bytes> {
         let (reply, response) = oneshot::channel();
         self.requests
-            .send(Request::Read { file, offset, len, reply })
+            .send(Request::Read {
+                file,
+                offset,
+                len,
+                reply,
+            })
             .map_err(|_| thread_stopped())?;
         response.await.map_err(|_| thread_stopped())?
     }
@@ -87,7 +109,12 @@ impl UringBackend {
     pub(crate) async fn write(&self, file: usize, offset: u64, data: Bytes) -> io::Result<()> {
         let (reply, response) = oneshot::channel();
         self.requests
-            .send(Request::Write { file, offset, data, reply })
+            .send(Request::Write {
+                file,
+                offset,
+                data,
+                reply,
+            })
             .map_err(|_| thread_stopped())?;
         response.await.map_err(|_| thread_stopped())?
     }
@@ -104,16 +131,22 @@ fn run_thread(
 ) {
     let ready_inside = ready.clone();
     let outcome = panic::catch_unwind(AssertUnwindSafe(move || {
-        tokio_uring::builder().entries(RING_ENTRIES).start(async move {
-            let files: Rc<Vec<tokio_uring::fs::File>> =
-                Rc::new(files.into_iter().map(tokio_uring::fs::File::from_std).collect());
-            // The receiver may be gone if start() gave up waiting; nothing to do then.
-            let _ = ready_inside.send(Ok(()));
+        tokio_uring::builder()
+            .entries(RING_ENTRIES)
+            .start(async move {
+                let files: Rc<Vec<tokio_uring::fs::File>> = Rc::new(
+                    files
+                        .into_iter()
+                        .map(tokio_uring::fs::File::from_std)
+                        .collect(),
+                );
+                // The receiver may be gone if start() gave up waiting; nothing to do then.
+                let _ = ready_inside.send(Ok(()));
 
-            while let Some(request) = receiver.recv().await {
-                tokio_uring::spawn(serve(Rc::clone(&files), request));
-            }
-        })
+                while let Some(request) = receiver.recv().await {
+                    tokio_uring::spawn(serve(Rc::clone(&files), request));
+                }
+            })
     }));
 
     if let Err(payload) = outcome {
@@ -129,14 +162,24 @@ fn run_thread(
 
 async fn serve(files: Rc<Vec<tokio_uring::fs::File>>, request: Request) {
     match request {
-        Request::Read { file, offset, len, reply } => {
+        Request::Read {
+            file,
+            offset,
+            len,
+            reply,
+        } => {
             let result = match files.get(file) {
                 Some(handle) => read_exact(handle, offset, len).await,
                 None => Err(unknown_file(file)),
             };
             let _ = reply.send(result);
         }
-        Request::Write { file, offset, data, reply } => {
+        Request::Write {
+            file,
+            offset,
+            data,
+            reply,
+        } => {
             let result = match files.get(file) {
                 Some(handle) => handle.write_all_at(data, offset).await.0,
                 None => Err(unknown_file(file)),
@@ -158,5 +201,8 @@ async fn read_exact(file: &tokio_uring::fs::File, offset: u64, len: usize) -> io
 }
 
 fn unknown_file(file: usize) -> io::Error {
-    io::Error::new(io::ErrorKind::InvalidInput, format!("no cache file with index {file}"))
+    io::Error::new(
+        io::ErrorKind::InvalidInput,
+        format!("no cache file with index {file}"),
+    )
 }
