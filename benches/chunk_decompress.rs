@@ -38,7 +38,7 @@ fn random_chunk() -> Vec<u8> {
 fn gzip(data: &[u8], level: u32) -> Vec<u8> {
     let mut encoder = GzEncoder::new(Vec::new(), Compression::new(level));
     encoder.write_all(data).expect("write to a Vec");
-    // A member also holds tar padding and the next headers after the chunk.
+    // A member also contains tar padding and the next headers after the chunk.
     encoder.write_all(&[0u8; 1024]).expect("write to a Vec");
     encoder.finish().expect("finish a Vec")
 }

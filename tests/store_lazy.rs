@@ -337,7 +337,7 @@ async fn dropped_read_still_fills_cache() {
     );
 }
 
-/// A blob whose member 1 is stored (level 0), so flipping a byte changes the data.
+/// Builds a blob whose member 1 is stored (level 0), so flipping a byte changes the data.
 fn blob_with_stored_member() -> TestBlob {
     build_blob(
         &layer_digest(3),

@@ -49,7 +49,7 @@ pub(crate) fn layer_path(cache_dir: &Path, layer_digest: &str) -> Result<PathBuf
 }
 
 /// Opens (creating if missing) the cache file of a lazily fetched layer, mode 0600, sized to
-/// `data_size`; holes read as zeros and are never served before their chunk is written.
+/// `data_size`. Holes read as zeros, but the presence bitmap keeps them from being served.
 pub(crate) fn open_lazy(path: &Path, data_size: u64) -> Result<File, StoreError> {
     let open_error = |source| StoreError::OpenCacheFile {
         path: path.to_path_buf(),

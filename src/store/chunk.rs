@@ -9,9 +9,9 @@ use sha2::{Digest, Sha256};
 
 /// Decompresses the first `decoded_len` bytes of the gzip stream in `member`.
 ///
-/// An eStargz member holds a chunk's bytes followed by tar padding and the next entry's
-/// headers, so decoding stops after `decoded_len` bytes; the gzip trailer's CRC is then
-/// never reached, and the chunk digests are the integrity check. A multi-member decoder is
+/// An eStargz member contains a chunk's bytes followed by tar padding and the next entry's
+/// headers, so decoding stops after `decoded_len` bytes. The gzip trailer's CRC is then
+/// never reached, so the chunk digests are the integrity check. A multi-member decoder is
 /// used because the range may end after more than one gzip member.
 pub fn decode_member(member: &[u8], decoded_len: u64) -> io::Result<Vec<u8>> {
     let capacity = usize::try_from(decoded_len).map_err(|_| {
@@ -58,7 +58,7 @@ pub(crate) struct ChunkSlice {
     pub(crate) digest: Option<[u8; 32]>,
 }
 
-/// What became of one chunk of a decoded member.
+/// The result for one chunk of a decoded member.
 #[derive(Debug)]
 pub(crate) enum ChunkOutcome {
     /// The chunk's bytes, verified, or accepted without a check when verification is off

@@ -20,7 +20,7 @@ pub(crate) enum CacheIo {
     Std(StdBackend),
 }
 
-/// The io_uring probe result, computed on first use; `Err` holds the reason it failed.
+/// Returns the io_uring probe result, computed on first use, with the failure reason as `Err`.
 fn probe_once() -> &'static Result<(), String> {
     static PROBE: OnceLock<Result<(), String>> = OnceLock::new();
     PROBE.get_or_init(|| {

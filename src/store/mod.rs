@@ -3,12 +3,12 @@
 //! containerd/stargz-snapshotter `docs/estargz.md`).
 //!
 //! Every layer has a sparse cache file `layers/sha256-<hex>.data` under the cache
-//! directory, indexed by data offset. A read finds the chunks covering its range; chunks
-//! not yet cached are fetched with HTTP Range requests (neighbouring gzip members merged
-//! into one request), gunzipped on the blocking thread pool, checked against their TOC
-//! digests and written to the cache file, and only then is the range read back from the
-//! file. Cache file I/O goes through io_uring when the kernel allows it, else through
-//! `pread`/`pwrite`.
+//! directory, indexed by data offset. A read finds the chunks covering its range. Chunks
+//! not yet cached are fetched with HTTP Range requests, with neighbouring gzip members
+//! merged into one request. They are gunzipped on the blocking thread pool, checked
+//! against their TOC digests and written to the cache file, and only then is the range
+//! read back from the file. Cache file I/O goes through io_uring when the kernel allows
+//! it, else through `pread`/`pwrite`.
 
 mod cache;
 pub mod chunk;
@@ -40,7 +40,7 @@ use io::CacheIo;
 use stats::Stats;
 use table::MemberTable;
 
-/// Which backend performs cache file I/O.
+/// The backend for cache file I/O.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum IoBackendChoice {
     /// io_uring if the `io_uring_setup` probe succeeds, else pread/pwrite.
@@ -113,8 +113,9 @@ pub(crate) struct LayerState {
     blob: Option<Arc<dyn BlobSource>>,
     table: MemberTable,
     presence: Presence,
-    /// Member fetches in progress, by member index; an entry is removed before its
-    /// result is sent, so a member is never fetched twice at the same time.
+    /// Member fetches in progress, by member index. An entry is removed only after its
+    /// chunks were marked present (or the fetch failed), so no member is fetched twice at
+    /// the same time.
     flights: Mutex<HashMap<usize, Flight>>,
 }
 

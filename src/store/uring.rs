@@ -13,8 +13,8 @@ use tokio_uring::buf::BoundedBuf;
 
 use super::error::StoreError;
 
-/// Submission queue size of the runtime; the kernel queues more requests than this in
-/// its completion backlog, so it bounds batching, not the number of requests in flight.
+/// Submission queue size of the runtime. tokio-uring 0.5 submits the queue to the kernel
+/// when it is full, so this bounds one batch, not the operations in flight.
 const RING_ENTRIES: u32 = 256;
 
 /// Size of `struct io_uring_params` in the Linux UAPI (`include/uapi/linux/io_uring.h`):
@@ -30,7 +30,7 @@ pub(crate) fn probe() -> io::Result<()> {
     let mut params = [0u32; IO_URING_PARAMS_WORDS];
 
     // SAFETY: `params` is a writable, zeroed buffer of exactly the size of
-    // `struct io_uring_params` (120 bytes) that outlives the call; the kernel reads the
+    // `struct io_uring_params` (120 bytes), and it outlives the call. The kernel reads the
     // zeroed flags from it and writes the ring offsets back into it.
     let fd = unsafe { libc::syscall(libc::SYS_io_uring_setup, 2u32, params.as_mut_ptr()) };
     if fd < 0 {
@@ -42,8 +42,8 @@ pub(crate) fn probe() -> io::Result<()> {
             "io_uring_setup returned an invalid descriptor {fd}"
         ))
     })?;
-    // SAFETY: `fd` was just returned by io_uring_setup, nothing else owns it, and it is
-    // closed exactly once here.
+    // SAFETY: `fd` was just returned by io_uring_setup and is not stored anywhere else, so
+    // this close cannot affect another owner of the descriptor.
     unsafe { libc::close(fd) };
     Ok(())
 }

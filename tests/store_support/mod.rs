@@ -37,7 +37,7 @@ impl CountingRegistryDouble {
         Self::with_delay(data, Duration::ZERO)
     }
 
-    /// Answers each request after `delay`, so concurrent readers overlap.
+    /// Delays each response by `delay`, so concurrent readers overlap.
     pub fn with_delay(data: Vec<u8>, delay: Duration) -> Arc<Self> {
         Arc::new(CountingRegistryDouble {
             data: Mutex::new(data),
@@ -139,7 +139,7 @@ impl BlobSource for FileRegistryDouble {
     }
 }
 
-/// One gzip member of a test blob: its chunks, each followed by filler that stands for
+/// One gzip member of a test blob: its chunks, each followed by filler in place of
 /// tar padding and the next entry's headers.
 pub struct MemberSpec {
     pub chunks: Vec<Vec<u8>>,
@@ -197,7 +197,7 @@ pub fn build_blob(digest: &str, members: &[MemberSpec]) -> TestBlob {
             data.extend_from_slice(&chunk);
         }
     }
-    // A trailing member stands for the TOC and footer.
+    // A trailing member represents the TOC and footer.
     blob.extend(gzip(b"stargz.index.json would be here", 6));
 
     let index = LayerIndex {
