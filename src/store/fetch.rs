@@ -1,0 +1,331 @@
+//! Fetching missing chunks: one flight per gzip member shared by all concurrent readers,
+//! neighbouring members merged into one Range request, and decoded chunks written to the
+//! cache file before anyone may read them.
+
+use std::collections::BTreeSet;
+use std::ops::Range;
+use std::sync::{Arc, PoisonError};
+
+use bytes::{Bytes, BytesMut};
+use futures::future::{self, BoxFuture, FutureExt, Shared};
+use tokio::sync::oneshot;
+
+use super::chunk::{self, ChunkOutcome};
+use super::error::ReadError;
+use super::stats::Stats;
+use super::{Inner, LayerState};
+
+/// The result of one member's fetch, awaited by every reader that needs the member.
+pub(crate) type Flight = Shared<BoxFuture<'static, Result<(), ReadError>>>;
+
+type FlightSender = oneshot::Sender<Result<(), ReadError>>;
+
+/// Members fetched with one Range request, in compressed order.
+struct Group {
+    members: Vec<(usize, FlightSender)>,
+}
+
+impl Inner {
+    /// Makes sure every chunk in `chunks` of layer `layer` is in the cache.
+    ///
+    /// Each missing chunk's member is either joined (another reader fetches it already)
+    /// or fetched by a task spawned here. Afterwards the chunks are checked again: a
+    /// chunk still missing means its member's fetch failed, and that error is returned.
+    pub(crate) async fn ensure_present(
+        self: &Arc<Self>,
+        layer: usize,
+        chunks: Range<usize>,
+    ) -> Result<(), ReadError> {
+        let state = &self.layers[layer];
+        let mut waits = Vec::new();
+        let mut owned = Vec::new();
+        {
+            // Presence is read under the lock: a finished fetch sets its chunks' bits
+            // before it removes its flight, so a chunk seen missing here either has a
+            // flight or needs a new one.
+            let mut flights = state.flights.lock().unwrap_or_else(PoisonError::into_inner);
+            let missing: BTreeSet<usize> = chunks
+                .clone()
+                .filter(|&chunk| !state.presence.contains(chunk))
+                .filter_map(|chunk| state.table.chunk_member.get(chunk).copied().flatten())
+                .collect();
+            for member in missing {
+                if let Some(flight) = flights.get(&member) {
+                    waits.push(flight.clone());
+                    continue;
+                }
+                let (sender, receiver) = oneshot::channel();
+                let layer_digest = state.index.digest.clone();
+                let flight: Flight = receiver
+                    .map(move |result| {
+                        result.unwrap_or_else(|_| {
+                            Err(ReadError::TaskFailed {
+                                layer: layer_digest,
+                                detail: "the fetch task was dropped".into(),
+                            })
+                        })
+                    })
+                    .boxed()
+                    .shared();
+                flights.insert(member, flight.clone());
+                waits.push(flight);
+                owned.push((member, sender));
+            }
+        }
+        if waits.is_empty() {
+            Stats::add(&self.stats.cache_hits, 1);
+            return Ok(());
+        }
+        Stats::add(&self.stats.cache_misses, 1);
+
+        for group in self.coalesce(state, owned) {
+            tokio::spawn(Arc::clone(self).fetch_group(layer, group));
+        }
+        let results = future::join_all(waits).await;
+
+        if chunks.clone().all(|chunk| state.presence.contains(chunk)) {
+            return Ok(());
+        }
+        let first_error = results.into_iter().find_map(Result::err);
+        Err(first_error.unwrap_or_else(|| ReadError::TaskFailed {
+            layer: state.index.digest.clone(),
+            detail: "a member fetch succeeded without caching its chunks".into(),
+        }))
+    }
+
+    /// Splits members (sorted by compressed offset) into Range requests: a member joins
+    /// the previous request when the gap to it is at most `max_coalesce_gap` and the
+    /// request stays within `max_request_size`.
+    fn coalesce(&self, state: &LayerState, owned: Vec<(usize, FlightSender)>) -> Vec<Group> {
+        let mut groups: Vec<Group> = Vec::new();
+        for (member, sender) in owned {
+            let current = &state.table.members[member];
+            let joins_last = groups.last().is_some_and(|group| {
+                let first = &state.table.members[group.members[0].0];
+                let last = &state.table.members[group.members[group.members.len() - 1].0];
+                let gap = current.compressed_offset - last.compressed_end;
+                let size = current.compressed_end - first.compressed_offset;
+                gap <= self.max_coalesce_gap && size <= self.max_request_size
+            });
+            match groups.last_mut() {
+                Some(group) if joins_last => group.members.push((member, sender)),
+                _ => groups.push(Group {
+                    members: vec![(member, sender)],
+                }),
+            }
+        }
+        groups
+    }
+
+    /// Fetches one group's compressed range, loads each member into the cache, and
+    /// reports each member's result to its waiters.
+    async fn fetch_group(self: Arc<Self>, layer: usize, group: Group) {
+        let state = &self.layers[layer];
+        let member_ids: Vec<usize> = group.members.iter().map(|(member, _)| *member).collect();
+        let guard = FlightGuard {
+            state,
+            members: member_ids.clone(),
+        };
+
+        let start = state.table.members[member_ids[0]].compressed_offset;
+        let end = state.table.members[member_ids[member_ids.len() - 1]].compressed_end;
+        let results: Vec<Result<(), ReadError>> = match self.fetch_range(state, start, end).await {
+            Ok(bytes) => {
+                let loads = member_ids.iter().map(|&member| {
+                    let info = &state.table.members[member];
+                    let range = (info.compressed_offset - start) as usize
+                        ..(info.compressed_end - start) as usize;
+                    self.load_member(layer, member, bytes.slice(range))
+                });
+                future::join_all(loads).await
+            }
+            Err(error) => vec![Err(error); member_ids.len()],
+        };
+
+        // Waiters re-check presence when woken, so the entries go before the results.
+        drop(guard);
+        for ((_, sender), result) in group.members.into_iter().zip(results) {
+            let _ = sender.send(result);
+        }
+    }
+
+    /// Downloads `start..end` of the layer's blob in requests of at most
+    /// `max_request_size` bytes, each holding a permit of the fetch semaphore.
+    async fn fetch_range(
+        &self,
+        state: &LayerState,
+        start: u64,
+        end: u64,
+    ) -> Result<Bytes, ReadError> {
+        let fetch_error = |chain: String| ReadError::Fetch {
+            layer: state.index.digest.clone(),
+            compressed_offset: start,
+            compressed_end: end,
+            chain,
+        };
+        let Some(blob) = state.blob.as_ref() else {
+            return Err(fetch_error("the layer has no blob source".into()));
+        };
+
+        let mut pieces = Vec::new();
+        let mut offset = start;
+        while offset < end {
+            let len = (end - offset).min(self.max_request_size);
+            pieces.push((offset, len));
+            offset += len;
+        }
+
+        let requests = pieces.into_iter().map(|(offset, len)| async move {
+            let _permit = self.fetch_permits.acquire().await.map_err(|error| fetch_error(error.to_string()))?;
+            tracing::debug!(layer = %state.index.digest, offset, len, "fetching blob range");
+            Stats::add(&self.stats.range_requests, 1);
+
+            let result = match blob.read_range(offset, len).await {
+                Ok(bytes) if bytes.len() as u64 == len => Ok(bytes),
+                Ok(bytes) => Err(format!("the source returned {} bytes for a {len}-byte range at {offset:#x}", bytes.len())),
+                Err(error) => Err(format!("{error:#}")),
+            };
+            match result {
+                Ok(bytes) => {
+                    Stats::add(&self.stats.bytes_fetched, len);
+                    Ok(bytes)
+                }
+                Err(chain) => {
+                    Stats::add(&self.stats.fetch_errors, 1);
+                    tracing::warn!(layer = %state.index.digest, offset, len, error = %chain, "blob range fetch failed");
+                    Err(fetch_error(chain))
+                }
+            }
+        });
+        let mut parts = future::try_join_all(requests).await?;
+
+        if parts.len() == 1 {
+            return Ok(parts.remove(0));
+        }
+        let mut joined = BytesMut::with_capacity((end - start) as usize);
+        for part in parts {
+            joined.extend_from_slice(&part);
+        }
+        Ok(joined.freeze())
+    }
+
+    /// Decodes one member's still-missing chunks, writes the good ones to the cache and
+    /// marks them present; returns the first digest mismatch, if any.
+    async fn load_member(
+        &self,
+        layer: usize,
+        member: usize,
+        bytes: Bytes,
+    ) -> Result<(), ReadError> {
+        let state = &self.layers[layer];
+        let info = &state.table.members[member];
+        let slices: Vec<_> = info
+            .slices
+            .iter()
+            .filter(|slice| !state.presence.contains(slice.chunk))
+            .cloned()
+            .collect();
+        let Some(first) = slices.first() else {
+            return Ok(());
+        };
+        let first_record = &state.index.chunks[first.chunk];
+
+        let verify = self.verify;
+        let decoded =
+            tokio::task::spawn_blocking(move || chunk::decode_chunks(&bytes, &slices, verify))
+                .await;
+        let outcomes = match decoded {
+            Ok(Ok(outcomes)) => outcomes,
+            Ok(Err(error)) => {
+                tracing::warn!(layer = %state.index.digest, compressed_offset = info.compressed_offset, %error, "gzip member decode failed");
+                return Err(ReadError::Decompress {
+                    layer: state.index.digest.clone(),
+                    name: first_record.name.clone(),
+                    compressed_offset: info.compressed_offset,
+                    data_offset: first_record.data_offset,
+                    chain: error.to_string(),
+                });
+            }
+            Err(error) => {
+                return Err(ReadError::TaskFailed {
+                    layer: state.index.digest.clone(),
+                    detail: error.to_string(),
+                });
+            }
+        };
+        Stats::add(&self.stats.members_decompressed, 1);
+
+        let mut first_error = None;
+        let mut writes = Vec::new();
+        for outcome in outcomes {
+            match outcome {
+                ChunkOutcome::Ready { chunk, bytes } => {
+                    writes.push(self.store_chunk(layer, chunk, bytes))
+                }
+                ChunkOutcome::Mismatch {
+                    chunk,
+                    expected,
+                    actual,
+                } => {
+                    let record = &state.index.chunks[chunk];
+                    Stats::add(&self.stats.verify_failures, 1);
+                    let error = ReadError::DigestMismatch {
+                        layer: state.index.digest.clone(),
+                        name: record.name.clone(),
+                        compressed_offset: info.compressed_offset,
+                        data_offset: record.data_offset,
+                        expected: hex::encode(expected),
+                        actual: hex::encode(actual),
+                    };
+                    tracing::error!(%error, "chunk verification failed, the chunk is not cached");
+                    first_error.get_or_insert(error);
+                }
+            }
+        }
+        for result in future::join_all(writes).await {
+            if let Err(error) = result {
+                first_error.get_or_insert(error);
+            }
+        }
+        first_error.map_or(Ok(()), Err)
+    }
+
+    /// Writes one verified chunk to the cache file, then marks it present.
+    async fn store_chunk(&self, layer: usize, chunk: usize, bytes: Bytes) -> Result<(), ReadError> {
+        let state = &self.layers[layer];
+        let record = &state.index.chunks[chunk];
+        self.io.write(layer, record.data_offset, bytes).await.map_err(|source| {
+            tracing::error!(layer = %state.index.digest, data_offset = record.data_offset, error = %source, "cache write failed");
+            ReadError::CacheIo {
+                layer: state.index.digest.clone(),
+                op: "write",
+                offset: record.data_offset,
+                len: record.size,
+                source: Arc::new(source),
+            }
+        })?;
+        state.presence.insert(chunk);
+        Stats::add(&self.stats.chunks_fetched, 1);
+        Ok(())
+    }
+}
+
+/// Removes a group's flights from the layer's map when the fetch ends, also when the
+/// task panics (then the dropped senders wake the waiters with an error).
+struct FlightGuard<'a> {
+    state: &'a LayerState,
+    members: Vec<usize>,
+}
+
+impl Drop for FlightGuard<'_> {
+    fn drop(&mut self) {
+        let mut flights = self
+            .state
+            .flights
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        for member in &self.members {
+            flights.remove(member);
+        }
+    }
+}
