@@ -265,7 +265,7 @@ mod tests {
             extra.extend_from_slice(&(payload.len() as u16).to_le_bytes());
         }
         extra.extend_from_slice(payload.as_bytes());
-        let mut encoder = flate2::GzBuilder::new()
+        let encoder = flate2::GzBuilder::new()
             .extra(extra)
             .write(Vec::new(), flate2::Compression::none());
         encoder.finish().unwrap()
