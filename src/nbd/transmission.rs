@@ -1,0 +1,662 @@
+//! NBD transmission phase: pipelined requests answered out of order, with simple
+//! or structured replies (NBD protocol specification, section "Transmission").
+//!
+//! One reader (the calling task) decodes requests and spawns a task per
+//! command; the tasks send finished replies through a channel to one writer
+//! task, so replies leave in completion order, each message whole.
+
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use futures::FutureExt;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
+use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
+use tokio::task::JoinSet;
+use tracing::{debug, error, warn};
+
+use super::handshake::Negotiated;
+use super::proto::{
+    self, chunk, command, command_flags, encode_chunk_header, encode_simple_reply, meta, NbdErrno,
+    Request,
+};
+use super::{read_exact_or_eof, wait_for_shutdown, NbdError, ServerOptions, Shutdown};
+use crate::device::BlockDevice;
+
+/// Maximum number of requests of one connection being served at once; the
+/// reader stops reading the socket at this count, which pushes back on the client.
+pub(crate) const MAX_IN_FLIGHT_REQUESTS: usize = 64;
+
+/// Maximum bytes of read data one connection holds in memory at once, in
+/// [`BUDGET_UNIT`]s (128 MiB); raised to `max_block` when that is larger.
+const MAX_IN_FLIGHT_UNITS: u32 = 32 * 1024;
+/// Granularity of the in-flight byte budget.
+const BUDGET_UNIT: u32 = 4096;
+
+/// Capacity of the reply writer's buffer; payloads larger than this bypass it.
+const WRITE_BUFFER: usize = 256 * 1024;
+
+/// The per-connection state every command task reads.
+struct Context<D> {
+    device: Arc<D>,
+    options: Arc<ServerOptions>,
+    size: u64,
+    negotiated: Negotiated,
+}
+
+/// The result of one command, before it is encoded for the negotiated reply style.
+#[derive(Debug, PartialEq, Eq)]
+enum Outcome {
+    /// Success without payload.
+    Done,
+    /// A successful read.
+    Data { offset: u64, data: Bytes },
+    /// A successful `NBD_CMD_BLOCK_STATUS` with one extent for `base:allocation`.
+    BlockStatus { length: u32, flags: u32 },
+    /// A failed command; `message` goes to the client in structured replies.
+    Error { errno: NbdErrno, message: String },
+}
+
+impl Outcome {
+    fn error(errno: NbdErrno, message: impl Into<String>) -> Outcome {
+        Outcome::Error {
+            errno,
+            message: message.into(),
+        }
+    }
+}
+
+/// One encoded reply on its way to the writer, with the budget it releases.
+struct Outgoing {
+    header: Vec<u8>,
+    payload: Option<Bytes>,
+    _permits: Permits,
+}
+
+/// The request slot and read-data budget a command holds until its reply is written.
+struct Permits {
+    _request: OwnedSemaphorePermit,
+    _bytes: Option<OwnedSemaphorePermit>,
+}
+
+/// Serves requests until the client disconnects, breaks the protocol, or
+/// `shutdown` fires; answers every request already read before returning.
+pub(crate) async fn transmit<D, S>(
+    stream: S,
+    device: Arc<D>,
+    options: Arc<ServerOptions>,
+    negotiated: Negotiated,
+    mut shutdown: Option<Shutdown>,
+) -> Result<(), NbdError>
+where
+    D: BlockDevice,
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let size = device.size();
+    let context = Arc::new(Context {
+        device,
+        options,
+        size,
+        negotiated,
+    });
+    let (read_half, write_half) = tokio::io::split(stream);
+    let mut reader = BufReader::new(read_half);
+
+    let (replies, reply_queue) = mpsc::unbounded_channel::<Outgoing>();
+    let (writer_failed_tx, mut writer_failed) = watch::channel(false);
+    let writer = tokio::spawn(write_replies(write_half, reply_queue, writer_failed_tx));
+
+    let requests = Arc::new(Semaphore::new(MAX_IN_FLIGHT_REQUESTS));
+    let budget_units = MAX_IN_FLIGHT_UNITS.max(context.options.max_block.div_ceil(BUDGET_UNIT));
+    let budget = Arc::new(Semaphore::new(budget_units as usize));
+    let mut tasks = JoinSet::new();
+
+    let result = loop {
+        while tasks.try_join_next().is_some() {}
+
+        // Take a request slot before reading, so a full pipeline stops the reads.
+        let request_permit = tokio::select! {
+            permit = requests.clone().acquire_owned() => match permit {
+                Ok(permit) => permit,
+                Err(_closed) => break Ok(()),
+            },
+            _ = writer_failed.wait_for(|failed| *failed) => break Ok(()),
+            _ = wait_for_shutdown(&mut shutdown) => {
+                debug!("server shutdown: no more requests read");
+                break Ok(());
+            }
+        };
+
+        let mut header = [0u8; Request::SIZE];
+        let got_header = tokio::select! {
+            read = read_exact_or_eof(&mut reader, &mut header) => read,
+            _ = writer_failed.wait_for(|failed| *failed) => break Ok(()),
+            _ = wait_for_shutdown(&mut shutdown) => {
+                debug!("server shutdown: no more requests read");
+                break Ok(());
+            }
+        };
+        match got_header {
+            Ok(true) => {}
+            Ok(false) => {
+                debug!("client closed the connection");
+                break Ok(());
+            }
+            Err(source) => {
+                break Err(NbdError::Io {
+                    step: "read a request header",
+                    source,
+                })
+            }
+        }
+
+        let request = Request::decode(&header);
+        if request.magic != proto::NBD_REQUEST_MAGIC {
+            warn!(
+                magic = format_args!("{:#010x}", request.magic),
+                "transmission: bad request magic"
+            );
+            tasks.abort_all();
+            writer.abort();
+            return Err(NbdError::RequestMagic {
+                found: request.magic,
+            });
+        }
+
+        match request.kind {
+            command::NBD_CMD_DISC => {
+                debug!("client sent NBD_CMD_DISC");
+                break Ok(());
+            }
+            command::NBD_CMD_WRITE => {
+                // The payload follows the header whatever the answer, so read it
+                // out of the stream before answering EPERM.
+                let mut payload = (&mut reader).take(u64::from(request.length));
+                let drained = tokio::io::copy(&mut payload, &mut tokio::io::sink()).await;
+                match drained {
+                    Ok(n) if n == u64::from(request.length) => {}
+                    Ok(_) => {
+                        break Err(NbdError::Io {
+                            step: "read NBD_CMD_WRITE payload",
+                            source: std::io::ErrorKind::UnexpectedEof.into(),
+                        })
+                    }
+                    Err(source) => {
+                        break Err(NbdError::Io {
+                            step: "read NBD_CMD_WRITE payload",
+                            source,
+                        })
+                    }
+                }
+                debug!(
+                    offset = request.offset,
+                    length = request.length,
+                    "NBD_CMD_WRITE on the read-only export"
+                );
+                let outcome = Outcome::error(NbdErrno::Perm, "the export is read-only");
+                let permits = Permits {
+                    _request: request_permit,
+                    _bytes: None,
+                };
+                send_reply(&replies, &context, request, outcome, permits);
+                continue;
+            }
+            _ => {}
+        }
+
+        // Reads reserve their data size, so the data held in memory stays bounded.
+        let bytes_permit = if request.kind == command::NBD_CMD_READ
+            && request.length <= context.options.max_block
+        {
+            let units = request.length.div_ceil(BUDGET_UNIT).max(1);
+            match budget.clone().acquire_many_owned(units).await {
+                Ok(permit) => Some(permit),
+                Err(_closed) => break Ok(()),
+            }
+        } else {
+            None
+        };
+        let permits = Permits {
+            _request: request_permit,
+            _bytes: bytes_permit,
+        };
+
+        let context = Arc::clone(&context);
+        let replies = replies.clone();
+        tasks.spawn(async move {
+            let command = AssertUnwindSafe(run_command(&context, request));
+            let outcome = match command.catch_unwind().await {
+                Ok(outcome) => outcome,
+                Err(_panic) => {
+                    error!(
+                        command = command::name(request.kind),
+                        offset = request.offset,
+                        length = request.length,
+                        "request handler panicked; answering EIO"
+                    );
+                    Outcome::error(NbdErrno::Io, "internal server error")
+                }
+            };
+            send_reply(&replies, &context, request, outcome, permits);
+        });
+    };
+
+    // Answer what was already read, then let the writer drain and close.
+    if result.is_ok() {
+        while tasks.join_next().await.is_some() {}
+    } else {
+        tasks.abort_all();
+    }
+    drop(replies);
+    match writer.await {
+        Ok(Ok(())) => result,
+        Ok(Err(write_error)) => result.and(Err(write_error)),
+        Err(join_error) => {
+            error!(%join_error, "reply writer task failed");
+            result
+        }
+    }
+}
+
+/// Encodes `outcome` and queues it for the writer; a closed queue means the
+/// connection is already going away, so the reply is dropped.
+fn send_reply<D>(
+    replies: &mpsc::UnboundedSender<Outgoing>,
+    context: &Context<D>,
+    request: Request,
+    outcome: Outcome,
+    permits: Permits,
+) {
+    if let Outcome::Error { errno, message } = &outcome {
+        debug!(
+            command = command::name(request.kind),
+            offset = request.offset,
+            length = request.length,
+            error = errno.name(),
+            message = message.as_str(),
+            "request failed"
+        );
+    }
+    let (header, payload) = encode_reply(
+        context.negotiated.structured_replies,
+        request.cookie,
+        outcome,
+    );
+    let _ = replies.send(Outgoing {
+        header,
+        payload,
+        _permits: permits,
+    });
+}
+
+/// Writes queued replies until every sender is gone, flushing whenever the
+/// queue runs empty; sets `failed` when the connection breaks.
+async fn write_replies<W>(
+    write_half: W,
+    mut queue: mpsc::UnboundedReceiver<Outgoing>,
+    failed: watch::Sender<bool>,
+) -> Result<(), NbdError>
+where
+    W: AsyncWrite + Unpin,
+{
+    let mut writer = BufWriter::with_capacity(WRITE_BUFFER, write_half);
+    let result = async {
+        while let Some(reply) = queue.recv().await {
+            write_one(&mut writer, reply).await?;
+            while let Ok(reply) = queue.try_recv() {
+                write_one(&mut writer, reply).await?;
+            }
+            writer.flush().await?;
+        }
+        writer.shutdown().await
+    }
+    .await;
+
+    match result {
+        Ok(()) => Ok(()),
+        Err(source) => {
+            debug!(%source, "failed to send a reply; closing the connection");
+            let _ = failed.send(true);
+            Err(NbdError::Io {
+                step: "send a reply",
+                source,
+            })
+        }
+    }
+}
+
+async fn write_one<W: AsyncWrite + Unpin>(
+    writer: &mut BufWriter<W>,
+    reply: Outgoing,
+) -> std::io::Result<()> {
+    writer.write_all(&reply.header).await?;
+    if let Some(payload) = &reply.payload {
+        writer.write_all(payload).await?;
+    }
+    Ok(())
+}
+
+/// Runs one command other than WRITE and DISC, which the reader handles itself.
+async fn run_command<D: BlockDevice>(context: &Context<D>, request: Request) -> Outcome {
+    // Writes of any shape get EPERM, as the specification asks of read-only exports.
+    if matches!(
+        request.kind,
+        command::NBD_CMD_TRIM | command::NBD_CMD_WRITE_ZEROES
+    ) {
+        return Outcome::error(NbdErrno::Perm, "the export is read-only");
+    }
+    if let Err(outcome) = check_request(context, &request) {
+        return outcome;
+    }
+
+    match request.kind {
+        command::NBD_CMD_READ => read(context, request).await,
+        command::NBD_CMD_FLUSH => Outcome::Done,
+        command::NBD_CMD_CACHE => {
+            let prefetch = context.device.prefetch(request.offset, request.length);
+            match prefetch.await {
+                Ok(()) => Outcome::Done,
+                Err(error) => {
+                    warn!(
+                        offset = request.offset,
+                        length = request.length,
+                        %error,
+                        "NBD_CMD_CACHE: prefetch failed"
+                    );
+                    Outcome::error(NbdErrno::Io, format!("prefetch failed: {error}"))
+                }
+            }
+        }
+        // The device has no hole information yet, so the whole range is
+        // reported as allocated data, the status every server may send.
+        command::NBD_CMD_BLOCK_STATUS => Outcome::BlockStatus {
+            length: request.length,
+            flags: 0,
+        },
+        other => {
+            warn!(
+                command = command::name(other),
+                kind = other,
+                "transmission: unsupported command"
+            );
+            Outcome::error(
+                NbdErrno::Inval,
+                format!("command {other} is not supported by this server"),
+            )
+        }
+    }
+}
+
+async fn read<D: BlockDevice>(context: &Context<D>, request: Request) -> Outcome {
+    if request.length == 0 {
+        return Outcome::Data {
+            offset: request.offset,
+            data: Bytes::new(),
+        };
+    }
+
+    match context.device.read(request.offset, request.length).await {
+        Ok(data) if data.len() == request.length as usize => Outcome::Data {
+            offset: request.offset,
+            data,
+        },
+        Ok(data) => {
+            error!(
+                offset = request.offset,
+                length = request.length,
+                returned = data.len(),
+                "device returned a read of the wrong length; answering EIO"
+            );
+            Outcome::error(NbdErrno::Io, "internal server error: short read")
+        }
+        Err(error) => {
+            warn!(
+                offset = request.offset,
+                length = request.length,
+                %error,
+                "device read failed; answering EIO"
+            );
+            Outcome::error(NbdErrno::Io, format!("read failed: {error}"))
+        }
+    }
+}
+
+/// Checks flags, range, alignment and size limits; the error is the reply.
+fn check_request<D>(context: &Context<D>, request: &Request) -> Result<(), Outcome> {
+    let structured = context.negotiated.structured_replies;
+    let name = command::name(request.kind);
+
+    // FUA is accepted on every command although it is not advertised,
+    // because clients are known to set it anyway; nothing here writes.
+    let mut allowed = command_flags::NBD_CMD_FLAG_FUA;
+    match request.kind {
+        command::NBD_CMD_READ if structured => allowed |= command_flags::NBD_CMD_FLAG_DF,
+        command::NBD_CMD_BLOCK_STATUS => allowed |= command_flags::NBD_CMD_FLAG_REQ_ONE,
+        _ => {}
+    }
+    if request.flags & !allowed != 0 {
+        warn!(
+            command = name,
+            flags = format_args!("{:#x}", request.flags),
+            "transmission: unsupported command flags"
+        );
+        return Err(Outcome::error(
+            NbdErrno::Inval,
+            format!("unsupported flags {:#x} for {name}", request.flags),
+        ));
+    }
+
+    let ranged = matches!(
+        request.kind,
+        command::NBD_CMD_READ | command::NBD_CMD_CACHE | command::NBD_CMD_BLOCK_STATUS
+    );
+    if !ranged {
+        return Ok(());
+    }
+
+    let end = request.offset.checked_add(u64::from(request.length));
+    if end.is_none_or(|end| end > context.size) {
+        return Err(Outcome::error(
+            NbdErrno::Inval,
+            format!(
+                "{name} range {:#x}+{:#x} ends past the export size {:#x}",
+                request.offset, request.length, context.size
+            ),
+        ));
+    }
+    let min_block = u64::from(context.options.min_block);
+    if request.offset % min_block != 0 || u64::from(request.length) % min_block != 0 {
+        return Err(Outcome::error(
+            NbdErrno::Inval,
+            format!(
+                "{name} range {:#x}+{:#x} is not aligned to the minimum block size {min_block}",
+                request.offset, request.length
+            ),
+        ));
+    }
+    let sized = matches!(request.kind, command::NBD_CMD_READ | command::NBD_CMD_CACHE);
+    if sized && request.length > context.options.max_block {
+        return Err(Outcome::error(
+            NbdErrno::Inval,
+            format!(
+                "{name} length {} exceeds the maximum block size {}",
+                request.length, context.options.max_block
+            ),
+        ));
+    }
+
+    if request.kind == command::NBD_CMD_BLOCK_STATUS {
+        if !structured || !context.negotiated.base_allocation {
+            warn!("transmission: NBD_CMD_BLOCK_STATUS without a negotiated metadata context");
+            return Err(Outcome::error(
+                NbdErrno::Inval,
+                "NBD_CMD_BLOCK_STATUS needs base:allocation selected with NBD_OPT_SET_META_CONTEXT",
+            ));
+        }
+        if request.length == 0 {
+            return Err(Outcome::error(
+                NbdErrno::Inval,
+                "NBD_CMD_BLOCK_STATUS length must not be zero",
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Encodes an outcome as a simple reply, or as one structured chunk flagged
+/// `NBD_REPLY_FLAG_DONE`; returns the header and the payload sent after it.
+fn encode_reply(structured: bool, cookie: u64, outcome: Outcome) -> (Vec<u8>, Option<Bytes>) {
+    if !structured {
+        return match outcome {
+            Outcome::Done => (encode_simple_reply(cookie, 0).to_vec(), None),
+            Outcome::Data { data, .. } => (encode_simple_reply(cookie, 0).to_vec(), Some(data)),
+            Outcome::Error { errno, .. } => {
+                (encode_simple_reply(cookie, errno.code()).to_vec(), None)
+            }
+            // check_request answers BLOCK_STATUS with EINVAL unless structured
+            // replies were negotiated, so this arm only guards against misuse.
+            Outcome::BlockStatus { .. } => (
+                encode_simple_reply(cookie, NbdErrno::Inval.code()).to_vec(),
+                None,
+            ),
+        };
+    }
+
+    let done = chunk::NBD_REPLY_FLAG_DONE;
+    match outcome {
+        Outcome::Done => (
+            encode_chunk_header(cookie, done, chunk::NBD_REPLY_TYPE_NONE, 0).to_vec(),
+            None,
+        ),
+        // OFFSET_DATA must carry at least one byte, so an empty read is a NONE chunk.
+        Outcome::Data { data, .. } if data.is_empty() => (
+            encode_chunk_header(cookie, done, chunk::NBD_REPLY_TYPE_NONE, 0).to_vec(),
+            None,
+        ),
+        Outcome::Data { offset, data } => {
+            // Reads are at most MAX_BLOCK_LIMIT (1 GiB), so the length fits.
+            let length = u32::try_from(data.len() + 8).unwrap_or(u32::MAX);
+            let mut header =
+                encode_chunk_header(cookie, done, chunk::NBD_REPLY_TYPE_OFFSET_DATA, length)
+                    .to_vec();
+            header.extend_from_slice(&offset.to_be_bytes());
+            (header, Some(data))
+        }
+        Outcome::BlockStatus { length, flags } => {
+            let mut header =
+                encode_chunk_header(cookie, done, chunk::NBD_REPLY_TYPE_BLOCK_STATUS, 12).to_vec();
+            header.extend_from_slice(&meta::BASE_ALLOCATION_ID.to_be_bytes());
+            header.extend_from_slice(&length.to_be_bytes());
+            header.extend_from_slice(&flags.to_be_bytes());
+            (header, None)
+        }
+        Outcome::Error { errno, message } => {
+            let mut message = message.into_bytes();
+            message.truncate(proto::MAX_STRING_LEN);
+            let message_len = message.len() as u16;
+            let length = 6 + u32::from(message_len);
+            let mut header =
+                encode_chunk_header(cookie, done, chunk::NBD_REPLY_TYPE_ERROR, length).to_vec();
+            header.extend_from_slice(&errno.code().to_be_bytes());
+            header.extend_from_slice(&message_len.to_be_bytes());
+            header.extend_from_slice(&message);
+            (header, None)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn simple_reply_encodings() {
+        let cases = [
+            ("done", Outcome::Done, 0u32, None),
+            (
+                "data",
+                Outcome::Data {
+                    offset: 0,
+                    data: Bytes::from_static(b"abc"),
+                },
+                0,
+                Some(Bytes::from_static(b"abc")),
+            ),
+            ("eio", Outcome::error(NbdErrno::Io, "x"), 5, None),
+        ];
+        for (case, outcome, errno, payload) in cases {
+            let (header, body) = encode_reply(false, 0xabcd, outcome);
+            assert_eq!(header.len(), proto::SIMPLE_REPLY_SIZE, "case {case}");
+            assert_eq!(
+                &header[0..4],
+                &proto::NBD_SIMPLE_REPLY_MAGIC.to_be_bytes(),
+                "case {case}"
+            );
+            assert_eq!(&header[4..8], &errno.to_be_bytes(), "case {case}");
+            assert_eq!(&header[8..16], &0xabcdu64.to_be_bytes(), "case {case}");
+            assert_eq!(body, payload, "case {case}");
+        }
+    }
+
+    #[test]
+    fn structured_offset_data_chunk() {
+        let outcome = Outcome::Data {
+            offset: 0x1000,
+            data: Bytes::from_static(b"hello"),
+        };
+        let (header, body) = encode_reply(true, 7, outcome);
+        assert_eq!(
+            &header[0..4],
+            &proto::NBD_STRUCTURED_REPLY_MAGIC.to_be_bytes()
+        );
+        assert_eq!(&header[4..6], &chunk::NBD_REPLY_FLAG_DONE.to_be_bytes());
+        assert_eq!(
+            &header[6..8],
+            &chunk::NBD_REPLY_TYPE_OFFSET_DATA.to_be_bytes()
+        );
+        assert_eq!(&header[8..16], &7u64.to_be_bytes());
+        assert_eq!(&header[16..20], &13u32.to_be_bytes());
+        assert_eq!(&header[20..28], &0x1000u64.to_be_bytes());
+        assert_eq!(body, Some(Bytes::from_static(b"hello")));
+    }
+
+    #[test]
+    fn structured_empty_read_is_none_chunk() {
+        let outcome = Outcome::Data {
+            offset: 0,
+            data: Bytes::new(),
+        };
+        let (header, body) = encode_reply(true, 1, outcome);
+        assert_eq!(&header[6..8], &chunk::NBD_REPLY_TYPE_NONE.to_be_bytes());
+        assert_eq!(&header[16..20], &0u32.to_be_bytes());
+        assert_eq!(body, None);
+    }
+
+    #[test]
+    fn structured_error_chunk_carries_message() {
+        let (header, body) = encode_reply(true, 1, Outcome::error(NbdErrno::Inval, "bad"));
+        assert_eq!(&header[6..8], &chunk::NBD_REPLY_TYPE_ERROR.to_be_bytes());
+        assert_eq!(&header[16..20], &9u32.to_be_bytes());
+        assert_eq!(&header[20..24], &22u32.to_be_bytes());
+        assert_eq!(&header[24..26], &3u16.to_be_bytes());
+        assert_eq!(&header[26..], b"bad");
+        assert_eq!(body, None);
+    }
+
+    #[test]
+    fn structured_block_status_chunk() {
+        let outcome = Outcome::BlockStatus {
+            length: 65536,
+            flags: 0,
+        };
+        let (header, _) = encode_reply(true, 1, outcome);
+        assert_eq!(
+            &header[6..8],
+            &chunk::NBD_REPLY_TYPE_BLOCK_STATUS.to_be_bytes()
+        );
+        assert_eq!(&header[16..20], &12u32.to_be_bytes());
+        assert_eq!(&header[20..24], &meta::BASE_ALLOCATION_ID.to_be_bytes());
+        assert_eq!(&header[24..28], &65536u32.to_be_bytes());
+        assert_eq!(&header[28..32], &0u32.to_be_bytes());
+    }
+}
