@@ -37,7 +37,8 @@ impl ImageDisk {
     /// Reads the whole blocks `start_block..start_block + block_count`.
     async fn read_blocks(&self, start_block: u64, block_count: u64) -> io::Result<Bytes> {
         let segments = self.layout.segments(start_block, block_count);
-        let parts = try_join_all(segments.iter().map(|segment| self.read_segment(*segment))).await?;
+        let parts: Vec<Bytes> =
+            try_join_all(segments.iter().map(|segment| self.read_segment(*segment))).await?;
         if parts.len() == 1 {
             return Ok(parts.into_iter().next().unwrap_or_default());
         }

@@ -5,6 +5,7 @@
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use anyhow::{bail, Context};
@@ -50,6 +51,31 @@ pub struct OpenedImage {
     pub tree: Arc<Tree>,
     pub layout: Arc<Layout>,
     pub store: Arc<ChunkStore>,
+    /// Blob traffic of opening the image: footers, TOCs and whole layers.
+    pub startup: StartupFetch,
+}
+
+/// Blob traffic while the image was opened, before any read of the device.
+#[derive(Clone, Copy, Debug, Default, serde::Serialize)]
+pub struct StartupFetch {
+    pub bytes_fetched: u64,
+    pub range_requests: u64,
+}
+
+/// A blob source that counts the requests and bytes going through it.
+struct CountingBlob<'a> {
+    inner: &'a dyn BlobSource,
+    bytes: &'a AtomicU64,
+    requests: &'a AtomicU64,
+}
+
+impl CountingBlob<'_> {
+    async fn read_range(&self, offset: u64, len: u64) -> anyhow::Result<bytes::Bytes> {
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        let bytes = self.inner.read_range(offset, len).await?;
+        self.bytes.fetch_add(bytes.len() as u64, Ordering::Relaxed);
+        Ok(bytes)
+    }
 }
 
 /// Opens `image` (`oci:DIR[:TAG]` or a registry reference) for serving.
@@ -70,13 +96,17 @@ pub async fn open_image(image: &str, options: &OpenOptions) -> anyhow::Result<Op
         bail!("image {} has no layers", source.describe());
     }
 
-    let opened = try_join_all(
-        resolved
-            .layers
-            .iter()
-            .enumerate()
-            .map(|(position, descriptor)| open_layer(&*source, position, descriptor, options)),
-    )
+    let startup_bytes = AtomicU64::new(0);
+    let startup_requests = AtomicU64::new(0);
+    let opened = try_join_all(resolved.layers.iter().enumerate().map(|(position, descriptor)| {
+        open_layer(
+            &*source,
+            position,
+            descriptor,
+            options,
+            (&startup_bytes, &startup_requests),
+        )
+    }))
     .await?;
 
     let mut entries = Vec::with_capacity(opened.len());
@@ -102,7 +132,7 @@ pub async fn open_image(image: &str, options: &OpenOptions) -> anyhow::Result<Op
                 cache_dir: options.cache_dir.clone(),
                 verify: options.verify,
                 io: options.io,
-                ..StoreOptions::default()
+                ..StoreOptions::new(options.cache_dir.clone())
             },
         )
         .context("failed to open the chunk cache")?,
@@ -122,6 +152,10 @@ pub async fn open_image(image: &str, options: &OpenOptions) -> anyhow::Result<Op
         tree,
         layout,
         store,
+        startup: StartupFetch {
+            bytes_fetched: startup_bytes.load(Ordering::Relaxed),
+            range_requests: startup_requests.load(Ordering::Relaxed),
+        },
     })
 }
 
@@ -163,16 +197,22 @@ async fn open_layer(
     position: usize,
     descriptor: &LayerDescriptor,
     options: &OpenOptions,
+    (bytes, requests): (&AtomicU64, &AtomicU64),
 ) -> anyhow::Result<(LayerIndex, Option<Arc<dyn BlobSource>>)> {
     let layer = u32::try_from(position).context("too many layers")?;
     let blob = source.blob(descriptor)?;
+    let counted = CountingBlob {
+        inner: &*blob,
+        bytes,
+        requests,
+    };
     let annotation = descriptor.annotations.get(TOC_DIGEST_ANNOTATION);
 
     let reason = match (annotation, options.verify) {
         (None, true) => Some(format!(
             "the layer descriptor has no {TOC_DIGEST_ANNOTATION} annotation, so its TOC cannot be verified"
         )),
-        _ => match read_lazy_index(&*blob, layer, descriptor, annotation, options).await? {
+        _ => match read_lazy_index(&counted, layer, descriptor, annotation, options).await? {
             LazyOutcome::Index(index) => {
                 info!(layer = %descriptor.digest, chunks = index.chunks.len(), "layer is eStargz, read lazily");
                 return Ok((index, Some(blob)));
@@ -182,7 +222,7 @@ async fn open_layer(
     };
     let reason = reason.unwrap_or_default();
     warn!(layer = %descriptor.digest, size = descriptor.size, %reason, "layer is not lazy: fetching it whole");
-    let index = fetch_whole_layer(&*blob, layer, descriptor, &options.cache_dir).await?;
+    let index = fetch_whole_layer(&counted, layer, descriptor, &options.cache_dir).await?;
     Ok((index, None))
 }
 
@@ -193,7 +233,7 @@ enum LazyOutcome {
 }
 
 async fn read_lazy_index(
-    blob: &dyn BlobSource,
+    blob: &CountingBlob<'_>,
     layer: u32,
     descriptor: &LayerDescriptor,
     annotation: Option<&String>,
@@ -252,7 +292,7 @@ async fn read_lazy_index(
 /// Downloads a whole layer into a temporary file (checking the blob digest),
 /// then unpacks its tar into the layer's cache file.
 async fn fetch_whole_layer(
-    blob: &dyn BlobSource,
+    blob: &CountingBlob<'_>,
     layer: u32,
     descriptor: &LayerDescriptor,
     cache_dir: &Path,
@@ -316,7 +356,7 @@ fn unpack_whole_layer(
 
     // The tar is unpacked straight into the layer's cache file; its data
     // space size is only known at the end, when `finish` sets the length.
-    let mut writer = WholeLayerWriter::create(cache_dir, digest, 0)?;
+    let mut writer = WholeLayerWriter::create_growable(cache_dir, digest)?;
     let mut sink = |data_offset: u64, bytes: &[u8]| writer.write_at(data_offset, bytes);
     let index = tarlayer::index_tar(layer, digest, reader, &mut sink)
         .with_context(|| format!("failed to read the tar of layer {digest}"))?;

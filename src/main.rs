@@ -15,7 +15,7 @@ use esgz_nbd::cli::{Cli, Command, ExportArgs, ImageArgs, IoChoice, LogFormat, Se
 use esgz_nbd::disk::ImageDisk;
 use esgz_nbd::estargz::TocLimits;
 use esgz_nbd::export::export_to_file;
-use esgz_nbd::image::{open_image, OpenOptions};
+use esgz_nbd::image::{open_image, OpenOptions, StartupFetch};
 use esgz_nbd::nbd::{self, ServerOptions};
 use esgz_nbd::registry::RegistryOptions;
 use esgz_nbd::source::Platform;
@@ -164,16 +164,17 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     });
     let stats_task = args.stats_file.clone().map(|path| {
         let disk = disk.clone();
+        let startup = image.startup;
         let mut shutdown = shutdown_rx.clone();
         tokio::spawn(async move {
             loop {
-                write_stats(&disk, &path);
+                write_stats(&disk, &startup, &path);
                 tokio::select! {
                     _ = tokio::time::sleep(Duration::from_secs(1)) => {}
                     _ = shutdown.changed() => break,
                 }
             }
-            write_stats(&disk, &path);
+            write_stats(&disk, &startup, &path);
         })
     });
 
@@ -209,8 +210,11 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     result
 }
 
-fn write_stats(disk: &ImageDisk, path: &Path) {
-    let stats = disk.store().stats();
+fn write_stats(disk: &ImageDisk, startup: &StartupFetch, path: &Path) {
+    let stats = serde_json::json!({
+        "startup": startup,
+        "store": disk.store().stats(),
+    });
     let text = match serde_json::to_string_pretty(&stats) {
         Ok(text) => text,
         Err(error) => {

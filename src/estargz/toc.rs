@@ -110,12 +110,15 @@ pub enum TocError {
 pub struct TocLimits {
     /// Maximum number of TOC entries, chunks included.
     pub max_entries: usize,
+    /// Maximum decompressed size of the TOC member in bytes.
+    pub max_toc_bytes: u64,
 }
 
 impl Default for TocLimits {
     fn default() -> Self {
         TocLimits {
             max_entries: 4_000_000,
+            max_toc_bytes: DEFAULT_MAX_TOC_SIZE,
         }
     }
 }

@@ -194,6 +194,30 @@ impl WholeLayerWriter {
         })
     }
 
+    /// Creates the partial cache file of `layer_digest` when its data size is
+    /// only known after the whole tar was read; [`finish_with_size`] sets it.
+    ///
+    /// [`finish_with_size`]: WholeLayerWriter::finish_with_size
+    pub fn create_growable(cache_dir: &Path, layer_digest: &str) -> Result<Self, StoreError> {
+        let mut writer = Self::create(cache_dir, layer_digest, 0)?;
+        writer.data_size = u64::MAX;
+        Ok(writer)
+    }
+
+    /// Sets the file length to `data_size`, then does what [`finish`] does.
+    ///
+    /// [`finish`]: WholeLayerWriter::finish
+    pub fn finish_with_size(self, data_size: u64) -> Result<(), StoreError> {
+        self.file
+            .set_len(data_size)
+            .map_err(|source| StoreError::ResizeCacheFile {
+                path: self.partial_path.clone(),
+                size: data_size,
+                source,
+            })?;
+        self.finish()
+    }
+
     /// Writes `bytes` at `data_offset`; the range must lie within the data size.
     pub fn write_at(&mut self, data_offset: u64, bytes: &[u8]) -> io::Result<()> {
         let end = data_offset.checked_add(bytes.len() as u64);

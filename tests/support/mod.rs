@@ -12,6 +12,7 @@
 mod command;
 mod mount;
 mod registry;
+mod server;
 mod tree;
 
 use std::path::{Path, PathBuf};
@@ -19,6 +20,7 @@ use std::path::{Path, PathBuf};
 pub use command::{run, run_stdout, try_run};
 pub use mount::{e2fsck_clean, LoopMount, NbdMount};
 pub use registry::{port_is_open, skopeo_manifest_digest, skopeo_push, Registry};
+pub use server::Server;
 pub use tree::{assert_tree_matches, compare_tree};
 
 /// Returns the shared folder with fixtures, images and tools.
