@@ -781,7 +781,7 @@ async fn registry_bearer_token_flow() {
         assert_eq!(state.unauthorised, 2, "no 401 for the expired token");
     }
 
-    // Wrong credentials: the token server answers 401.
+    // Wrong credentials: the token server returns 401.
     let bad_dir = tempfile::tempdir().expect("tempdir");
     let bad = options(&write_auth_file(
         bad_dir.path(),
