@@ -20,7 +20,7 @@ use crate::source::{BlobSource, ImageSource, LayerDescriptor, Platform, Resolved
 /// The layout version this reader understands.
 const LAYOUT_VERSION: &str = "1.0.0";
 
-/// Why an OCI layout or one of its blobs could not be read.
+/// Errors of reading an OCI layout or one of its blobs.
 #[derive(Debug, thiserror::Error)]
 pub enum OciLayoutError {
     #[error("{dir} is not an OCI image layout: failed to read {file}: {source}")]

@@ -20,7 +20,7 @@ const MAX_REPOSITORY_LEN: usize = 255;
 /// Maximum length of a tag, from the distribution reference grammar.
 const MAX_TAG_LEN: usize = 128;
 
-/// Why a reference or image argument was rejected.
+/// Errors of parsing a reference or an image argument.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ReferenceError {
     #[error("empty image reference: pass NAME[:TAG][@sha256:DIGEST] or oci:DIR[:TAG]")]
@@ -118,7 +118,7 @@ impl Reference {
         }
     }
 
-    /// The manifest reference used in `/v2/<name>/manifests/<reference>`:
+    /// Returns the manifest reference for `/v2/<name>/manifests/<reference>`:
     /// the digest when pinned, otherwise the tag.
     pub fn manifest_reference(&self) -> &str {
         match (&self.digest, &self.tag) {
@@ -332,8 +332,16 @@ mod tests {
     fn parse_valid_references() {
         let with_digest = format!("alpine@{DIGEST}");
         let with_tag_and_digest = format!("quay.io/org/app:v1@{DIGEST}");
-        let cases: &[(&str, &str, &str, Option<&str>, Option<&str>, &str)] = &[
-            // (input, registry, repository, tag, digest, Display)
+        /// Input, registry, repository, tag, digest and Display output.
+        type Case<'a> = (
+            &'a str,
+            &'a str,
+            &'a str,
+            Option<&'a str>,
+            Option<&'a str>,
+            &'a str,
+        );
+        let cases: &[Case] = &[
             ("alpine", "docker.io", "library/alpine", Some("latest"), None, "docker.io/library/alpine:latest"),
             ("alpine:3.19", "docker.io", "library/alpine", Some("3.19"), None, "docker.io/library/alpine:3.19"),
             ("user/repo", "docker.io", "user/repo", Some("latest"), None, "docker.io/user/repo:latest"),

@@ -47,7 +47,10 @@ fn require_tool(name: &str) {
         .args(["-c", &format!("command -v {name}")])
         .output()
         .is_ok_and(|output| output.status.success());
-    assert!(found, "required tool {name} not found in PATH: install it to run these tests");
+    assert!(
+        found,
+        "required tool {name} not found in PATH: install it to run these tests"
+    );
 }
 
 fn free_port(ip: &str) -> u16 {
@@ -77,7 +80,10 @@ impl LocalRegistry {
         let port = free_port("127.0.0.1");
 
         let mut command = Command::new("bash");
-        command.arg(&script).arg(port.to_string()).arg(storage.path());
+        command
+            .arg(&script)
+            .arg(port.to_string())
+            .arg(storage.path());
         if let Some(path) = htpasswd {
             command.arg(path);
         }
@@ -167,7 +173,10 @@ async fn check_against_layout(source: &dyn ImageSource, image: &ResolvedImage, l
         .resolve(&amd64())
         .await
         .expect("resolve layout");
-    assert_eq!(image.manifest_digest, expected.manifest_digest, "manifest digest");
+    assert_eq!(
+        image.manifest_digest, expected.manifest_digest,
+        "manifest digest"
+    );
     assert_eq!(image.layers, expected.layers, "layers and annotations");
     assert_eq!(image.diff_ids, expected.diff_ids, "diff_ids");
 
@@ -178,8 +187,13 @@ async fn check_against_layout(source: &dyn ImageSource, image: &ResolvedImage, l
         .read_range(layer.size - FOOTER_SIZE, FOOTER_SIZE)
         .await
         .expect("footer read");
-    let file = std::fs::read(layout.join("blobs/sha256").join(&layer.digest[7..])).expect("read blob file");
-    assert_eq!(&footer[..], &file[file.len() - FOOTER_SIZE as usize..], "footer bytes");
+    let file = std::fs::read(layout.join("blobs/sha256").join(&layer.digest[7..]))
+        .expect("read blob file");
+    assert_eq!(
+        &footer[..],
+        &file[file.len() - FOOTER_SIZE as usize..],
+        "footer bytes"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -199,7 +213,10 @@ async fn registry_resolve_matches_layout() {
     let blob = source.blob(layer).expect("blob");
     let whole = blob.read_range(0, layer.size).await.expect("whole read");
     assert_eq!(sha256_digest(&whole), layer.digest, "whole blob digest");
-    assert!(blob.read_range(layer.size, 1).await.is_err(), "read past the end");
+    assert!(
+        blob.read_range(layer.size, 1).await.is_err(),
+        "read past the end"
+    );
 
     // A reference pinned to the right digest resolves; a wrong pin fails.
     let pinned = open(
@@ -224,7 +241,10 @@ async fn registry_resolve_matches_layout() {
         .expect_err("unknown repository");
     let message = format!("{error:#}");
     assert!(message.contains("repository missing"), "{message}");
-    assert!(message.contains("MANIFEST_UNKNOWN") || message.contains("NAME_UNKNOWN"), "{message}");
+    assert!(
+        message.contains("MANIFEST_UNKNOWN") || message.contains("NAME_UNKNOWN"),
+        "{message}"
+    );
 }
 
 fn write_htpasswd(dir: &Path, user: &str, password: &str) -> PathBuf {
@@ -249,21 +269,43 @@ async fn registry_basic_auth() {
     let reference = format!("{}/private/basic:latest", registry.host());
 
     let good_dir = tempfile::tempdir().expect("tempdir");
-    let good = options(&write_auth_file(good_dir.path(), &registry.host(), "tester", "s3cret"));
+    let good = options(&write_auth_file(
+        good_dir.path(),
+        &registry.host(),
+        "tester",
+        "s3cret",
+    ));
     let source = open(&reference, &good);
-    let image = source.resolve(&amd64()).await.expect("resolve with credentials");
+    let image = source
+        .resolve(&amd64())
+        .await
+        .expect("resolve with credentials");
     check_against_layout(source.as_ref(), &image, &layout).await;
 
     let bad_dir = tempfile::tempdir().expect("tempdir");
-    let bad = options(&write_auth_file(bad_dir.path(), &format!("http://{}", registry.host()), "tester", "wrong"));
-    let error = open(&reference, &bad).resolve(&amd64()).await.expect_err("wrong password");
+    let bad = options(&write_auth_file(
+        bad_dir.path(),
+        &format!("http://{}", registry.host()),
+        "tester",
+        "wrong",
+    ));
+    let error = open(&reference, &bad)
+        .resolve(&amd64())
+        .await
+        .expect_err("wrong password");
     let message = format!("{error:#}");
     assert!(message.contains("rejected the credentials"), "{message}");
     assert!(message.contains("docker login"), "{message}");
-    assert!(!message.contains("wrong"), "the password leaked into the message: {message}");
+    assert!(
+        !message.contains("wrong"),
+        "the password leaked into the message: {message}"
+    );
 
     let none = options(&empty_auth_file(temp.path()));
-    let error = open(&reference, &none).resolve(&amd64()).await.expect_err("no credentials");
+    let error = open(&reference, &none)
+        .resolve(&amd64())
+        .await
+        .expect_err("no credentials");
     let message = format!("{error:#}");
     assert!(message.contains("none were found"), "{message}");
     assert!(message.contains("docker login"), "{message}");
@@ -288,15 +330,22 @@ fn build_two_platform_layout(dir: &Path) -> (String, String) {
     };
 
     let index: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(dir.join("index.json")).expect("read index.json")).expect("parse");
+        serde_json::from_slice(&std::fs::read(dir.join("index.json")).expect("read index.json"))
+            .expect("parse");
     let amd64_entry = &index["manifests"][0];
     let amd64_digest = amd64_entry["digest"].as_str().expect("digest").to_string();
     let amd64_size = amd64_entry["size"].as_u64().expect("size");
     let manifest_bytes = std::fs::read(blobs.join(&amd64_digest[7..])).expect("read manifest");
-    let mut manifest: serde_json::Value = serde_json::from_slice(&manifest_bytes).expect("parse manifest");
-    let config_digest = manifest["config"]["digest"].as_str().expect("config digest").to_string();
-    let mut config: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(blobs.join(&config_digest[7..])).expect("read config")).expect("parse");
+    let mut manifest: serde_json::Value =
+        serde_json::from_slice(&manifest_bytes).expect("parse manifest");
+    let config_digest = manifest["config"]["digest"]
+        .as_str()
+        .expect("config digest")
+        .to_string();
+    let mut config: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(blobs.join(&config_digest[7..])).expect("read config"),
+    )
+    .expect("parse");
 
     config["architecture"] = "arm64".into();
     config["variant"] = "v8".into();
@@ -326,7 +375,11 @@ fn build_two_platform_layout(dir: &Path) -> (String, String) {
             "annotations": {"org.opencontainers.image.ref.name": "latest"},
         }],
     });
-    std::fs::write(dir.join("index.json"), serde_json::to_vec(&top).expect("serialize")).expect("write index.json");
+    std::fs::write(
+        dir.join("index.json"),
+        serde_json::to_vec(&top).expect("serialize"),
+    )
+    .expect("write index.json");
     (amd64_digest, arm_digest)
 }
 
@@ -347,19 +400,31 @@ async fn registry_index_selects_platform() {
     ];
     for (platform, expected) in cases {
         let platform = Platform::parse(platform).expect("valid platform");
-        let from_registry = open(&reference, &options).resolve(&platform).await.expect("registry resolve");
-        assert_eq!(&from_registry.manifest_digest, expected, "registry, {platform}");
+        let from_registry = open(&reference, &options)
+            .resolve(&platform)
+            .await
+            .expect("registry resolve");
+        assert_eq!(
+            &from_registry.manifest_digest, expected,
+            "registry, {platform}"
+        );
         let from_layout = open_oci_layout(&layout, Some("latest"))
             .expect("open layout")
             .resolve(&platform)
             .await
             .expect("layout resolve");
         assert_eq!(&from_layout.manifest_digest, expected, "layout, {platform}");
-        assert_eq!(from_registry.layers, from_layout.layers, "layers, {platform}");
+        assert_eq!(
+            from_registry.layers, from_layout.layers,
+            "layers, {platform}"
+        );
     }
 
     let s390x = Platform::parse("linux/s390x").expect("valid platform");
-    let error = open(&reference, &options).resolve(&s390x).await.expect_err("no s390x");
+    let error = open(&reference, &options)
+        .resolve(&s390x)
+        .await
+        .expect_err("no s390x");
     let message = format!("{error:#}");
     assert!(message.contains("linux/amd64, linux/arm64/v8"), "{message}");
 }
@@ -417,7 +482,9 @@ async fn serve(address: &str, handler: Handler) -> SocketAddr {
                 let headers = lines
                     .take_while(|line| !line.is_empty())
                     .filter_map(|line| line.split_once(':'))
-                    .map(|(name, value)| (name.trim().to_ascii_lowercase(), value.trim().to_string()))
+                    .map(|(name, value)| {
+                        (name.trim().to_ascii_lowercase(), value.trim().to_string())
+                    })
                     .collect();
                 let response = handler(HttpRequest { target, headers }).await;
 
@@ -425,7 +492,10 @@ async fn serve(address: &str, handler: Handler) -> SocketAddr {
                 for (name, value) in &response.headers {
                     head.push_str(&format!("{name}: {value}\r\n"));
                 }
-                head.push_str(&format!("Content-Length: {}\r\nConnection: close\r\n\r\n", response.body.len()));
+                head.push_str(&format!(
+                    "Content-Length: {}\r\nConnection: close\r\n\r\n",
+                    response.body.len()
+                ));
                 let _ = stream.write_all(head.as_bytes()).await;
                 let _ = stream.write_all(&response.body).await;
                 let _ = stream.shutdown().await;
@@ -452,7 +522,12 @@ async fn proxy(upstream: &str, request: &HttpRequest) -> HttpResponse {
         return HttpResponse::new(502);
     };
     let mut response = HttpResponse::new(answer.status().as_u16());
-    for name in ["content-type", "content-range", "docker-content-digest", "location"] {
+    for name in [
+        "content-type",
+        "content-range",
+        "docker-content-digest",
+        "location",
+    ] {
         if let Some(value) = answer.headers().get(name).and_then(|v| v.to_str().ok()) {
             response = response.header(name, value);
         }
@@ -503,7 +578,8 @@ async fn registry_redirect_drops_authorization() {
                 let authorised = request.headers.get("authorization") == Some(&expected_auth);
                 Box::pin(async move {
                     if !authorised {
-                        return HttpResponse::new(401).header("WWW-Authenticate", r#"Basic realm="front""#);
+                        return HttpResponse::new(401)
+                            .header("WWW-Authenticate", r#"Basic realm="front""#);
                     }
                     if request.target.contains("/blobs/") {
                         let location = format!("http://{blob_host}{}", request.target);
@@ -517,13 +593,24 @@ async fn registry_redirect_drops_authorization() {
     };
 
     let temp = tempfile::tempdir().expect("tempdir");
-    let options = options(&write_auth_file(temp.path(), &front.to_string(), "front-user", "front-pass"));
+    let options = options(&write_auth_file(
+        temp.path(),
+        &front.to_string(),
+        "front-user",
+        "front-pass",
+    ));
     let source = open(&format!("{front}/basic:latest"), &options);
-    let image = source.resolve(&amd64()).await.expect("resolve through the front");
+    let image = source
+        .resolve(&amd64())
+        .await
+        .expect("resolve through the front");
     check_against_layout(source.as_ref(), &image, &layout).await;
 
     let blob_requests = seen_by_blob_host.lock().expect("lock").clone();
-    assert!(blob_requests.len() >= 2, "config and footer reach the blob host: {blob_requests:?}");
+    assert!(
+        blob_requests.len() >= 2,
+        "config and footer reach the blob host: {blob_requests:?}"
+    );
     for request in &blob_requests {
         assert!(
             !request.headers.contains_key("authorization"),
@@ -631,21 +718,42 @@ async fn registry_bearer_token_flow() {
     };
 
     let temp = tempfile::tempdir().expect("tempdir");
-    let good = options(&write_auth_file(temp.path(), &front.to_string(), "bearer-user", "bearer-pass"));
+    let good = options(&write_auth_file(
+        temp.path(),
+        &front.to_string(),
+        "bearer-user",
+        "bearer-pass",
+    ));
     let source = open(&format!("{front}/basic:latest"), &good);
-    let image = source.resolve(&amd64()).await.expect("resolve with a bearer token");
+    let image = source
+        .resolve(&amd64())
+        .await
+        .expect("resolve with a bearer token");
     check_against_layout(source.as_ref(), &image, &layout).await;
     let layer = &image.layers[0];
     let blob = source.blob(layer).expect("blob");
     for offset in [0, 1000, 5000] {
-        blob.read_range(offset, 100).await.expect("read with the cached token");
+        blob.read_range(offset, 100)
+            .await
+            .expect("read with the cached token");
     }
     {
         let state = state.lock().expect("lock");
         assert_eq!(state.issued, 1, "one token reused for every request");
-        assert_eq!(state.unauthorised, 1, "only the first, anonymous request got 401");
-        assert!(state.scopes[0].contains("service=esgz-test"), "{:?}", state.scopes);
-        assert!(state.scopes[0].contains("scope=repository%3Abasic%3Apull"), "{:?}", state.scopes);
+        assert_eq!(
+            state.unauthorised, 1,
+            "only the first, anonymous request got 401"
+        );
+        assert!(
+            state.scopes[0].contains("service=esgz-test"),
+            "{:?}",
+            state.scopes
+        );
+        assert!(
+            state.scopes[0].contains("scope=repository%3Abasic%3Apull"),
+            "{:?}",
+            state.scopes
+        );
     }
 
     // The server revokes the token: one 401, one new token, then success.
@@ -654,7 +762,9 @@ async fn registry_bearer_token_flow() {
         state.first_valid = state.issued + 1;
         state.expires_in = 1;
     }
-    blob.read_range(0, 100).await.expect("read after revocation");
+    blob.read_range(0, 100)
+        .await
+        .expect("read after revocation");
     {
         let state = state.lock().expect("lock");
         assert_eq!(state.issued, 2, "a new token after the 401");
@@ -671,9 +781,14 @@ async fn registry_bearer_token_flow() {
         assert_eq!(state.unauthorised, 2, "no 401 for the expired token");
     }
 
-    // Wrong credentials: the token server answers 401.
+    // Wrong credentials: the token server returns 401.
     let bad_dir = tempfile::tempdir().expect("tempdir");
-    let bad = options(&write_auth_file(bad_dir.path(), &front.to_string(), "bearer-user", "nope"));
+    let bad = options(&write_auth_file(
+        bad_dir.path(),
+        &front.to_string(),
+        "bearer-user",
+        "nope",
+    ));
     let error = open(&format!("{front}/basic:latest"), &bad)
         .resolve(&amd64())
         .await
@@ -681,4 +796,71 @@ async fn registry_bearer_token_flow() {
     let message = format!("{error:#}");
     assert!(message.contains("token request"), "{message}");
     assert!(message.contains("docker login"), "{message}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn registry_retries_transient_errors() {
+    let registry = LocalRegistry::start(None);
+    let layout = basic_layout();
+    registry.push(&layout, "basic", None, false);
+    let upstream = registry.host();
+
+    // The front fails each distinct request once with 503, then proxies.
+    let failed_once: Arc<Mutex<Vec<String>>> = Arc::default();
+    let front = {
+        let failed_once = Arc::clone(&failed_once);
+        serve(
+            "127.0.0.1:0",
+            Arc::new(move |request: HttpRequest| {
+                let upstream = upstream.clone();
+                let key = format!("{} {:?}", request.target, request.headers.get("range"));
+                let first_time = {
+                    let mut failed = failed_once.lock().expect("lock");
+                    let first_time = !failed.contains(&key);
+                    if first_time {
+                        failed.push(key);
+                    }
+                    first_time
+                };
+                Box::pin(async move {
+                    if first_time {
+                        return HttpResponse::new(503).header("Retry-After", "0");
+                    }
+                    proxy(&upstream, &request).await
+                })
+            }),
+        )
+        .await
+    };
+
+    let temp = tempfile::tempdir().expect("tempdir");
+    let flaky = options(&empty_auth_file(temp.path()));
+    let source = open(&format!("{front}/basic:latest"), &flaky);
+    let image = source
+        .resolve(&amd64())
+        .await
+        .expect("resolve despite 503s");
+    check_against_layout(source.as_ref(), &image, &layout).await;
+    assert!(
+        failed_once.lock().expect("lock").len() >= 3,
+        "manifest, config and footer each failed once"
+    );
+
+    // Without retries the first 503 is final, and the message names the status.
+    let no_retries = RegistryOptions {
+        retries: 0,
+        ..flaky.clone()
+    };
+    let layer = &image.layers[0];
+    let blob = open(&format!("{front}/basic:latest"), &no_retries)
+        .blob(layer)
+        .expect("blob");
+    let error = blob
+        .read_range(10, 20)
+        .await
+        .expect_err("503 without retries");
+    let message = format!("{error:#}");
+    assert!(message.contains("HTTP 503"), "{message}");
+    assert!(message.contains("bytes 10-29"), "{message}");
+    assert!(message.contains(&layer.digest), "{message}");
 }

@@ -17,7 +17,7 @@ pub const DEFAULT_TOKEN_LIFETIME: Duration = Duration::from_secs(60);
 /// left (or a quarter of its lifetime, whichever is smaller).
 const TOKEN_REFRESH_MARGIN: Duration = Duration::from_secs(10);
 
-/// Why credentials or a challenge could not be read.
+/// Errors of reading registry credentials.
 #[derive(Debug, thiserror::Error)]
 pub enum AuthError {
     #[error("failed to read the registry auth file {path}: {source}. Fix the file or pass another with --auth-file")]

@@ -617,7 +617,7 @@ impl Client {
         let spec = &spec;
         let target = target.as_str();
         self.with_retries(target, move || async move {
-            let response = self.send(&spec).await?;
+            let response = self.send(spec).await?;
             if response.status() != StatusCode::OK {
                 return Err(self.status_error(target, response).await);
             }
@@ -648,7 +648,7 @@ impl Client {
         let spec = &spec;
         let target = target.as_str();
         self.with_retries(target, move || async move {
-            let response = self.send(&spec).await?;
+            let response = self.send(spec).await?;
             if response.status() != StatusCode::OK {
                 return Err(self.status_error(target, response).await);
             }
@@ -682,7 +682,7 @@ impl Client {
         let spec = &spec;
         let target = target.as_str();
         self.with_retries(target, move || async move {
-            let response = self.send(&spec).await?;
+            let response = self.send(spec).await?;
             match response.status() {
                 StatusCode::PARTIAL_CONTENT => {
                     let content_range = response

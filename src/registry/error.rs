@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-/// How a registry request failed. `target` names the registry, the
+/// Failure of a registry request. `target` names the registry, the
 /// repository and the object (manifest, blob digest and byte range).
 #[derive(Debug, thiserror::Error)]
 pub enum RegistryError {

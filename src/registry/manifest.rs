@@ -31,7 +31,7 @@ const MAX_INDEX_DEPTH: usize = 4;
 /// Annotation naming the tag of a manifest in an OCI layout's `index.json`.
 pub const REF_NAME_ANNOTATION: &str = "org.opencontainers.image.ref.name";
 
-/// Why a manifest, index or config could not be used.
+/// Errors of parsing or checking a manifest, index or config.
 #[derive(Debug, thiserror::Error)]
 pub enum ManifestError {
     #[error("failed to parse {what} as JSON: {source}")]
@@ -330,7 +330,7 @@ pub fn select_platform<'a>(
     }
 }
 
-/// Where the resolver reads manifests and configs named by a descriptor.
+/// Source of the manifests and configs that the resolver reads by descriptor.
 pub trait ContentFetcher: Send + Sync {
     /// Reads the manifest or index that `descriptor` names. The caller
     /// verifies the bytes; the second value is the media type the transport
