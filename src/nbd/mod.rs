@@ -230,6 +230,28 @@ where
     run_connection(stream, device, options, None).await
 }
 
+/// Serves the transmission phase on a connection whose handshake happened
+/// elsewhere, with simple replies only.
+///
+/// This is the server side of a socket handed to the kernel NBD client, which
+/// does no handshake and reads simple replies only.
+pub async fn serve_transmission<D, S>(
+    stream: S,
+    device: Arc<D>,
+    options: Arc<ServerOptions>,
+) -> Result<(), NbdError>
+where
+    D: BlockDevice,
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    options.validate()?;
+    let negotiated = handshake::Negotiated {
+        structured_replies: false,
+        base_allocation: false,
+    };
+    transmission::transmit(stream, device, options, negotiated, None).await
+}
+
 /// Serves one connection. When `shutdown` fires, the connection ends after
 /// the replies to the requests already read are sent.
 async fn run_connection<D, S>(
