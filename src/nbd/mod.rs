@@ -8,7 +8,7 @@
 //! the others on the same connection. It serves one export, reachable under
 //! its configured name and under the empty (default) name.
 //!
-//! Phases live in their own files: [`proto`] holds the wire constants and
+//! Phases live in their own files: [`proto`] contains the wire constants and
 //! layouts, `handshake` the option haggling, `transmission` the request loop
 //! and `server` the unix and TCP listeners.
 //!
