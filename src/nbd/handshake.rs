@@ -10,13 +10,13 @@ use super::proto::{
 };
 use super::{read_exact_or_eof, NbdError, ServerOptions};
 
-/// Largest option data the server reads; longer options get `NBD_REP_ERR_TOO_BIG`.
+/// Maximum option data length the server reads. Longer options get `NBD_REP_ERR_TOO_BIG`.
 ///
 /// The largest valid option is a metadata-context request with a few
 /// 4096-byte strings, far below this.
 pub(crate) const MAX_OPTION_DATA: u32 = 64 * 1024;
 
-/// What the client negotiated before entering the transmission phase.
+/// Features the client negotiated before the transmission phase.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct Negotiated {
     /// `NBD_OPT_STRUCTURED_REPLY` was acknowledged.
@@ -25,7 +25,7 @@ pub(crate) struct Negotiated {
     pub base_allocation: bool,
 }
 
-/// How the handshake ended.
+/// The result of a handshake.
 #[derive(Debug)]
 pub(crate) enum Outcome {
     /// The client entered the transmission phase.
@@ -99,7 +99,7 @@ impl<S> Handshake<'_, S>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    /// Answers options until one of them ends the handshake.
+    /// Replies to options until one of them ends the handshake.
     async fn haggle(&mut self) -> Result<Outcome, NbdError> {
         loop {
             let mut header = [0u8; OptionHeader::SIZE];
@@ -147,8 +147,9 @@ where
         }
     }
 
-    /// Discards the data of an option over [`MAX_OPTION_DATA`] and answers
-    /// `NBD_REP_ERR_TOO_BIG`, or closes for `NBD_OPT_EXPORT_NAME`, which cannot fail.
+    /// Discards the data of an option over [`MAX_OPTION_DATA`] and replies
+    /// `NBD_REP_ERR_TOO_BIG`. For `NBD_OPT_EXPORT_NAME`, which has no error reply,
+    /// it closes the connection instead.
     async fn reject_oversized(&mut self, header: OptionHeader) -> Result<(), NbdError> {
         let name = option::name(header.option);
         warn!(
@@ -187,12 +188,12 @@ where
         .await
     }
 
-    /// Answers one option; returns the outcome when the option ends the handshake.
+    /// Replies to one option and returns the outcome when the option ends the handshake.
     async fn answer(&mut self, code: u32, data: &[u8]) -> Result<Option<Outcome>, NbdError> {
         match code {
             option::NBD_OPT_EXPORT_NAME => self.export_name(data).await.map(Some),
             option::NBD_OPT_ABORT => {
-                // The specification asks for an ACK, though the client may already be gone.
+                // The specification requires an ACK, though the client may already be gone.
                 let _ = self.send_reply(code, reply::NBD_REP_ACK, &[]).await;
                 let _ = self.stream.flush().await;
                 debug!("client sent NBD_OPT_ABORT");
@@ -344,8 +345,8 @@ where
         self.send_reply(code, reply::NBD_REP_INFO, &data).await
     }
 
-    /// `NBD_OPT_LIST_META_CONTEXT` and `NBD_OPT_SET_META_CONTEXT` for the one
-    /// context this server knows, `base:allocation`.
+    /// Handles `NBD_OPT_LIST_META_CONTEXT` and `NBD_OPT_SET_META_CONTEXT` for the
+    /// one context this server supports, `base:allocation`.
     async fn meta_context(&mut self, code: u32, data: &[u8]) -> Result<(), NbdError> {
         let set = code == option::NBD_OPT_SET_META_CONTEXT;
         if set {

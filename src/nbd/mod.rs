@@ -3,12 +3,12 @@
 //!
 //! The server speaks the fixed newstyle handshake (`NBD_OPT_GO`, `NBD_OPT_INFO`,
 //! `NBD_OPT_LIST`, `NBD_OPT_EXPORT_NAME`, structured replies and the
-//! `base:allocation` metadata context) and answers pipelined requests out of
+//! `base:allocation` metadata context) and replies to pipelined requests out of
 //! order: each request runs as its own task, so one slow read does not stall
 //! the others on the same connection. It serves one export, reachable under
 //! its configured name and under the empty (default) name.
 //!
-//! Phases live in their own files: [`proto`] holds the wire constants and
+//! Phases live in their own files: [`proto`] contains the wire constants and
 //! layouts, `handshake` the option haggling, `transmission` the request loop
 //! and `server` the unix and TCP listeners.
 //!
@@ -59,7 +59,7 @@ pub const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_sec
 /// whole, and a structured reply chunk must fit its 32-bit length field.
 pub const MAX_BLOCK_LIMIT: u32 = 1 << 30;
 
-/// What the server announces about its export, and its limits.
+/// Export description and limits the server announces to clients.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ServerOptions {
     /// Name of the export in `NBD_OPT_LIST`; the empty name also selects it.
@@ -145,7 +145,7 @@ impl ServerOptions {
         Ok(())
     }
 
-    /// Whether `name` selects this server's export (its name or the default, empty name).
+    /// Checks whether `name` selects this server's export (its name or the default, empty name).
     fn selects_export(&self, name: &[u8]) -> bool {
         name.is_empty() || name == self.export_name.as_bytes()
     }
@@ -230,8 +230,30 @@ where
     run_connection(stream, device, options, None).await
 }
 
-/// Serves one connection; `shutdown` (when given) ends it early, after the
-/// requests already read have been answered.
+/// Serves the transmission phase on a connection whose handshake happened
+/// elsewhere, with simple replies only.
+///
+/// This is the server side of a socket handed to the kernel NBD client, which
+/// does no handshake and reads simple replies only.
+pub async fn serve_transmission<D, S>(
+    stream: S,
+    device: Arc<D>,
+    options: Arc<ServerOptions>,
+) -> Result<(), NbdError>
+where
+    D: BlockDevice,
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    options.validate()?;
+    let negotiated = handshake::Negotiated {
+        structured_replies: false,
+        base_allocation: false,
+    };
+    transmission::transmit(stream, device, options, negotiated, None).await
+}
+
+/// Serves one connection. When `shutdown` fires, the connection ends after
+/// the replies to the requests already read are sent.
 async fn run_connection<D, S>(
     mut stream: S,
     device: Arc<D>,
@@ -282,10 +304,10 @@ async fn read_exact_or_eof<R: AsyncRead + Unpin>(
     Ok(true)
 }
 
-/// Waits until `shutdown` asks the server to stop; waits forever without a signal.
+/// Waits until `shutdown` signals a stop, or forever when there is no signal.
 async fn wait_for_shutdown(shutdown: &mut Option<Shutdown>) {
     match shutdown {
-        // A closed channel also means stop: nobody is left to send the signal.
+        // A closed channel also means stop, because no sender is left to signal.
         Some(receiver) => {
             let _ = receiver.wait_for(|stop| *stop).await;
         }

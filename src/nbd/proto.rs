@@ -27,7 +27,7 @@ pub mod handshake_flags {
     pub const SERVER: u16 = NBD_FLAG_FIXED_NEWSTYLE | NBD_FLAG_NO_ZEROES;
 }
 
-/// Client flags, the 32 bits the client answers the handshake flags with.
+/// Client flags, the 32 bits the client sends after the handshake flags.
 pub mod client_flags {
     pub const NBD_FLAG_C_FIXED_NEWSTYLE: u32 = 1 << 0;
     pub const NBD_FLAG_C_NO_ZEROES: u32 = 1 << 1;
@@ -50,7 +50,7 @@ pub mod transmission_flags {
     pub const NBD_FLAG_SEND_CACHE: u16 = 1 << 10;
     pub const NBD_FLAG_SEND_FAST_ZERO: u16 = 1 << 11;
 
-    /// The flags of a read-only export served by this server.
+    /// Returns the flags of a read-only export served by this server.
     ///
     /// `NBD_FLAG_SEND_DF` is added only when structured replies were negotiated,
     /// because the specification forbids it otherwise.
@@ -81,7 +81,7 @@ pub mod option {
     pub const NBD_OPT_SET_META_CONTEXT: u32 = 10;
     pub const NBD_OPT_EXTENDED_HEADERS: u32 = 11;
 
-    /// The specification's name of an option code, for logs.
+    /// Returns the specification's name of an option code, for logs.
     pub fn name(code: u32) -> &'static str {
         match code {
             NBD_OPT_EXPORT_NAME => "NBD_OPT_EXPORT_NAME",
@@ -139,7 +139,7 @@ pub mod command {
     pub const NBD_CMD_BLOCK_STATUS: u16 = 7;
     pub const NBD_CMD_RESIZE: u16 = 8;
 
-    /// The specification's name of a command type, for logs and errors.
+    /// Returns the specification's name of a command type, for logs and errors.
     pub fn name(kind: u16) -> &'static str {
         match kind {
             NBD_CMD_READ => "NBD_CMD_READ",

@@ -16,8 +16,8 @@ use tracing::{debug, info, info_span, warn, Instrument};
 use super::{run_connection, wait_for_shutdown, NbdError, ServerOptions, Shutdown};
 use crate::device::BlockDevice;
 
-/// Time the connections get after a shutdown to answer the requests they
-/// already read; connections still open afterwards are dropped.
+/// Time the connections get after a shutdown to reply to the requests they
+/// already read. Connections still open afterwards are dropped.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
 /// Pause after a failed `accept` (for example `EMFILE`) before the next try.
@@ -50,9 +50,9 @@ pub enum ListenError {
 
 /// Serves `device` on a unix socket at `path` until `shutdown` fires.
 ///
-/// The socket file is created with mode 0600. A stale socket file (nobody
-/// accepts on it) is replaced; a path where a server still accepts, or a path
-/// that is not a socket, is an error. The file is removed at shutdown unless
+/// The socket file is created with mode 0600. A stale socket file (one that
+/// refuses connections) is replaced. A path where a server still accepts, or a
+/// path that is not a socket, is an error. The file is removed at shutdown unless
 /// another file has replaced it meanwhile.
 pub async fn serve_unix<D: BlockDevice>(
     path: &Path,
@@ -281,8 +281,8 @@ fn bind_unix(path: &Path) -> Result<(UnixListener, (u64, u64)), ListenError> {
     Ok((listener, (metadata.dev(), metadata.ino())))
 }
 
-/// Rejects a path held by a live server or by a file that is not a socket;
-/// accepts a missing path or a stale socket, which the rename replaces.
+/// Rejects a path used by a live server or by a file that is not a socket.
+/// A missing path or a stale socket is accepted, because the rename replaces it.
 fn check_existing_socket(path: &Path) -> Result<(), ListenError> {
     let metadata = match std::fs::symlink_metadata(path) {
         Ok(metadata) => metadata,

@@ -13,7 +13,7 @@ use super::proto::{
     NBD_MAGIC, NBD_REP_MAGIC, NBD_REQUEST_MAGIC, NBD_SIMPLE_REPLY_MAGIC,
     NBD_STRUCTURED_REPLY_MAGIC,
 };
-use super::{serve_connection, NbdError, ServerOptions};
+use super::{serve_connection, serve_transmission, NbdError, ServerOptions};
 use crate::device::BlockDevice;
 
 const SIZE: u64 = 1 << 20;
@@ -799,4 +799,27 @@ fn server_options_validation() {
             other => panic!("case {case}: expected InvalidOptions, got {other:?}"),
         }
     }
+}
+
+#[tokio::test]
+async fn transmission_without_handshake_uses_simple_replies() {
+    let (stream, server_side) = tokio::io::duplex(1 << 20);
+    let options = Arc::new(ServerOptions::default());
+    let server = tokio::spawn(serve_transmission(
+        server_side,
+        Arc::new(TestDevice),
+        options,
+    ));
+    let mut client = Client { stream, server };
+
+    client
+        .request(command::NBD_CMD_READ, 0, 1, 8192, 4096)
+        .await;
+    assert_eq!(client.simple_reply().await, (0, 1));
+    assert_eq!(client.read_data(4096).await, expected(8192, 4096));
+    client
+        .request(command::NBD_CMD_READ, 0, 2, BAD_OFFSET, 4096)
+        .await;
+    assert_eq!(client.simple_reply().await, (NbdErrno::Io.code(), 2));
+    client.disconnect().await.unwrap();
 }

@@ -1,4 +1,4 @@
-//! NBD transmission phase: pipelined requests answered out of order, with simple
+//! NBD transmission phase: pipelined requests replied to out of order, with simple
 //! or structured replies (NBD protocol specification, section "Transmission").
 //!
 //! One reader (the calling task) decodes requests and spawns a task per
@@ -23,12 +23,12 @@ use super::proto::{
 use super::{read_exact_or_eof, wait_for_shutdown, NbdError, ServerOptions, Shutdown};
 use crate::device::BlockDevice;
 
-/// Maximum number of requests of one connection being served at once; the
-/// reader stops reading the socket at this count, which pushes back on the client.
+/// Maximum number of requests of one connection served at once. At this count
+/// the reader stops reading the socket, so the client is pushed back.
 pub(crate) const MAX_IN_FLIGHT_REQUESTS: usize = 64;
 
-/// Maximum bytes of read data one connection holds in memory at once, in
-/// [`BUDGET_UNIT`]s (128 MiB); raised to `max_block` when that is larger.
+/// Maximum read data one connection keeps in memory at once, in
+/// [`BUDGET_UNIT`]s (128 MiB). It is raised to `max_block` when that is larger.
 const MAX_IN_FLIGHT_UNITS: u32 = 32 * 1024;
 /// Granularity of the in-flight byte budget.
 const BUDGET_UNIT: u32 = 4096;
@@ -73,14 +73,14 @@ struct Outgoing {
     _permits: Permits,
 }
 
-/// The request slot and read-data budget a command holds until its reply is written.
+/// The request slot and read-data budget a command keeps until its reply is written.
 struct Permits {
     _request: OwnedSemaphorePermit,
     _bytes: Option<OwnedSemaphorePermit>,
 }
 
 /// Serves requests until the client disconnects, breaks the protocol, or
-/// `shutdown` fires; answers every request already read before returning.
+/// `shutdown` fires. Every request already read gets its reply before the return.
 pub(crate) async fn transmit<D, S>(
     stream: S,
     device: Arc<D>,
@@ -169,8 +169,8 @@ where
                 break Ok(());
             }
             command::NBD_CMD_WRITE => {
-                // The payload follows the header whatever the answer, so read it
-                // out of the stream before answering EPERM.
+                // The payload follows the header whatever the reply, so read it
+                // out of the stream before replying EPERM.
                 let mut payload = (&mut reader).take(u64::from(request.length));
                 let drained = tokio::io::copy(&mut payload, &mut tokio::io::sink()).await;
                 match drained {
@@ -232,7 +232,7 @@ where
                         command = command::name(request.kind),
                         offset = request.offset,
                         length = request.length,
-                        "request handler panicked; answering EIO"
+                        "request handler panicked; replying EIO"
                     );
                     Outcome::error(NbdErrno::Io, "internal server error")
                 }
@@ -338,7 +338,7 @@ async fn write_one<W: AsyncWrite + Unpin>(
 
 /// Runs one command other than WRITE and DISC, which the reader handles itself.
 async fn run_command<D: BlockDevice>(context: &Context<D>, request: Request) -> Outcome {
-    // Writes of any shape get EPERM, as the specification asks of read-only exports.
+    // Writes of any shape get EPERM, as the specification requires of read-only exports.
     if matches!(
         request.kind,
         command::NBD_CMD_TRIM | command::NBD_CMD_WRITE_ZEROES
@@ -405,7 +405,7 @@ async fn read<D: BlockDevice>(context: &Context<D>, request: Request) -> Outcome
                 offset = request.offset,
                 length = request.length,
                 returned = data.len(),
-                "device returned a read of the wrong length; answering EIO"
+                "device returned a read of the wrong length; replying EIO"
             );
             Outcome::error(NbdErrno::Io, "internal server error: short read")
         }
@@ -414,7 +414,7 @@ async fn read<D: BlockDevice>(context: &Context<D>, request: Request) -> Outcome
                 offset = request.offset,
                 length = request.length,
                 %error,
-                "device read failed; answering EIO"
+                "device read failed; replying EIO"
             );
             Outcome::error(NbdErrno::Io, format!("read failed: {error}"))
         }
