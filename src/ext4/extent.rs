@@ -3,10 +3,10 @@
 //! Every object in this layout (file data, directory blocks, a long
 //! symlink's block) occupies one contiguous run of device blocks. The run
 //! is cut into extents of at most [`MAX_EXTENT_LEN`] blocks. Up to four
-//! extents fit in `i_block`; more need a tree of 4 KiB index and leaf
-//! blocks, built bottom-up: level 1 holds the leaves (extents), each higher
-//! level indexes the one below, until at most four entries remain for the
-//! root in `i_block`.
+//! extents fit in `i_block`. More need a tree of 4 KiB blocks built
+//! bottom-up: level 1 contains the leaves (extents), and each higher level
+//! indexes the one below until at most four entries remain for the root in
+//! `i_block`.
 
 use super::disk::{put_u16, put_u32, split_block};
 

@@ -3,7 +3,7 @@
 //! Entries are sorted by (hash, minor hash, name) and packed greedily into
 //! leaf blocks. When a leaf starts with the same hash its predecessor ends
 //! with, the index entry for that leaf carries the low "continuation" bit,
-//! which tells lookups to go on into the next leaf. With more than 508
+//! so lookups go on into the next leaf. With more than 508
 //! leaves a second index level (dx_node blocks of 511 entries) is added;
 //! without the large_dir feature two levels are the maximum.
 
@@ -51,7 +51,7 @@ fn rotate_round(a: u32, f: u32, x: u32, shift: u32) -> u32 {
     a.wrapping_add(f).wrapping_add(x).rotate_left(shift)
 }
 
-/// The half-MD4 transform of fs/ext4/hash.c: three rounds of MD4 over eight words.
+/// Applies the half-MD4 transform of fs/ext4/hash.c (three MD4 rounds over eight words) to `buf`.
 fn half_md4_transform(buf: &mut [u32; 4], input: &[u32; 8]) {
     const K2: u32 = 0o13240474631;
     const K3: u32 = 0o15666365641;

@@ -19,7 +19,7 @@ pub(super) const S_IFLNK: u16 = 0o120000;
 
 /// `i_flags`: directory is hash-indexed.
 pub(super) const EXT4_INDEX_FL: u32 = 0x1000;
-/// `i_flags`: `i_block` holds an extent tree root.
+/// `i_flags`: `i_block` contains an extent tree root.
 pub(super) const EXT4_EXTENTS_FL: u32 = 0x8_0000;
 
 /// Smallest second count the 32-bit base plus 2 epoch bits encode.
@@ -59,7 +59,7 @@ pub(super) fn encode_device(major: u32, minor: u32) -> Option<[u32; 2]> {
     Some([0, new])
 }
 
-/// Where an inode's metadata comes from.
+/// Source of an inode's metadata.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) enum InodeSource {
     Node(NodeId),
@@ -67,7 +67,7 @@ pub(super) enum InodeSource {
     LostFound,
 }
 
-/// What `i_block` holds.
+/// Content of `i_block`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) enum InodeBody {
     /// An extent tree root mapping one contiguous run.

@@ -36,7 +36,7 @@ const LOST_FOUND_BLOCKS: u64 = 4;
 /// Link count limit for non-directories (`EXT4_LINK_MAX`); directories
 /// above it store 1 (dir_nlink semantics).
 const LINK_MAX: u64 = 65000;
-/// Longest symlink target: it must fit one block with a terminating NUL.
+/// Maximum symlink target length: the target and a terminating NUL fit one block.
 const MAX_SYMLINK_LEN: usize = BLOCK_SIZE as usize - 1;
 /// Symlink targets shorter than this live in `i_block` (the 60-byte area
 /// must also hold the terminating NUL the kernel counts).

@@ -72,7 +72,7 @@ pub struct LayoutOptions {
     pub extra_free_blocks: u64,
 }
 
-/// Why a tree cannot be laid out as ext4.
+/// Reasons a tree cannot be laid out as ext4.
 #[derive(Debug, thiserror::Error)]
 pub enum LayoutError {
     #[error("tree root (node 0) is missing or not a directory; the merged tree must start with a directory")]
@@ -139,7 +139,7 @@ pub enum LayoutError {
     VolumeNameTooLong { name: String },
 }
 
-/// What a run of device blocks contains.
+/// Content of a run of device blocks.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum SegmentKind {
     /// Rendered by [`Layout::render_metadata`].

@@ -419,6 +419,10 @@ fn sample_tree() -> Sample {
     for i in 0..1000 {
         b.file(middir, &format!("m{i}"), 0, 0, meta(0o644));
     }
+    // Bytes above 0x7f exercise the unsigned-char variant of the name hash.
+    for i in 0..50 {
+        b.file(middir, &format!("\u{fc}ber-{i}"), 0, 0, meta(0o644));
+    }
     let bigdir = b.dir(ROOT, "bigdir");
     for i in 0..BIGDIR_ENTRIES {
         b.file(bigdir, &bigdir_name(i), 0, 0, meta(0o644));
@@ -512,6 +516,12 @@ fn sample_image_passes_e2fsck_debugfs_and_mount() {
     for name in ["security.selinux", "trusted.x", "user.a", "user.b"] {
         assert!(ea_list.contains(name), "ea_list lacks {name}: {ea_list}");
     }
+    let htree = debugfs(&image, "htree /bigdir");
+    assert!(
+        htree.contains("Indirect levels: 1"),
+        "bigdir has two index levels: {}",
+        &htree[..htree.len().min(500)]
+    );
     let big_stat = debugfs(&image, "stat /data/big.bin");
     assert!(
         big_stat.contains("EXTENTS:\n(ETB0)"),
@@ -634,9 +644,10 @@ fn sample_image_passes_e2fsck_debugfs_and_mount() {
     assert!(std::fs::symlink_metadata(root.join("bigdir/entry-missing")).is_err());
     assert_eq!(
         std::fs::read_dir(root.join("middir")).unwrap().count(),
-        1000
+        1050
     );
     stat("middir/m999");
+    stat("middir/\u{fc}ber-49");
     drop(mounted);
 }
 
@@ -714,7 +725,8 @@ fn segments_cover_requested_range() {
 
 #[test]
 fn layout_rejects_unrepresentable_trees() {
-    let cases: Vec<(&str, Box<dyn Fn(&mut Builder)>, &str)> = vec![
+    type Mutation = Box<dyn Fn(&mut Builder)>;
+    let cases: Vec<(&str, Mutation, &str)> = vec![
         (
             "empty_symlink",
             Box::new(|b| {
@@ -836,4 +848,43 @@ fn minimal_tree_passes_e2fsck() {
     let image = dir.path().join("min.ext4");
     write_image(&layout, &Builder::new().build(), &image);
     e2fsck_clean(&image);
+}
+
+#[test]
+fn half_md4_matches_debugfs_dx_hash() {
+    let seed_bytes: [u8; 16] = [7, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15];
+    let seed: [u32; 4] = std::array::from_fn(|i| {
+        u32::from_le_bytes(seed_bytes[4 * i..4 * i + 4].try_into().unwrap())
+    });
+    let uuid = format!(
+        "{}-{}-{}-{}-{}",
+        hex::encode(&seed_bytes[0..4]),
+        hex::encode(&seed_bytes[4..6]),
+        hex::encode(&seed_bytes[6..8]),
+        hex::encode(&seed_bytes[8..10]),
+        hex::encode(&seed_bytes[10..16])
+    );
+    let dir = tempfile::tempdir().expect("temp dir");
+    let image = dir.path().join("hash.ext4");
+    let layout = Layout::new(Builder::new().build(), LayoutOptions::default()).expect("layout");
+    write_image(&layout, &Builder::new().build(), &image);
+
+    // ASCII names hash the same with signed and unsigned chars, and debugfs
+    // 1.47 names only the signed variant "half_md4".
+    let long_name = "x".repeat(100);
+    for name in [
+        "a",
+        "hello",
+        "file_00001",
+        "exactly-32-bytes-long-name-12345",
+        long_name.as_str(),
+    ] {
+        let (hash, minor) = htree::half_md4_hash(name.as_bytes(), seed);
+        let output = debugfs(&image, &format!("dx_hash -h half_md4 -s {uuid} {name}"));
+        let expected = format!("is {hash:#x} (minor {minor:#x})");
+        assert!(
+            output.contains(&expected),
+            "{name}: expected {expected}, debugfs printed {output}"
+        );
+    }
 }

@@ -47,7 +47,7 @@ const NAME_INDEXES: &[(&[u8], u8)] = &[
     (b"security.", 6),
 ];
 
-/// Why an xattr cannot be stored.
+/// Reasons an xattr cannot be stored.
 #[derive(Debug, PartialEq, Eq)]
 pub(super) enum XattrProblem {
     /// The namespace has no ext4 name index this layout supports.
@@ -280,7 +280,8 @@ mod tests {
 
     #[test]
     fn encode_name_indexes() {
-        let cases: &[(&[u8], Result<(u8, &[u8]), XattrProblem>)] = &[
+        type Expected = Result<(u8, &'static [u8]), XattrProblem>;
+        let cases: &[(&[u8], Expected)] = &[
             (b"user.comment", Ok((1, b"comment"))),
             (b"trusted.overlay.opaque", Ok((4, b"overlay.opaque"))),
             (b"security.capability", Ok((6, b"capability"))),
