@@ -888,3 +888,25 @@ fn half_md4_matches_debugfs_dx_hash() {
         );
     }
 }
+
+#[test]
+fn depth_two_extent_tree_passes_e2fsck() {
+    // 200 GiB needs 6400 extents: 19 leaves, more than the 4 root entries,
+    // so one more index level sits between the root and the leaves.
+    let mut b = Builder::new();
+    let huge = b.file(ROOT, "huge", 0, 200 * GIB, meta(0o644));
+    let tree = b.build();
+    let layout = Layout::new(tree.clone(), LayoutOptions::default()).expect("layout");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let image = dir.path().join("huge.ext4");
+    write_image(&layout, &tree, &image);
+
+    e2fsck_clean(&image);
+    let stat = debugfs(&image, "stat /huge");
+    assert!(
+        stat.contains("(ETB1)"),
+        "huge file has a two-level extent tree: {}",
+        &stat[..stat.len().min(800)]
+    );
+    assert!(layout.file_start_block(huge).is_some());
+}
