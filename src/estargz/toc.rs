@@ -65,7 +65,10 @@ pub enum TocError {
     },
 
     #[error("TOC entry {name:?} has an invalid modtime: {source}")]
-    InvalidModtime { name: String, source: TimestampError },
+    InvalidModtime {
+        name: String,
+        source: TimestampError,
+    },
 
     #[error("TOC entry {name:?} has xattr {key:?} with invalid base64: {source}")]
     InvalidXattr {
@@ -277,10 +280,16 @@ pub(crate) mod tests {
         let cases: [(&str, &[u8]); 3] = [
             ("empty", b""),
             ("not gzip", b"this is not a gzip member at all"),
-            ("truncated gzip", &toc_member(&[(TOC_TAR_NAME, b"{}")])[..20]),
+            (
+                "truncated gzip",
+                &toc_member(&[(TOC_TAR_NAME, b"{}")])[..20],
+            ),
         ];
         for (case, bytes) in cases {
-            assert!(extract_toc_json(bytes, DEFAULT_MAX_TOC_SIZE).is_err(), "case {case}");
+            assert!(
+                extract_toc_json(bytes, DEFAULT_MAX_TOC_SIZE).is_err(),
+                "case {case}"
+            );
         }
     }
 
@@ -289,7 +298,10 @@ pub(crate) mod tests {
         let json = vec![b' '; 4096];
         let member = toc_member(&[(TOC_TAR_NAME, &json)]);
         let error = extract_toc_json(&member, 2048).unwrap_err();
-        assert!(matches!(error, TocError::TooLarge { limit: 2048 }), "{error}");
+        assert!(
+            matches!(error, TocError::TooLarge { limit: 2048 }),
+            "{error}"
+        );
     }
 
     #[test]
@@ -311,7 +323,10 @@ pub(crate) mod tests {
         assert!(bomb.len() < 1 << 20, "bomb is {} bytes", bomb.len());
 
         let error = extract_toc_json(&bomb, 1 << 20).unwrap_err();
-        assert!(matches!(error, TocError::TooLarge { limit: 1048576 }), "{error}");
+        assert!(
+            matches!(error, TocError::TooLarge { limit: 1048576 }),
+            "{error}"
+        );
 
         // Zeros alone read as an empty tar: no TOC entry, and the limit holds.
         let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
@@ -320,18 +335,28 @@ pub(crate) mod tests {
         }
         let zeros_bomb = encoder.finish().unwrap();
         let error = extract_toc_json(&zeros_bomb, 1 << 20).unwrap_err();
-        assert!(matches!(error, TocError::MissingEntry { found: None }), "{error}");
+        assert!(
+            matches!(error, TocError::MissingEntry { found: None }),
+            "{error}"
+        );
     }
 
     #[test]
     fn parse_toc_json_checks_version_and_count() {
         let limits = TocLimits { max_entries: 1 };
         let error = parse_toc_json(br#"{"version":2,"entries":[]}"#, &limits).unwrap_err();
-        assert!(matches!(error, TocError::UnsupportedVersion { version: 2 }), "{error}");
+        assert!(
+            matches!(error, TocError::UnsupportedVersion { version: 2 }),
+            "{error}"
+        );
 
-        let two = br#"{"version":1,"entries":[{"name":"a","type":"dir"},{"name":"b","type":"dir"}]}"#;
+        let two =
+            br#"{"version":1,"entries":[{"name":"a","type":"dir"},{"name":"b","type":"dir"}]}"#;
         let error = parse_toc_json(two, &limits).unwrap_err();
-        assert!(matches!(error, TocError::TooManyEntries { count: 2, limit: 1 }), "{error}");
+        assert!(
+            matches!(error, TocError::TooManyEntries { count: 2, limit: 1 }),
+            "{error}"
+        );
 
         let error = parse_toc_json(b"{not json", &limits).unwrap_err();
         assert!(matches!(error, TocError::Json { .. }), "{error}");
