@@ -220,7 +220,8 @@ fn read_toc_entry(reader: &mut impl Read, max_toc_size: u64) -> Result<Vec<u8>, 
 /// Parses the TOC JSON document.
 ///
 /// NOTE: every entry is deserialised before any is processed, so a TOC near
-/// the 4 million entry limit needs about 1 GiB of memory while it is parsed.
+/// the 4 million entry limit needs an estimated 2 GiB (about 500 bytes per
+/// entry with its strings) while it is parsed.
 pub(crate) fn parse_toc_json(toc_json: &[u8], limits: &TocLimits) -> Result<JsonToc, TocError> {
     let toc: JsonToc =
         serde_json::from_slice(toc_json).map_err(|source| TocError::Json { source })?;
