@@ -252,6 +252,12 @@ async fn read_lazy_index(
         .with_context(|| format!("failed to read the footer of layer {}", descriptor.digest))?;
     let footer = match estargz::parse_footer(&tail, size) {
         Ok(footer) => footer,
+        // The annotation says the layer is eStargz, so a bad footer means a
+        // corrupt blob, not a plain tar.gz.
+        Err(error) if annotation.is_some() => bail!(
+            "layer {} has a {TOC_DIGEST_ANNOTATION} annotation but its eStargz footer is invalid: {error}; the blob is corrupt, push the image again",
+            descriptor.digest
+        ),
         Err(error) => return Ok(LazyOutcome::NotEstargz(format!("no eStargz footer: {error}"))),
     };
 

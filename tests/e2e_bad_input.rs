@@ -295,18 +295,42 @@ fn truncated_blob_rejected() {
     );
 }
 
-/// A footer that names a TOC offset past the end of the blob. The blob is
-/// still a valid tar.gz whose digest matches its descriptor, so the product
-/// warns, naming the problem, and falls back to fetching the layer whole.
-/// The served tree must still be exact.
+/// A footer whose TOC offset lies past the end of an annotated eStargz layer
+/// is corruption: opening fails and names the layer, the offset and the rule.
 #[test]
-fn footer_offset_past_end_falls_back_whole() {
+fn footer_offset_past_end_is_rejected() {
     let layout = basic_copy();
     let size = layer_descriptor(layout.path(), 0)["size"]
         .as_u64()
         .expect("layer size");
     let bad_offset = size + 4096;
     let digest = set_footer_toc_offset(layout.path(), 0, bad_offset);
+    let image = oci_image(layout.path());
+
+    let failure = export_failure(&image);
+    failure.assert_names(&[
+        digest.as_str(),
+        "footer offset past the end",
+        &format!("{bad_offset:#x}"),
+    ]);
+}
+
+/// Without the toc.digest annotation the same blob is just a tar.gz with
+/// odd trailing bytes: it is fetched whole, with a warning, and served exactly.
+#[test]
+fn footer_offset_past_end_without_annotation_falls_back_whole() {
+    let layout = basic_copy();
+    let size = layer_descriptor(layout.path(), 0)["size"]
+        .as_u64()
+        .expect("layer size");
+    let bad_offset = size + 4096;
+    let digest = set_footer_toc_offset(layout.path(), 0, bad_offset);
+    edit_manifest(layout.path(), |manifest| {
+        let annotations = manifest["layers"][0]["annotations"]
+            .as_object_mut()
+            .expect("layer annotations");
+        annotations.remove("containerd.io/snapshot/stargz/toc.digest");
+    });
     let image = oci_image(layout.path());
     let expected = fixture_dir("basic").join("expected.json");
 
@@ -316,18 +340,9 @@ fn footer_offset_past_end_falls_back_whole() {
     assert!(output.status.success(), "export failed; stderr:\n{stderr}");
     let warning = stderr
         .lines()
-        .find(|line| line.contains("footer offset past the end"))
-        .unwrap_or_else(|| panic!("no warning names the bad footer; stderr:\n{stderr}"));
-    for needle in [
-        digest.as_str(),
-        &format!("{bad_offset:#x}"),
-        "fetching it whole",
-    ] {
-        assert!(
-            warning.contains(needle),
-            "warning lacks {needle:?}: {warning}"
-        );
-    }
+        .find(|line| line.contains("not lazy"))
+        .unwrap_or_else(|| panic!("no warning says the layer is not lazy; stderr:\n{stderr}"));
+    assert!(warning.contains(&digest), "warning lacks the layer digest: {warning}");
     let disk = dir.path().join("disk.img");
     e2fsck_clean(&disk);
     {
