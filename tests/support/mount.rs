@@ -305,8 +305,8 @@ impl Mounted {
         }
         if !errors.is_empty() {
             if let Some(work) = self.work.take() {
-                let kept = work.keep();
-                errors.push(format!("kept {} for inspection", kept.display()));
+                let kept_dir = work.keep();
+                errors.push(format!("kept {} for inspection", kept_dir.display()));
             }
         }
         errors
@@ -353,11 +353,11 @@ fn retry_while_busy<T>(mut step: impl FnMut() -> Result<T, String>) -> Result<T,
 
 /// Panics with the teardown errors, or prints them when the thread is already
 /// panicking (a second panic would abort the test binary and hide the first).
-fn report_teardown(what: &str, errors: &[String]) {
+fn report_teardown(owner: &str, errors: &[String]) {
     if errors.is_empty() {
         return;
     }
-    let message = format!("{what} teardown failed:\n{}", errors.join("\n"));
+    let message = format!("{owner} teardown failed:\n{}", errors.join("\n"));
     if std::thread::panicking() {
         eprintln!("{message}");
     } else {
