@@ -44,3 +44,19 @@ if [ -z "$removals" ]; then
 else
   echo "install-deps.sh: left out qemu-system-x86, because installing it would remove: $removals" >&2
 fi
+
+# Every tool the tests call, so a package that apt dropped or never installed
+# shows up here and not as a confusing test failure.
+commands=(
+  docker-registry skopeo htpasswd curl jq nbdkit nbdfuse nbdinfo qemu-nbd qemu-img
+  fusermount3 e2fsck mke2fs debugfs fuse2fs mkfs.erofs getfattr setfattr
+  debootstrap busybox cpio hyperfine python3 go
+)
+missing=()
+for command in "${commands[@]}"; do
+  command -v "$command" >/dev/null || missing+=("$command")
+done
+if [ "${#missing[@]}" != 0 ]; then
+  echo "install-deps.sh: these commands are still missing after the install: ${missing[*]}" >&2
+  exit 1
+fi
