@@ -4,8 +4,8 @@
 
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{bail, Context};
@@ -98,15 +98,21 @@ pub async fn open_image(image: &str, options: &OpenOptions) -> anyhow::Result<Op
 
     let startup_bytes = AtomicU64::new(0);
     let startup_requests = AtomicU64::new(0);
-    let opened = try_join_all(resolved.layers.iter().enumerate().map(|(position, descriptor)| {
-        open_layer(
-            &*source,
-            position,
-            descriptor,
-            options,
-            (&startup_bytes, &startup_requests),
-        )
-    }))
+    let opened = try_join_all(
+        resolved
+            .layers
+            .iter()
+            .enumerate()
+            .map(|(position, descriptor)| {
+                open_layer(
+                    &*source,
+                    position,
+                    descriptor,
+                    options,
+                    (&startup_bytes, &startup_requests),
+                )
+            }),
+    )
     .await?;
 
     let mut entries = Vec::with_capacity(opened.len());
@@ -123,7 +129,8 @@ pub async fn open_image(image: &str, options: &OpenOptions) -> anyhow::Result<Op
     drop(entries);
     let layout_options = layout_options_for(&resolved.manifest_digest);
     let layout = Arc::new(
-        Layout::new(tree.clone(), layout_options).context("failed to lay out the ext4 filesystem")?,
+        Layout::new(tree.clone(), layout_options)
+            .context("failed to lay out the ext4 filesystem")?,
     );
     let store = Arc::new(
         ChunkStore::open(
@@ -309,7 +316,10 @@ async fn fetch_whole_layer(
         .with_context(|| format!("unsupported digest algorithm in {}", descriptor.digest))?
         .to_string();
     let mut download = tempfile::tempfile_in(cache_dir).with_context(|| {
-        format!("failed to create a temporary file in {}", cache_dir.display())
+        format!(
+            "failed to create a temporary file in {}",
+            cache_dir.display()
+        )
     })?;
     let mut hasher = Sha256::new();
     let mut offset = 0;

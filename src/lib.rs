@@ -1,9 +1,13 @@
 //! esgz-nbd: container images with eStargz layers served as lazily fetched
 //! ext4 block devices over NBD.
 
+pub mod cli;
 pub mod device;
+pub mod disk;
 pub mod estargz;
+pub mod export;
 pub mod ext4;
+pub mod image;
 pub mod layer;
 pub mod nbd;
 pub mod oci_layout;
@@ -13,7 +17,3 @@ pub mod source;
 pub mod store;
 pub mod tarlayer;
 pub mod tree;
-pub mod cli;
-pub mod disk;
-pub mod export;
-pub mod image;

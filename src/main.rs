@@ -24,7 +24,10 @@ use esgz_nbd::store::IoBackendChoice;
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(&cli);
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(runtime) => runtime,
         Err(error) => {
             eprintln!("error: failed to start the async runtime: {error}");
@@ -216,7 +219,11 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
                 }
             };
             info!(socket = %socket.display(), export = %args.export_name, "serving NBD on a unix socket");
-            println!("nbd+unix:///{}?socket={}", args.export_name, socket.display());
+            println!(
+                "nbd+unix:///{}?socket={}",
+                args.export_name,
+                socket.display()
+            );
             nbd::serve_unix(&socket, disk.clone(), server_options, shutdown_rx).await
         }
     };
@@ -268,7 +275,10 @@ async fn export(args: ExportArgs) -> anyhow::Result<()> {
     let image = open_image(&args.image.image, &options).await?;
     let disk = Arc::new(ImageDisk::new(&image));
     if args.output.exists() && args.output.is_dir() {
-        bail!("output {} is a directory; give a file path", args.output.display());
+        bail!(
+            "output {} is a directory; give a file path",
+            args.output.display()
+        );
     }
     let size = export_to_file(disk.clone(), &args.output).await?;
     let stats = disk.store().stats();

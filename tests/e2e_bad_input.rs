@@ -20,9 +20,10 @@ use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
 use support::{
-    copy_layout, e2fsck_clean, esgz_bin, fixture_dir, layer_descriptor, layer_digest, member_range,
-    read_toc, registry_blob_data, replace_toc_member, rewrite_toc, set_footer_toc_offset,
-    set_toc_digest_annotation, skopeo_push, toc_member, LoopMount, NbdMount, Registry, Server,
+    copy_layout, e2fsck_clean, edit_manifest, esgz_bin, fixture_dir, layer_descriptor,
+    layer_digest, member_range, read_toc, registry_blob_data, replace_toc_member, rewrite_toc,
+    set_footer_toc_offset, set_toc_digest_annotation, skopeo_push, toc_member, LoopMount, NbdMount,
+    Registry, Server,
 };
 
 /// How long a `serve` that is expected to fail may run before the test
@@ -342,7 +343,10 @@ fn footer_offset_past_end_without_annotation_falls_back_whole() {
         .lines()
         .find(|line| line.contains("not lazy"))
         .unwrap_or_else(|| panic!("no warning says the layer is not lazy; stderr:\n{stderr}"));
-    assert!(warning.contains(&digest), "warning lacks the layer digest: {warning}");
+    assert!(
+        warning.contains(&digest),
+        "warning lacks the layer digest: {warning}"
+    );
     let disk = dir.path().join("disk.img");
     e2fsck_clean(&disk);
     {

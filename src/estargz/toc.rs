@@ -350,7 +350,10 @@ pub(crate) mod tests {
 
     #[test]
     fn parse_toc_json_checks_version_and_count() {
-        let limits = TocLimits { max_entries: 1 };
+        let limits = TocLimits {
+            max_entries: 1,
+            ..TocLimits::default()
+        };
         let error = parse_toc_json(br#"{"version":2,"entries":[]}"#, &limits).unwrap_err();
         assert!(
             matches!(error, TocError::UnsupportedVersion { version: 2 }),
