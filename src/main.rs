@@ -281,10 +281,13 @@ fn runtime_dir_arg(dir: &Option<PathBuf>) -> RuntimeDir {
 async fn attach_command(args: AttachArgs) -> anyhow::Result<()> {
     let started = std::time::Instant::now();
     let runtime = runtime_dir_arg(&args.runtime_dir);
-    if !attach::is_root() {
-        return Err(attach::AttachError::NotRoot { command: "attach" }.into());
-    }
+    let interface = match args.interface {
+        NbdInterface::Auto => InterfaceChoice::Auto,
+        NbdInterface::Netlink => InterfaceChoice::Netlink,
+        NbdInterface::Ioctl => InterfaceChoice::Ioctl,
+    };
     if !args.foreground {
+        attach::preflight(interface)?;
         let argv: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
         let (device, attach_ms) =
             tokio::task::spawn_blocking(move || attach::daemon::spawn_background(&runtime, &argv))
@@ -318,11 +321,7 @@ async fn attach_command(args: AttachArgs) -> anyhow::Result<()> {
         connections,
         timeout_secs: args.timeout,
         dead_conn_timeout_secs: args.dead_conn_timeout,
-        interface: match args.interface {
-            NbdInterface::Auto => InterfaceChoice::Auto,
-            NbdInterface::Netlink => InterfaceChoice::Netlink,
-            NbdInterface::Ioctl => InterfaceChoice::Ioctl,
-        },
+        interface,
         runtime,
         log_file: args.log_file.clone(),
         ready,

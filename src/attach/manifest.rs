@@ -241,10 +241,11 @@ pub fn manifest_of_expected(json: &[u8]) -> Result<Vec<ManifestEntry>, ManifestE
                 fields[5] = entry.size.unwrap_or(0).to_string();
                 let group = entry.hardlink_target.as_deref().unwrap_or(&entry.path);
                 fields[6] = link_groups.get(group).copied().unwrap_or(1).to_string();
-                fields[7] = entry
+                let digest = entry
                     .sha256
-                    .clone()
+                    .as_deref()
                     .ok_or_else(|| invalid("a regular file without sha256".into()))?;
+                fields[7] = digest.strip_prefix("sha256:").unwrap_or(digest).to_string();
             }
             "symlink" => {
                 fields[1] = ANY.to_string();

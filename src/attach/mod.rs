@@ -64,6 +64,9 @@ pub enum AttachError {
     #[error("{device} is in use: it is already connected (pick another device, or omit it to let the kernel choose)")]
     DeviceInUse { device: String },
 
+    #[error("{device} does not exist: load the nbd module (`modprobe nbd`) or pick an existing device")]
+    DeviceNotFound { device: String },
+
     #[error("{device} is open or mounted: unmount it first, or pass --force to disconnect it anyway")]
     DeviceBusy { device: String },
 
@@ -167,6 +170,12 @@ fn open_netlink(choice: InterfaceChoice) -> Result<Option<NbdNetlink>, AttachErr
     }
 }
 
+/// Checks what `attach` needs before it opens the image: root and the nbd driver.
+pub fn preflight(choice: InterfaceChoice) -> Result<(), AttachError> {
+    require_root("attach")?;
+    open_netlink(choice).map(drop)
+}
+
 /// Returns `/dev/nbdN` for index N.
 pub fn device_path(index: u32) -> String {
     format!("/dev/nbd{index}")
@@ -203,6 +212,9 @@ pub fn device_size(index: u32) -> io::Result<u64> {
 pub fn detach(runtime: &RuntimeDir, device: &Path, force: bool, wait: Duration) -> Result<(), AttachError> {
     require_root("detach")?;
     let index = parse_device_arg(device)?;
+    if !nbd_driver_present() {
+        return Err(AttachError::ModuleNotLoaded);
+    }
     let path = device_path(index);
     let state = runtime.read(index)?;
 
@@ -216,7 +228,7 @@ pub fn detach(runtime: &RuntimeDir, device: &Path, force: bool, wait: Duration) 
                 return Err(AttachError::DeviceBusy { device: path });
             }
             Err(error) if error.kind() == io::ErrorKind::NotFound => {
-                return Err(AttachError::InvalidDevice { value: path });
+                return Err(AttachError::DeviceNotFound { device: path });
             }
             _ => {}
         }
