@@ -304,7 +304,10 @@ async fn attach_command(args: AttachArgs) -> anyhow::Result<()> {
     let (device, reattach) = match &args.reattach {
         Some(device) => (Some(attach::parse_device_arg(device)?), true),
         None => (
-            args.device.as_deref().map(attach::parse_device_arg).transpose()?,
+            args.device
+                .as_deref()
+                .map(attach::parse_device_arg)
+                .transpose()?,
             false,
         ),
     };

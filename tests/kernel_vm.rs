@@ -39,9 +39,17 @@ fn kernel_nbd_in_vm() {
 
     let summary = stdout.lines().rev().find_map(parse_summary);
     let Some((passed, failed)) = summary else {
-        panic!("no result line from {} ({}); log tail:\n{tail}", script.display(), output.status);
+        panic!(
+            "no result line from {} ({}); log tail:\n{tail}",
+            script.display(),
+            output.status
+        );
     };
     assert!(passed > 0, "no VM test passed; log tail:\n{tail}");
     assert_eq!(failed, 0, "{failed} VM tests failed; log tail:\n{tail}");
-    assert!(output.status.success(), "script exit status {}; log tail:\n{tail}", output.status);
+    assert!(
+        output.status.success(),
+        "script exit status {}; log tail:\n{tail}",
+        output.status
+    );
 }

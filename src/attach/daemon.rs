@@ -16,12 +16,17 @@ use super::AttachError;
 /// Descriptor number of the readiness pipe in the background server.
 pub const READY_FD: RawFd = 3;
 
-/// What the background server reports on the readiness pipe.
+/// Message of the background server on the readiness pipe.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Readiness {
     /// The device path and the milliseconds from start to the first read.
-    Ready { device: String, attach_ms: u64 },
-    Failed { message: String },
+    Ready {
+        device: String,
+        attach_ms: u64,
+    },
+    Failed {
+        message: String,
+    },
 }
 
 impl Readiness {
@@ -84,7 +89,7 @@ fn pipe() -> Result<(OwnedFd, OwnedFd), AttachError> {
             source: std::io::Error::last_os_error(),
         });
     }
-    // SAFETY: pipe2 succeeded, so both descriptors are open and owned by nobody else.
+    // SAFETY: pipe2 succeeded, so both descriptors are open and not owned elsewhere.
     Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
 }
 
@@ -98,7 +103,10 @@ pub fn server_args(args: &[OsString], log_file: &Path) -> Vec<OsString> {
         "--log-file".into(),
         log_file.as_os_str().to_owned(),
     ];
-    let split = args.iter().position(|arg| arg == "--").unwrap_or(args.len());
+    let split = args
+        .iter()
+        .position(|arg| arg == "--")
+        .unwrap_or(args.len());
     let mut out = args[..split].to_vec();
     out.extend(extra);
     out.extend_from_slice(&args[split..]);
@@ -107,13 +115,18 @@ pub fn server_args(args: &[OsString], log_file: &Path) -> Vec<OsString> {
 
 /// Starts the server in the background and waits until it reports the device
 /// readable (or fails). Returns the device path and the attach time in ms.
-pub fn spawn_background(runtime: &RuntimeDir, args: &[OsString]) -> Result<(String, u64), AttachError> {
+pub fn spawn_background(
+    runtime: &RuntimeDir,
+    args: &[OsString],
+) -> Result<(String, u64), AttachError> {
     runtime.create().map_err(|source| AttachError::Io {
         step: "create the runtime directory",
         path: runtime.dir.clone(),
         source,
     })?;
-    let log_path = runtime.dir.join(format!("attach-{}.log", std::process::id()));
+    let log_path = runtime
+        .dir
+        .join(format!("attach-{}.log", std::process::id()));
     let log = File::create(&log_path).map_err(|source| AttachError::Io {
         step: "create the server log",
         path: log_path.clone(),
@@ -208,12 +221,25 @@ mod tests {
 
     #[test]
     fn server_flags_go_before_separator() {
-        let args: Vec<OsString> = ["attach", "oci:/x", "--", "/dev/nbd0"].iter().map(OsString::from).collect();
+        let args: Vec<OsString> = ["attach", "oci:/x", "--", "/dev/nbd0"]
+            .iter()
+            .map(OsString::from)
+            .collect();
         let out = server_args(&args, Path::new("/run/l.log"));
         let out: Vec<&str> = out.iter().map(|a| a.to_str().unwrap()).collect();
         assert_eq!(
             out,
-            ["attach", "oci:/x", "--foreground", "--ready-fd", "3", "--log-file", "/run/l.log", "--", "/dev/nbd0"]
+            [
+                "attach",
+                "oci:/x",
+                "--foreground",
+                "--ready-fd",
+                "3",
+                "--log-file",
+                "/run/l.log",
+                "--",
+                "/dev/nbd0"
+            ]
         );
     }
 }

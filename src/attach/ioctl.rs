@@ -53,10 +53,19 @@ pub struct IoctlConfig {
 
 /// Configures `device` and hands it `sockets`. The caller then runs
 /// [`do_it`] in a thread of its own: it blocks until the device is disconnected.
-pub fn configure(device: &File, path: &str, config: &IoctlConfig, sockets: &[RawFd]) -> Result<(), IoctlError> {
+pub fn configure(
+    device: &File,
+    path: &str,
+    config: &IoctlConfig,
+    sockets: &[RawFd],
+) -> Result<(), IoctlError> {
     let fail = |request: &'static str| {
         let device = path.to_string();
-        move |source| IoctlError { request, device, source }
+        move |source| IoctlError {
+            request,
+            device,
+            source,
+        }
     };
     for socket in sockets {
         nbd_ioctl(device, NBD_SET_SOCK, *socket as libc::c_ulong).map_err(fail("NBD_SET_SOCK"))?;
@@ -72,7 +81,10 @@ pub fn configure(device: &File, path: &str, config: &IoctlConfig, sockets: &[Raw
         let value = libc::c_ulong::try_from(value).map_err(|_| IoctlError {
             request: name,
             device: path.to_string(),
-            source: io::Error::new(io::ErrorKind::InvalidInput, format!("value {value} does not fit an unsigned long")),
+            source: io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("value {value} does not fit an unsigned long"),
+            ),
         })?;
         if let Err(source) = nbd_ioctl(device, request, value) {
             let _ = nbd_ioctl(device, NBD_CLEAR_SOCK, 0);

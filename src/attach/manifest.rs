@@ -87,8 +87,9 @@ pub fn manifest_of_dir(root: &Path) -> io::Result<Vec<ManifestEntry>> {
     let mut entries = Vec::new();
     let mut pending = vec![(root.to_path_buf(), b"/".to_vec())];
     while let Some((path, name)) = pending.pop() {
-        let metadata = fs::symlink_metadata(&path)
-            .map_err(|error| io::Error::new(error.kind(), format!("{}: {error}", path.display())))?;
+        let metadata = fs::symlink_metadata(&path).map_err(|error| {
+            io::Error::new(error.kind(), format!("{}: {error}", path.display()))
+        })?;
         entries.push(entry_of(&path, &name, &metadata)?);
         if metadata.is_dir() {
             for child in fs::read_dir(&path)? {
@@ -122,9 +123,20 @@ fn entry_of(path: &Path, name: &[u8], metadata: &fs::Metadata) -> io::Result<Man
         ("dir", none(), none(), none(), none(), none())
     } else if file_type.is_symlink() {
         let target = fs::read_link(path)?;
-        ("symlink", none(), none(), none(), escape(target.as_os_str().as_bytes()), none())
+        (
+            "symlink",
+            none(),
+            none(),
+            none(),
+            escape(target.as_os_str().as_bytes()),
+            none(),
+        )
     } else {
-        let device = format!("{}:{}", libc::major(metadata.rdev()), libc::minor(metadata.rdev()));
+        let device = format!(
+            "{}:{}",
+            libc::major(metadata.rdev()),
+            libc::minor(metadata.rdev())
+        );
         if file_type.is_char_device() {
             ("char", none(), none(), none(), none(), device)
         } else if file_type.is_block_device() {
@@ -166,9 +178,9 @@ fn sha256_file(path: &Path) -> io::Result<String> {
     let mut hasher = Sha256::new();
     let mut buffer = vec![0u8; 1 << 20];
     loop {
-        let n = file
-            .read(&mut buffer)
-            .map_err(|error| io::Error::new(error.kind(), format!("read {}: {error}", path.display())))?;
+        let n = file.read(&mut buffer).map_err(|error| {
+            io::Error::new(error.kind(), format!("read {}: {error}", path.display()))
+        })?;
         if n == 0 {
             break;
         }
@@ -256,7 +268,11 @@ pub fn manifest_of_expected(json: &[u8]) -> Result<Vec<ManifestEntry>, ManifestE
                 fields[8] = escape(target.as_bytes());
             }
             "char" | "block" => {
-                fields[9] = format!("{}:{}", entry.devmajor.unwrap_or(0), entry.devminor.unwrap_or(0));
+                fields[9] = format!(
+                    "{}:{}",
+                    entry.devmajor.unwrap_or(0),
+                    entry.devminor.unwrap_or(0)
+                );
             }
             "dir" | "fifo" => {}
             other => return Err(invalid(format!("unknown type {other:?}"))),
@@ -307,15 +323,27 @@ pub fn parse_manifest(text: &str) -> Result<Vec<ManifestEntry>, ManifestError> {
 
 /// Compares an actual manifest with an expected one and returns one line per
 /// difference. Paths in `ignore`, and everything below them, are skipped.
-pub fn compare(expected: &[ManifestEntry], actual: &[ManifestEntry], ignore: &[String]) -> Vec<String> {
+pub fn compare(
+    expected: &[ManifestEntry],
+    actual: &[ManifestEntry],
+    ignore: &[String],
+) -> Vec<String> {
     let ignored = |path: &str| {
-        ignore
-            .iter()
-            .any(|prefix| path == prefix || path.strip_prefix(prefix.as_str()).is_some_and(|rest| rest.starts_with('/')))
+        ignore.iter().any(|prefix| {
+            path == prefix
+                || path
+                    .strip_prefix(prefix.as_str())
+                    .is_some_and(|rest| rest.starts_with('/'))
+        })
     };
-    let actual_by_path: HashMap<&str, &ManifestEntry> =
-        actual.iter().map(|entry| (entry.path.as_str(), entry)).collect();
-    let expected_paths: HashMap<&str, ()> = expected.iter().map(|entry| (entry.path.as_str(), ())).collect();
+    let actual_by_path: HashMap<&str, &ManifestEntry> = actual
+        .iter()
+        .map(|entry| (entry.path.as_str(), entry))
+        .collect();
+    let expected_paths: HashMap<&str, ()> = expected
+        .iter()
+        .map(|entry| (entry.path.as_str(), ()))
+        .collect();
 
     let mut differences = Vec::new();
     for entry in expected.iter().filter(|entry| !ignored(&entry.path)) {
@@ -327,7 +355,10 @@ pub fn compare(expected: &[ManifestEntry], actual: &[ManifestEntry], ignore: &[S
             let want = &entry.fields[i];
             let got = &found.fields[i];
             if want != ANY && want != got {
-                differences.push(format!("{}: {name} expected {want}, found {got}", entry.path));
+                differences.push(format!(
+                    "{}: {name} expected {want}, found {got}",
+                    entry.path
+                ));
             }
         }
     }
@@ -369,9 +400,7 @@ mod tests {
         for path in ["", "d"] {
             fs::set_permissions(root.join(path), fs::Permissions::from_mode(0o755)).unwrap();
         }
-        for path in ["d/f"] {
-            fs::set_permissions(root.join(path), fs::Permissions::from_mode(0o640)).unwrap();
-        }
+        fs::set_permissions(root.join("d/f"), fs::Permissions::from_mode(0o640)).unwrap();
         let actual = manifest_of_dir(root).unwrap();
         let paths: Vec<&str> = actual.iter().map(|e| e.path.as_str()).collect();
         assert_eq!(paths, ["/", "/d", "/d/f", "/g", "/s"]);
@@ -391,7 +420,10 @@ mod tests {
               "mtime": fs::symlink_metadata(root.join("s")).unwrap().mtime(), "link_target": "d/f" },
         ]});
         let expected = manifest_of_expected(json.to_string().as_bytes()).unwrap();
-        assert_eq!(expected[2].fields[6], "2", "hard link group counts both names");
+        assert_eq!(
+            expected[2].fields[6], "2",
+            "hard link group counts both names"
+        );
 
         let text: String = expected.iter().map(|e| e.to_line() + "\n").collect();
         let reparsed = parse_manifest(&text).unwrap();
@@ -403,12 +435,26 @@ mod tests {
     fn compare_reports_each_difference() {
         let entry = |path: &str, mode: &str| ManifestEntry {
             path: path.to_string(),
-            fields: std::array::from_fn(|i| if i == 1 { mode.to_string() } else { NONE.to_string() }),
+            fields: std::array::from_fn(|i| {
+                if i == 1 {
+                    mode.to_string()
+                } else {
+                    NONE.to_string()
+                }
+            }),
         };
         let expected = [entry("/", ANY), entry("/a", "0644"), entry("/b", "0644")];
-        let actual = [entry("/", "0700"), entry("/a", "0600"), entry("/lost+found", "0700"), entry("/lost+found/x", "0")];
+        let actual = [
+            entry("/", "0700"),
+            entry("/a", "0600"),
+            entry("/lost+found", "0700"),
+            entry("/lost+found/x", "0"),
+        ];
         let differences = compare(&expected, &actual, &["/lost+found".to_string()]);
-        assert_eq!(differences, ["/a: mode expected 0644, found 0600", "missing /b"]);
+        assert_eq!(
+            differences,
+            ["/a: mode expected 0644, found 0600", "missing /b"]
+        );
 
         let differences = compare(&expected, &actual, &[]);
         assert!(differences.contains(&"unexpected /lost+found".to_string()));
@@ -416,6 +462,9 @@ mod tests {
 
     #[test]
     fn short_manifest_line_is_rejected() {
-        assert!(matches!(parse_manifest("/a\treg\n"), Err(ManifestError::Line { line: 1, found: 2 })));
+        assert!(matches!(
+            parse_manifest("/a\treg\n"),
+            Err(ManifestError::Line { line: 1, found: 2 })
+        ));
     }
 }

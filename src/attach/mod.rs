@@ -55,7 +55,9 @@ pub enum AttachError {
     #[error("{command} needs root (CAP_SYS_ADMIN) to configure NBD devices; run it with sudo")]
     NotRoot { command: &'static str },
 
-    #[error("the nbd kernel module is not loaded: run `modprobe nbd` (or `modprobe nbd nbds_max=N`)")]
+    #[error(
+        "the nbd kernel module is not loaded: run `modprobe nbd` (or `modprobe nbd nbds_max=N`)"
+    )]
     ModuleNotLoaded,
 
     #[error("invalid device {value:?}: expected /dev/nbdN")]
@@ -64,19 +66,27 @@ pub enum AttachError {
     #[error("{device} is in use: it is already connected (pick another device, or omit it to let the kernel choose)")]
     DeviceInUse { device: String },
 
-    #[error("{device} does not exist: load the nbd module (`modprobe nbd`) or pick an existing device")]
+    #[error(
+        "{device} does not exist: load the nbd module (`modprobe nbd`) or pick an existing device"
+    )]
     DeviceNotFound { device: String },
 
-    #[error("{device} is open or mounted: unmount it first, or pass --force to disconnect it anyway")]
+    #[error(
+        "{device} is open or mounted: unmount it first, or pass --force to disconnect it anyway"
+    )]
     DeviceBusy { device: String },
 
-    #[error("no free NBD device found among {count} devices; load the module with a larger nbds_max")]
+    #[error(
+        "no free NBD device found among {count} devices; load the module with a larger nbds_max"
+    )]
     NoFreeDevice { count: usize },
 
     #[error("failed to open image {image}: {message}")]
     OpenImage { image: String, message: String },
 
-    #[error("the image is {size} bytes, which is not a multiple of the {BLOCK_SIZE}-byte block size")]
+    #[error(
+        "the image is {size} bytes, which is not a multiple of the {BLOCK_SIZE}-byte block size"
+    )]
     UnalignedSize { size: u64 },
 
     #[error(transparent)]
@@ -117,8 +127,13 @@ pub enum AttachError {
         requested: String,
     },
 
-    #[error("--reattach needs the generic netlink interface ({device} was attached with {interface:?})")]
-    ReattachNeedsNetlink { device: String, interface: Interface },
+    #[error(
+        "--reattach needs the generic netlink interface ({device} was attached with {interface:?})"
+    )]
+    ReattachNeedsNetlink {
+        device: String,
+        interface: Interface,
+    },
 
     #[error("the server of {device} (pid {pid}) did not exit within {} s after the disconnect", waited.as_secs())]
     ServerStuck {
@@ -161,7 +176,9 @@ fn open_netlink(choice: InterfaceChoice) -> Result<Option<NbdNetlink>, AttachErr
     }
     match NbdNetlink::open() {
         Ok(socket) => Ok(Some(socket)),
-        Err(NetlinkError::FamilyNotFound) if !nbd_driver_present() => Err(AttachError::ModuleNotLoaded),
+        Err(NetlinkError::FamilyNotFound) if !nbd_driver_present() => {
+            Err(AttachError::ModuleNotLoaded)
+        }
         Err(error) if choice == InterfaceChoice::Auto && nbd_driver_present() => {
             info!(%error, "generic netlink is unavailable: using the NBD ioctls");
             Ok(None)
@@ -194,22 +211,31 @@ pub fn process_alive(pid: u32) -> bool {
         return false;
     };
     // The state follows the parenthesized command name, which may contain spaces.
-    let state = stat.rsplit_once(')').and_then(|(_, rest)| rest.trim_start().chars().next());
+    let state = stat
+        .rsplit_once(')')
+        .and_then(|(_, rest)| rest.trim_start().chars().next());
     !matches!(state, Some('Z') | Some('X') | None)
 }
 
 /// Size of device `index` in bytes from sysfs; 0 when disconnected.
 pub fn device_size(index: u32) -> io::Result<u64> {
     let text = std::fs::read_to_string(format!("/sys/block/nbd{index}/size"))?;
-    let sectors: u64 = text
-        .trim()
-        .parse()
-        .map_err(|error| io::Error::new(io::ErrorKind::InvalidData, format!("sysfs size {text:?}: {error}")))?;
+    let sectors: u64 = text.trim().parse().map_err(|error| {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("sysfs size {text:?}: {error}"),
+        )
+    })?;
     Ok(sectors * 512)
 }
 
 /// Disconnects `device`, waits for its server to exit and removes its state.
-pub fn detach(runtime: &RuntimeDir, device: &Path, force: bool, wait: Duration) -> Result<(), AttachError> {
+pub fn detach(
+    runtime: &RuntimeDir,
+    device: &Path,
+    force: bool,
+    wait: Duration,
+) -> Result<(), AttachError> {
     require_root("detach")?;
     let index = parse_device_arg(device)?;
     if !nbd_driver_present() {
@@ -234,14 +260,20 @@ pub fn detach(runtime: &RuntimeDir, device: &Path, force: bool, wait: Duration) 
         }
     }
 
-    let interface = state.as_ref().map(|s| s.interface).unwrap_or(Interface::Netlink);
+    let interface = state
+        .as_ref()
+        .map(|s| s.interface)
+        .unwrap_or(Interface::Netlink);
     disconnect(index, interface)?;
     info!(device = %path, "disconnect requested");
 
     let started = Instant::now();
     if let Some(state) = &state {
         if !wait_for(wait, || !process_alive(state.pid)) {
-            warn!(pid = state.pid, "server still running after the disconnect: sending SIGTERM");
+            warn!(
+                pid = state.pid,
+                "server still running after the disconnect: sending SIGTERM"
+            );
             // SAFETY: kill takes no pointers; a stale pid only makes it fail.
             unsafe { libc::kill(state.pid as libc::pid_t, libc::SIGTERM) };
             if !wait_for(Duration::from_secs(5), || !process_alive(state.pid)) {
@@ -253,12 +285,16 @@ pub fn detach(runtime: &RuntimeDir, device: &Path, force: bool, wait: Duration) 
             }
         }
     }
-    runtime.remove(index, None).map_err(|source| AttachError::Io {
-        step: "remove the state of",
-        path: runtime.state_path(index),
-        source,
-    })?;
-    if !wait_for(wait, || device_size(index).map(|size| size == 0).unwrap_or(true)) {
+    runtime
+        .remove(index, None)
+        .map_err(|source| AttachError::Io {
+            step: "remove the state of",
+            path: runtime.state_path(index),
+            source,
+        })?;
+    if !wait_for(wait, || {
+        device_size(index).map(|size| size == 0).unwrap_or(true)
+    }) {
         warn!(device = %path, "the device still reports a size after the disconnect");
     }
     Ok(())
@@ -270,7 +306,9 @@ pub(crate) fn disconnect(index: u32, interface: Interface) -> Result<(), AttachE
     if interface == Interface::Netlink {
         match NbdNetlink::open() {
             Ok(mut socket) => return Ok(socket.disconnect(index)?),
-            Err(NetlinkError::FamilyNotFound) if !nbd_driver_present() => return Err(AttachError::ModuleNotLoaded),
+            Err(NetlinkError::FamilyNotFound) if !nbd_driver_present() => {
+                return Err(AttachError::ModuleNotLoaded)
+            }
             Err(error) => debug!(%error, "netlink unavailable: disconnecting with the ioctl"),
         }
     }
@@ -311,7 +349,9 @@ pub struct ListedDevice {
 
 /// Lists the devices that have state files, with their server and kernel status.
 pub fn list(runtime: &RuntimeDir) -> Result<Vec<ListedDevice>, AttachError> {
-    let statuses = NbdNetlink::open().and_then(|mut socket| socket.status(None)).ok();
+    let statuses = NbdNetlink::open()
+        .and_then(|mut socket| socket.status(None))
+        .ok();
     let mut devices = Vec::new();
     for state in runtime.list()? {
         let state = match state {
@@ -322,7 +362,11 @@ pub fn list(runtime: &RuntimeDir) -> Result<Vec<ListedDevice>, AttachError> {
             }
         };
         let connected = match &statuses {
-            Some(statuses) => Some(statuses.iter().any(|s| s.index == state.index && s.connected)),
+            Some(statuses) => Some(
+                statuses
+                    .iter()
+                    .any(|s| s.index == state.index && s.connected),
+            ),
             None => device_size(state.index).ok().map(|size| size > 0),
         };
         let stats = std::fs::read(&state.stats_file)

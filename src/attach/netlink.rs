@@ -191,12 +191,13 @@ pub fn parse_attrs(mut data: &[u8]) -> Result<Vec<(u16, &[u8])>, String> {
 }
 
 fn payload_u32(command: &'static str, payload: &[u8]) -> Result<u32, NetlinkError> {
-    let bytes: [u8; 4] = payload.get(..4).and_then(|b| b.try_into().ok()).ok_or_else(|| {
-        NetlinkError::Malformed {
+    let bytes: [u8; 4] = payload
+        .get(..4)
+        .and_then(|b| b.try_into().ok())
+        .ok_or_else(|| NetlinkError::Malformed {
             command,
             reason: format!("expected a 4-byte value, got {} bytes", payload.len()),
-        }
-    })?;
+        })?;
     Ok(u32::from_ne_bytes(bytes))
 }
 
@@ -227,11 +228,14 @@ pub fn parse_status(attrs: &[u8]) -> Result<Vec<DeviceStatus>, NetlinkError> {
             for (field, payload) in parse_attrs(item).map_err(malformed)? {
                 match field {
                     attr::NBD_DEVICE_INDEX => index = Some(payload_u32("NBD_CMD_STATUS", payload)?),
-                    attr::NBD_DEVICE_CONNECTED => connected = payload.first().is_some_and(|b| *b != 0),
+                    attr::NBD_DEVICE_CONNECTED => {
+                        connected = payload.first().is_some_and(|b| *b != 0)
+                    }
                     _ => {}
                 }
             }
-            let index = index.ok_or_else(|| malformed("a device item has no NBD_DEVICE_INDEX".into()))?;
+            let index =
+                index.ok_or_else(|| malformed("a device item has no NBD_DEVICE_INDEX".into()))?;
             devices.push(DeviceStatus { index, connected });
         }
     }
@@ -278,14 +282,27 @@ impl NbdNetlink {
             return Err(socket_error("bind")(io::Error::last_os_error()));
         }
 
-        let mut socket = NbdNetlink { fd, family: 0, seq: 1 };
+        let mut socket = NbdNetlink {
+            fd,
+            family: 0,
+            seq: 1,
+        };
         socket.family = socket.resolve_family()?;
         Ok(socket)
     }
 
     fn resolve_family(&mut self) -> Result<u16, NetlinkError> {
-        let attrs = [Attr::Str(CTRL_ATTR_FAMILY_NAME, NBD_GENL_FAMILY_NAME.to_string())];
-        let replies = match self.transact(GENL_ID_CTRL, CTRL_CMD_GETFAMILY, 1, &attrs, "CTRL_CMD_GETFAMILY") {
+        let attrs = [Attr::Str(
+            CTRL_ATTR_FAMILY_NAME,
+            NBD_GENL_FAMILY_NAME.to_string(),
+        )];
+        let replies = match self.transact(
+            GENL_ID_CTRL,
+            CTRL_CMD_GETFAMILY,
+            1,
+            &attrs,
+            "CTRL_CMD_GETFAMILY",
+        ) {
             Ok(replies) => replies,
             Err(error) if error.kernel_errno() == Some(libc::ENOENT) => {
                 return Err(NetlinkError::FamilyNotFound)
@@ -332,22 +349,32 @@ impl NbdNetlink {
         let seq = self.seq;
         self.seq = self.seq.wrapping_add(1);
         let message = encode_request(family, command, version, seq, attrs);
-        send_all(self.fd.as_raw_fd(), &message)
-            .map_err(|source| NetlinkError::Socket { step: "send a request", source })?;
+        send_all(self.fd.as_raw_fd(), &message).map_err(|source| NetlinkError::Socket {
+            step: "send a request",
+            source,
+        })?;
 
         let mut replies = Vec::new();
         let mut buffer = vec![0u8; 64 * 1024];
         loop {
             // SAFETY: buffer is a live, writable allocation of buffer.len() bytes.
             let received = unsafe {
-                libc::recv(self.fd.as_raw_fd(), buffer.as_mut_ptr().cast(), buffer.len(), 0)
+                libc::recv(
+                    self.fd.as_raw_fd(),
+                    buffer.as_mut_ptr().cast(),
+                    buffer.len(),
+                    0,
+                )
             };
             if received < 0 {
                 let error = io::Error::last_os_error();
                 if error.kind() == io::ErrorKind::Interrupted {
                     continue;
                 }
-                return Err(NetlinkError::Socket { step: "receive a reply", source: error });
+                return Err(NetlinkError::Socket {
+                    step: "receive a reply",
+                    source: error,
+                });
             }
             let mut data = &buffer[..received as usize];
             while data.len() >= NLMSG_HDR_LEN {
@@ -397,7 +424,10 @@ impl NbdNetlink {
             Attr::U64(attr::NBD_ATTR_BLOCK_SIZE_BYTES, request.block_size),
             Attr::U64(attr::NBD_ATTR_SERVER_FLAGS, request.server_flags),
             Attr::U64(attr::NBD_ATTR_TIMEOUT, request.timeout_secs),
-            Attr::U64(attr::NBD_ATTR_DEAD_CONN_TIMEOUT, request.dead_conn_timeout_secs),
+            Attr::U64(
+                attr::NBD_ATTR_DEAD_CONN_TIMEOUT,
+                request.dead_conn_timeout_secs,
+            ),
             sockets_attr(&request.sockets),
             Attr::Str(attr::NBD_ATTR_BACKEND_IDENTIFIER, request.backend.clone()),
         ];
@@ -452,7 +482,10 @@ impl NbdNetlink {
 
     /// Returns the state of one device, or of all devices when `index` is `None`.
     pub fn status(&mut self, index: Option<u32>) -> Result<Vec<DeviceStatus>, NetlinkError> {
-        let attrs: Vec<Attr> = index.map(|i| Attr::U32(attr::NBD_ATTR_INDEX, i)).into_iter().collect();
+        let attrs: Vec<Attr> = index
+            .map(|i| Attr::U32(attr::NBD_ATTR_INDEX, i))
+            .into_iter()
+            .collect();
         let replies = self.request(cmd::NBD_CMD_STATUS, "NBD_CMD_STATUS", &attrs)?;
         let mut devices = Vec::new();
         for reply in &replies {
@@ -465,7 +498,12 @@ impl NbdNetlink {
 fn sockets_attr(sockets: &[RawFd]) -> Attr {
     let items = sockets
         .iter()
-        .map(|fd| Attr::Nested(attr::NBD_SOCK_ITEM, vec![Attr::U32(attr::NBD_SOCK_FD, *fd as u32)]))
+        .map(|fd| {
+            Attr::Nested(
+                attr::NBD_SOCK_ITEM,
+                vec![Attr::U32(attr::NBD_SOCK_FD, *fd as u32)],
+            )
+        })
         .collect();
     Attr::Nested(attr::NBD_ATTR_SOCKETS, items)
 }
@@ -521,7 +559,10 @@ mod tests {
             cmd::NBD_CMD_DISCONNECT,
             1,
             7,
-            &[Attr::Str(attr::NBD_ATTR_BACKEND_IDENTIFIER, "ab".to_string())],
+            &[Attr::Str(
+                attr::NBD_ATTR_BACKEND_IDENTIFIER,
+                "ab".to_string(),
+            )],
         );
         // 16 header + 4 genl + (4 + 3 -> padded to 8).
         assert_eq!(message.len(), 28);
@@ -529,7 +570,11 @@ mod tests {
         assert_eq!(u16::from_ne_bytes(message[4..6].try_into().unwrap()), 0x1d);
         assert_eq!(u32::from_ne_bytes(message[8..12].try_into().unwrap()), 7);
         assert_eq!(message[16], cmd::NBD_CMD_DISCONNECT);
-        assert_eq!(u16::from_ne_bytes(message[20..22].try_into().unwrap()), 7, "nla_len excludes padding");
+        assert_eq!(
+            u16::from_ne_bytes(message[20..22].try_into().unwrap()),
+            7,
+            "nla_len excludes padding"
+        );
         assert_eq!(&message[24..28], b"ab\0\0");
     }
 
@@ -539,7 +584,11 @@ mod tests {
         sockets_attr(&[5, 9]).encode(&mut out);
         let top = parse_attrs(&out).unwrap();
         assert_eq!(top.len(), 1);
-        assert_eq!(top[0].0, attr::NBD_ATTR_SOCKETS, "nested flag is masked off");
+        assert_eq!(
+            top[0].0,
+            attr::NBD_ATTR_SOCKETS,
+            "nested flag is masked off"
+        );
         let items = parse_attrs(top[0].1).unwrap();
         let fds: Vec<u32> = items
             .iter()
@@ -580,8 +629,14 @@ mod tests {
         assert_eq!(
             devices,
             [
-                DeviceStatus { index: 0, connected: true },
-                DeviceStatus { index: 3, connected: false }
+                DeviceStatus {
+                    index: 0,
+                    connected: true
+                },
+                DeviceStatus {
+                    index: 3,
+                    connected: false
+                }
             ]
         );
     }
@@ -589,8 +644,8 @@ mod tests {
     #[test]
     fn truncated_attribute_is_rejected() {
         let cases: [&[u8]; 3] = [
-            &[8, 0, 1, 0, 1, 2],       // claims 8 bytes, has 6
-            &[2, 0, 1, 0],             // shorter than its own header
+            &[8, 0, 1, 0, 1, 2], // claims 8 bytes, has 6
+            &[2, 0, 1, 0],       // shorter than its own header
             &[255, 255, 1, 0, 0, 0, 0, 0],
         ];
         for case in cases {

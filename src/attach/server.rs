@@ -18,8 +18,8 @@ use super::ioctl::{self, IoctlConfig};
 use super::netlink::{ConnectRequest, NbdNetlink};
 use super::state::{DeviceState, Interface, RuntimeDir};
 use super::{
-    device_path, device_size, open_netlink, process_alive, require_root, AttachError, InterfaceChoice,
-    BLOCK_SIZE, READ_ONLY_FLAGS,
+    device_path, device_size, open_netlink, process_alive, require_root, AttachError,
+    InterfaceChoice, BLOCK_SIZE, READ_ONLY_FLAGS,
 };
 use crate::disk::ImageDisk;
 use crate::image::{open_image, OpenOptions, OpenedImage, StartupFetch};
@@ -97,11 +97,14 @@ pub async fn run_server(mut settings: AttachSettings) -> Result<(), AttachError>
 
 async fn attach(settings: &AttachSettings) -> Result<Attached, AttachError> {
     require_root("attach")?;
-    settings.runtime.create().map_err(|source| AttachError::Io {
-        step: "create the runtime directory",
-        path: settings.runtime.dir.clone(),
-        source,
-    })?;
+    settings
+        .runtime
+        .create()
+        .map_err(|source| AttachError::Io {
+            step: "create the runtime directory",
+            path: settings.runtime.dir.clone(),
+            source,
+        })?;
 
     let netlink = open_netlink(settings.interface)?;
     let old_state = match (settings.reattach, settings.device) {
@@ -136,7 +139,10 @@ async fn attach(settings: &AttachSettings) -> Result<Attached, AttachError> {
         description: format!("{} ({})", image.description, image.manifest_digest),
         ..ServerOptions::default()
     });
-    let pairs = Connections { disk: disk.clone(), options };
+    let pairs = Connections {
+        disk: disk.clone(),
+        options,
+    };
 
     let (index, interface, connections, do_it) = match netlink {
         Some(netlink) if settings.reattach => {
@@ -226,11 +232,14 @@ async fn attach(settings: &AttachSettings) -> Result<Attached, AttachError> {
             .unwrap_or_default(),
         attach_ms,
     };
-    settings.runtime.write(&state).map_err(|source| AttachError::Io {
-        step: "write the state file",
-        path: settings.runtime.state_path(index),
-        source,
-    })?;
+    settings
+        .runtime
+        .write(&state)
+        .map_err(|source| AttachError::Io {
+            step: "write the state file",
+            path: settings.runtime.state_path(index),
+            source,
+        })?;
 
     Ok(Attached {
         index,
@@ -244,11 +253,18 @@ async fn attach(settings: &AttachSettings) -> Result<Attached, AttachError> {
 }
 
 /// Checks that device `index` can be reattached and returns its recorded state.
-fn check_reattach(settings: &AttachSettings, index: u32, netlink: bool) -> Result<DeviceState, AttachError> {
+fn check_reattach(
+    settings: &AttachSettings,
+    index: u32,
+    netlink: bool,
+) -> Result<DeviceState, AttachError> {
     let device = device_path(index);
-    let state = settings.runtime.read(index)?.ok_or_else(|| AttachError::NotConnected {
-        device: device.clone(),
-    })?;
+    let state = settings
+        .runtime
+        .read(index)?
+        .ok_or_else(|| AttachError::NotConnected {
+            device: device.clone(),
+        })?;
     if state.interface != Interface::Netlink || !netlink {
         return Err(AttachError::ReattachNeedsNetlink {
             device,
@@ -256,7 +272,10 @@ fn check_reattach(settings: &AttachSettings, index: u32, netlink: bool) -> Resul
         });
     }
     if state.pid != std::process::id() && process_alive(state.pid) {
-        return Err(AttachError::ServerRunning { device, pid: state.pid });
+        return Err(AttachError::ServerRunning {
+            device,
+            pid: state.pid,
+        });
     }
     let connected = NbdNetlink::open()
         .and_then(|mut socket| socket.status(Some(index)))?
@@ -287,8 +306,10 @@ impl Connections {
         let mut tasks = Vec::new();
         for _ in 0..count.max(1) {
             let (ours, theirs) = StdUnixStream::pair().map_err(io_error("create a socket pair"))?;
-            ours.set_nonblocking(true).map_err(io_error("configure a socket"))?;
-            let stream = tokio::net::UnixStream::from_std(ours).map_err(io_error("register a socket"))?;
+            ours.set_nonblocking(true)
+                .map_err(io_error("configure a socket"))?;
+            let stream =
+                tokio::net::UnixStream::from_std(ours).map_err(io_error("register a socket"))?;
             let disk = self.disk.clone();
             let options = self.options.clone();
             let connection = theirs.as_raw_fd();
@@ -318,7 +339,10 @@ fn join_error(error: tokio::task::JoinError) -> AttachError {
 
 /// Sends `NBD_CMD_CONNECT` off the async threads: the kernel may read the
 /// device before it replies, and our own tasks serve those reads.
-async fn connect_netlink(mut netlink: NbdNetlink, request: ConnectRequest) -> Result<u32, AttachError> {
+async fn connect_netlink(
+    mut netlink: NbdNetlink,
+    request: ConnectRequest,
+) -> Result<u32, AttachError> {
     let requested = request.index;
     let result = tokio::task::spawn_blocking(move || netlink.connect(&request))
         .await
@@ -326,7 +350,9 @@ async fn connect_netlink(mut netlink: NbdNetlink, request: ConnectRequest) -> Re
     match result {
         Ok(index) => Ok(index),
         Err(error) if error.kernel_errno() == Some(libc::EBUSY) => Err(AttachError::DeviceInUse {
-            device: requested.map(device_path).unwrap_or_else(|| "the chosen device".to_string()),
+            device: requested
+                .map(device_path)
+                .unwrap_or_else(|| "the chosen device".to_string()),
         }),
         Err(error) => Err(error.into()),
     }
@@ -344,7 +370,10 @@ async fn reattach_sockets(
     backend: &str,
 ) -> Result<Vec<JoinHandle<()>>, AttachError> {
     let old = settings.runtime.read(index)?;
-    let wanted = old.map(|state| state.connections).unwrap_or(settings.connections).max(1);
+    let wanted = old
+        .map(|state| state.connections)
+        .unwrap_or(settings.connections)
+        .max(1);
     let netlink = Arc::new(std::sync::Mutex::new(netlink));
     let mut adopted = Vec::new();
     let mut pending = wanted;
@@ -355,7 +384,9 @@ async fn reattach_sockets(
         let (timeout, dead) = (settings.timeout_secs, settings.dead_conn_timeout_secs);
         tokio::task::spawn_blocking(move || {
             let fds = raw_fds(&kernel_ends);
-            let mut socket = netlink.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            let mut socket = netlink
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
             let result = socket.reconfigure(index, &backend, &fds, timeout, dead);
             drop(kernel_ends);
             result
@@ -364,7 +395,8 @@ async fn reattach_sockets(
         .map_err(join_error)??;
 
         tokio::time::sleep(ADOPTION_CHECK_DELAY).await;
-        let (closed, open): (Vec<_>, Vec<_>) = tasks.into_iter().partition(|task| task.is_finished());
+        let (closed, open): (Vec<_>, Vec<_>) =
+            tasks.into_iter().partition(|task| task.is_finished());
         adopted.extend(open);
         pending = closed.len() as u32;
         info!(device = %device_path(index), attempt, adopted = adopted.len(), rejected = pending, "sent replacement sockets");
@@ -382,7 +414,11 @@ async fn reattach_sockets(
 
 /// Configures a device through the ioctls: the requested one, or the first
 /// device that is not in use.
-fn configure_ioctl(requested: Option<u32>, config: &IoctlConfig, sockets: &[RawFd]) -> Result<(u32, File), AttachError> {
+fn configure_ioctl(
+    requested: Option<u32>,
+    config: &IoctlConfig,
+    sockets: &[RawFd],
+) -> Result<(u32, File), AttachError> {
     let candidates: Vec<u32> = match requested {
         Some(index) => vec![index],
         None => list_nbd_devices(),
@@ -441,7 +477,10 @@ async fn wait_readable(index: u32) -> Result<(), AttachError> {
             if Instant::now() >= deadline {
                 return Err(std::io::Error::new(
                     std::io::ErrorKind::TimedOut,
-                    format!("the kernel still reports size 0 {} s after the connect", IOCTL_START_TIMEOUT.as_secs()),
+                    format!(
+                        "the kernel still reports size 0 {} s after the connect",
+                        IOCTL_START_TIMEOUT.as_secs()
+                    ),
                 ));
             }
             std::thread::sleep(Duration::from_millis(20));
@@ -528,8 +567,10 @@ async fn serve(attached: Attached, settings: &AttachSettings) -> Result<(), Atta
 
 async fn wait_for_signal() {
     use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut terminate), Ok(mut interrupt)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt()))
-    else {
+    let (Ok(mut terminate), Ok(mut interrupt)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
         warn!("failed to watch SIGTERM and SIGINT; only `detach` stops the server");
         return std::future::pending().await;
     };

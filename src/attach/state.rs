@@ -63,7 +63,10 @@ impl RuntimeDir {
 
     /// Creates the directory with mode 0700 (and tightens an existing one).
     pub fn create(&self) -> io::Result<()> {
-        fs::DirBuilder::new().recursive(true).mode(0o700).create(&self.dir)?;
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&self.dir)?;
         fs::set_permissions(&self.dir, fs::Permissions::from_mode(0o700))
     }
 
@@ -257,14 +260,26 @@ mod tests {
 
         runtime.write(&sample(2, 10)).unwrap();
         runtime.write(&sample(0, 11)).unwrap();
-        let file_mode = fs::metadata(runtime.state_path(2)).unwrap().permissions().mode() & 0o777;
+        let file_mode = fs::metadata(runtime.state_path(2))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777;
         assert_eq!(file_mode, 0o600);
         assert_eq!(runtime.read(2).unwrap(), Some(sample(2, 10)));
 
-        let listed: Vec<u32> = runtime.list().unwrap().into_iter().map(|s| s.unwrap().index).collect();
+        let listed: Vec<u32> = runtime
+            .list()
+            .unwrap()
+            .into_iter()
+            .map(|s| s.unwrap().index)
+            .collect();
         assert_eq!(listed, [0, 2]);
 
-        assert!(!runtime.remove(2, Some(99)).unwrap(), "another pid's state stays");
+        assert!(
+            !runtime.remove(2, Some(99)).unwrap(),
+            "another pid's state stays"
+        );
         assert!(runtime.read(2).unwrap().is_some());
         assert!(runtime.remove(2, Some(10)).unwrap());
         assert_eq!(runtime.read(2).unwrap(), None);
