@@ -29,6 +29,7 @@ fn kernel_nbd_in_vm() {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("kernel-tests/run-vm-tests.sh");
     let output = Command::new("bash")
         .arg(&script)
+        .env("ESGZ_NBD_BIN", env!("CARGO_BIN_EXE_esgz-nbd"))
         .output()
         .unwrap_or_else(|error| panic!("failed to run {}: {error}", script.display()));
     let stdout = String::from_utf8_lossy(&output.stdout);
