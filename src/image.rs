@@ -235,7 +235,7 @@ async fn open_layer(
 
 enum LazyOutcome {
     Index(LayerIndex),
-    /// The blob has no valid eStargz footer; the reason says what was found.
+    /// The blob has no valid eStargz footer. The reason describes what was found.
     NotEstargz(String),
 }
 
@@ -259,7 +259,7 @@ async fn read_lazy_index(
         .with_context(|| format!("failed to read the footer of layer {}", descriptor.digest))?;
     let footer = match estargz::parse_footer(&tail, size) {
         Ok(footer) => footer,
-        // The annotation says the layer is eStargz, so a bad footer means a
+        // The annotation marks the layer as eStargz, so a bad footer means a
         // corrupt blob, not a plain tar.gz.
         Err(error) if annotation.is_some() => bail!(
             "layer {} has a {TOC_DIGEST_ANNOTATION} annotation but its eStargz footer is invalid: {error}; the blob is corrupt, push the image again",
@@ -370,8 +370,8 @@ fn unpack_whole_layer(
         _ => Box::new(std::io::BufReader::new(download)),
     };
 
-    // The tar is unpacked straight into the layer's cache file; its data
-    // space size is only known at the end, when `finish` sets the length.
+    // The tar is unpacked straight into the layer's cache file. Its data space
+    // size is known only at the end, when `finish_with_size` sets the length.
     let mut writer = WholeLayerWriter::create_growable(cache_dir, digest)?;
     let mut sink = |data_offset: u64, bytes: &[u8]| writer.write_at(data_offset, bytes);
     let index = tarlayer::index_tar(layer, digest, reader, &mut sink)

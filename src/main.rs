@@ -11,7 +11,11 @@ use clap::Parser;
 use tracing::{info, warn};
 use tracing_subscriber::EnvFilter;
 
-use esgz_nbd::cli::{Cli, Command, ExportArgs, ImageArgs, IoChoice, LogFormat, ServeArgs};
+use esgz_nbd::attach::{self, state::RuntimeDir, AttachSettings, InterfaceChoice};
+use esgz_nbd::cli::{
+    AttachArgs, Cli, Command, DetachArgs, ExportArgs, ImageArgs, IoChoice, ListArgs, LogFormat,
+    NbdInterface, ServeArgs, TreeManifestArgs,
+};
 use esgz_nbd::disk::ImageDisk;
 use esgz_nbd::estargz::TocLimits;
 use esgz_nbd::export::export_to_file;
@@ -38,6 +42,10 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Serve(args) => serve(args).await,
             Command::Export(args) => export(args).await,
+            Command::Attach(args) => attach_command(args).await,
+            Command::Detach(args) => detach_command(args).await,
+            Command::List(args) => list_command(args),
+            Command::TreeManifest(args) => tree_manifest_command(args),
         }
     });
     match result {
@@ -288,5 +296,162 @@ async fn export(args: ExportArgs) -> anyhow::Result<()> {
         ?stats,
         "export finished"
     );
+    Ok(())
+}
+
+fn runtime_dir_arg(dir: &Option<PathBuf>) -> RuntimeDir {
+    RuntimeDir::new(
+        dir.clone()
+            .unwrap_or_else(|| PathBuf::from(attach::state::DEFAULT_RUNTIME_DIR)),
+    )
+}
+
+async fn attach_command(args: AttachArgs) -> anyhow::Result<()> {
+    let started = std::time::Instant::now();
+    let runtime = runtime_dir_arg(&args.runtime_dir);
+    let interface = match args.interface {
+        NbdInterface::Auto => InterfaceChoice::Auto,
+        NbdInterface::Netlink => InterfaceChoice::Netlink,
+        NbdInterface::Ioctl => InterfaceChoice::Ioctl,
+    };
+    if !args.foreground {
+        attach::preflight(interface)?;
+        let argv: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
+        let (device, attach_ms) =
+            tokio::task::spawn_blocking(move || attach::daemon::spawn_background(&runtime, &argv))
+                .await??;
+        info!(%device, attach_ms, "attached");
+        println!("{device}");
+        return Ok(());
+    }
+
+    let ready = args
+        .ready_fd
+        .map(attach::daemon::ReadyPipe::from_fd)
+        .transpose()?;
+    let (device, reattach) = match &args.reattach {
+        Some(device) => (Some(attach::parse_device_arg(device)?), true),
+        None => (
+            args.device
+                .as_deref()
+                .map(attach::parse_device_arg)
+                .transpose()?,
+            false,
+        ),
+    };
+    let connections = args.connections.unwrap_or_else(|| {
+        std::thread::available_parallelism()
+            .map(|n| n.get() as u32)
+            .unwrap_or(1)
+    });
+    let settings = AttachSettings {
+        open: open_options(&args.image)?,
+        image: args.image.image.clone(),
+        device,
+        reattach,
+        connections,
+        timeout_secs: args.timeout,
+        dead_conn_timeout_secs: args.dead_conn_timeout,
+        interface,
+        runtime,
+        log_file: args.log_file.clone(),
+        ready,
+        started,
+    };
+    attach::run_server(settings).await?;
+    Ok(())
+}
+
+async fn detach_command(args: DetachArgs) -> anyhow::Result<()> {
+    let runtime = runtime_dir_arg(&args.runtime_dir);
+    let wait = Duration::from_secs(args.wait);
+    tokio::task::spawn_blocking(move || attach::detach(&runtime, &args.device, args.force, wait))
+        .await??;
+    Ok(())
+}
+
+fn list_command(args: ListArgs) -> anyhow::Result<()> {
+    let devices = attach::list(&runtime_dir_arg(&args.runtime_dir))?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&devices)?);
+        return Ok(());
+    }
+    println!(
+        "{:<11} {:<8} {:<10} {:>7} {:>12} {:>12} {:>12}  IMAGE",
+        "DEVICE", "STATE", "MODE", "PID", "FETCHED", "SERVED", "CACHE"
+    );
+    for device in devices {
+        let state = match (device.server_running, device.connected) {
+            (true, Some(false)) => "stale",
+            (true, _) => "running",
+            (false, Some(true)) => "orphaned",
+            (false, _) => "dead",
+        };
+        let counter = |pointer: &str| {
+            device
+                .stats
+                .as_ref()
+                .and_then(|stats| stats.pointer(pointer))
+                .and_then(|value| value.as_u64())
+                .map(|value| value.to_string())
+                .unwrap_or_else(|| "-".to_string())
+        };
+        println!(
+            "{:<11} {:<8} {:<10} {:>7} {:>12} {:>12} {:>12}  {}",
+            device.state.device,
+            state,
+            device.state.mode,
+            device.state.pid,
+            counter("/store/bytes_fetched"),
+            counter("/store/bytes_served"),
+            counter("/cache_bytes"),
+            device.state.image,
+        );
+    }
+    Ok(())
+}
+
+fn tree_manifest_command(args: TreeManifestArgs) -> anyhow::Result<()> {
+    use attach::manifest;
+    use std::io::Write;
+
+    let entries = match (&args.from_expected, &args.dir) {
+        (Some(sidecar), _) => {
+            let json = std::fs::read(sidecar)
+                .with_context(|| format!("failed to read {}", sidecar.display()))?;
+            manifest::manifest_of_expected(&json)?
+        }
+        (None, Some(dir)) => manifest::manifest_of_dir(dir)
+            .with_context(|| format!("failed to list {}", dir.display()))?,
+        (None, None) => bail!("give a directory or --from-expected FILE"),
+    };
+    let Some(check) = &args.check else {
+        let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+        for entry in &entries {
+            writeln!(out, "{}", entry.to_line())?;
+        }
+        out.flush()?;
+        return Ok(());
+    };
+
+    let text = std::fs::read_to_string(check)
+        .with_context(|| format!("failed to read manifest {}", check.display()))?;
+    let expected = manifest::parse_manifest(&text)?;
+    let differences = manifest::compare(&expected, &entries, &args.ignore);
+    for line in differences.iter().take(50) {
+        println!("{line}");
+    }
+    if differences.len() > 50 {
+        println!("... and {} more", differences.len() - 50);
+    }
+    println!(
+        "tree-manifest: {} expected entries, {} found, {} differences",
+        expected.len(),
+        entries.len(),
+        differences.len()
+    );
+    if !differences.is_empty() {
+        bail!("the tree differs from {}", check.display());
+    }
     Ok(())
 }
