@@ -73,8 +73,8 @@ for entries in $ENTRIES; do
       rss=$(awk '/^VmRSS:/ {print $2}' "/proc/$SERVE_PID/status")
       bench_cleanup_tail "$mark"
       rm -rf "$CACHE_DIR"
-      printf '{"entries":%s,"layers":%s,"rep":%s,"ready_ms":%s,"vm_hwm_kib":%s,"vm_rss_kib":%s,"blob_bytes":%s}\n' \
-        "$entries" "$layers" "$rep" "$ready_ms" "$hwm" "$rss" "$blob_bytes" >> "$RESULTS"
+      printf '{"entries":%s,"layers":%s,"rep":%s,"ready_ms":%s,"vm_hwm_kib":%s,"vm_rss_kib":%s,"blob_bytes":%s,"loadavg":%s}\n' \
+        "$entries" "$layers" "$rep" "$ready_ms" "$hwm" "$rss" "$blob_bytes" "$(loadavg)" >> "$RESULTS"
       log "$entries entries, $layers layers, rep $rep: ready in $ready_ms ms, VmHWM $((hwm / 1024)) MiB"
     done
   done

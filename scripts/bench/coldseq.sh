@@ -23,7 +23,6 @@ IMAGE=127.0.0.1:$WAN_PORT/debian:latest
 blob_bytes=$(stat -c %s "$BLOB")
 
 seconds_since() { python3 -c "print(round(($(now_ns) - $1) / 1e9, 3))"; }
-loadavg() { cut -d' ' -f1 /proc/loadavg; }
 
 emit() { # KIND RATE REP SECONDS [EXTRA_JSON]
   printf '{"kind":"%s","rate":"%s","rep":%s,"seconds":%s,"blob_bytes":%s,"loadavg":%s%s}\n' \

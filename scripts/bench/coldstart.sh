@@ -44,9 +44,9 @@ lazy_run() { # RATE REP
   bench_cleanup_tail "$mark"
   read -r sb sr fb fr < <(stats_fields "$STATS")
   rm -rf "$CACHE_DIR"
-  printf '{"rate":"%s","rtt_ms":%s,"rep":%s,"mode":"lazy","device_ms":%s,"first_file_ms":%s,"workload_ms":%s,"startup_bytes":%s,"startup_requests":%s,"store_bytes":%s,"store_requests":%s,"bytes":%s,"requests":%s,"vm_hwm_kib":%s}\n' \
+  printf '{"rate":"%s","rtt_ms":%s,"rep":%s,"mode":"lazy","device_ms":%s,"first_file_ms":%s,"workload_ms":%s,"startup_bytes":%s,"startup_requests":%s,"store_bytes":%s,"store_requests":%s,"bytes":%s,"requests":%s,"vm_hwm_kib":%s,"loadavg":%s}\n' \
     "$1" $((2 * DELAY_MS)) "$2" "$t_dev" "$t_first" "$t_work" "$sb" "$sr" "$fb" "$fr" \
-    $((sb + fb)) $((sr + fr)) "$hwm" >> "$RESULTS"
+    $((sb + fb)) $((sr + fr)) "$hwm" "$(loadavg)" >> "$RESULTS"
   log "lazy $1 rep $2: device ${t_dev} ms, first file ${t_first} ms, workload ${t_work} ms, $((sb + fb)) bytes in $((sr + fr)) requests"
 }
 
@@ -92,9 +92,9 @@ full_run() { # RATE REP
   t_work=$(ms_since "$t0")
 
   bench_cleanup_tail "$mark"
-  printf '{"rate":"%s","rtt_ms":%s,"rep":%s,"mode":"full","pull_ms":%s,"unpack_ms":%s,"mkfs_ms":%s,"mount_ms":%s,"first_file_ms":%s,"workload_ms":%s,"bytes":%s,"requests":%s}\n' \
+  printf '{"rate":"%s","rtt_ms":%s,"rep":%s,"mode":"full","pull_ms":%s,"unpack_ms":%s,"mkfs_ms":%s,"mount_ms":%s,"first_file_ms":%s,"workload_ms":%s,"bytes":%s,"requests":%s,"loadavg":%s}\n' \
     "$1" $((2 * DELAY_MS)) "$2" "$t_pull" "$t_unpack" "$t_mkfs" "$t_mount" "$t_first" "$t_work" \
-    "$bytes" "$requests" >> "$RESULTS"
+    "$bytes" "$requests" "$(loadavg)" >> "$RESULTS"
   log "full $1 rep $2: pull ${t_pull} ms, unpack done ${t_unpack} ms, mkfs done ${t_mkfs} ms, first file ${t_first} ms, workload ${t_work} ms"
 }
 

@@ -194,6 +194,8 @@ print(st.get("bytes_fetched", 0), st.get("range_requests", 0),
 EOF
 }
 
+loadavg() { cut -d' ' -f1 /proc/loadavg; }
+
 vm_hwm_kib() { awk '/^VmHWM:/ {print $2}' "/proc/$1/status" 2>/dev/null || echo 0; }
 
 # Mount the NBD export at SOCK through nbdfuse and a read-only loop device.

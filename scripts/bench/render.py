@@ -44,14 +44,18 @@ def spread(values, fmt="{:.0f}"):
     return (fmt + " ({}–{})").format(m, fmt.format(min(values)), fmt.format(max(values)))
 
 
-def machine_lines(meta):
+def machine_lines(meta, rows):
     m = meta["machine"]
-    return [
+    lines = [
         f"- Machine: {m['nproc']} CPUs ({m['cpu_model']}), {m['mem_mib']} MiB RAM, "
         f"Linux {m['kernel']}; shared with other jobs, so timings include their load.",
         f"- Command: `{meta['command']}` (commit {meta['git']})",
         f"- Date: {meta['date']}",
     ]
+    loads = [r["loadavg"] for r in rows if "loadavg" in r]
+    if loads:
+        lines.append(f"- Load average (1 min) during the runs: {spread(loads, '{:.1f}')}.")
+    return lines
 
 
 def mib(nbytes):
@@ -67,7 +71,7 @@ def ratio_word(value, target, higher_is_better=True):
 
 def render_coldstart(rows, meta, plots, targets):
     out = ["## Cold start over an emulated WAN", ""]
-    out += machine_lines(meta)
+    out += machine_lines(meta, rows)
     out += [
         f"- Link: {meta['link']}.",
         f"- esgz-nbd: {meta['lazy']}.",
@@ -75,17 +79,20 @@ def render_coldstart(rows, meta, plots, targets):
         "- Times are milliseconds from the first command, median (min–max) over "
         f"{max(r['rep'] for r in rows)} runs; lazy and full runs alternate.",
         "",
-        "| link | path | device readable | first file read | start-up workload done | bytes fetched | requests |",
+        "| link | path | device readable (full path: mounted) | first file read | start-up workload done | bytes fetched | requests |",
         "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
     ]
+
     by = defaultdict(list)
     for r in rows:
         by[(r["rate"], r["rtt_ms"], r["mode"])].append(r)
+
     rates = []
     for r in rows:
         key = (r["rate"], r["rtt_ms"])
         if key not in rates:
             rates.append(key)
+
     plot_data = []
     for rate, rtt in rates:
         lazy = by[(rate, rtt, "lazy")]
@@ -101,6 +108,7 @@ def render_coldstart(rows, meta, plots, targets):
                 f"| {link} | pull + unpack + mke2fs | {spread([r['mount_ms'] for r in full])} | "
                 f"{spread([r['first_file_ms'] for r in full])} | {spread([r['workload_ms'] for r in full])} | "
                 f"{mib(med([r['bytes'] for r in full])):.2f} MiB | {med([r['requests'] for r in full]):.0f} |")
+
         if lazy and full:
             first = med([r["first_file_ms"] for r in full]) / med([r["first_file_ms"] for r in lazy])
             work = med([r["workload_ms"] for r in full]) / med([r["workload_ms"] for r in lazy])
@@ -110,6 +118,7 @@ def render_coldstart(rows, meta, plots, targets):
                 targets.append(("Cold start to first file read, 200 Mbit/s + 20 ms RTT",
                                 ">= 10x faster than pull + unpack + mke2fs",
                                 f"{first:.1f}x", ratio_word(first, 10.0)))
+
     if full:
         out += ["", "Phases of the full path (median ms, cumulative from the start):", "",
                 "| link | pulled | unpacked | mke2fs done | mounted |", "| --- | ---: | ---: | ---: | ---: |"]
@@ -118,6 +127,7 @@ def render_coldstart(rows, meta, plots, targets):
             out.append(f"| {rate}, {rtt} ms RTT | {med([r['pull_ms'] for r in f]):.0f} | "
                        f"{med([r['unpack_ms'] for r in f]):.0f} | {med([r['mkfs_ms'] for r in f]):.0f} | "
                        f"{med([r['mount_ms'] for r in f]):.0f} |")
+
     if plot_data and plots is not None:
         name = plot_coldstart(plots, plot_data)
         out += ["", f"![cold start](plots/{name})"]
@@ -157,7 +167,7 @@ def plot_coldstart(plots, data):
 
 def render_warm(rows, meta, plots, targets):
     out = ["## Warm reads of the whole export", ""]
-    out += machine_lines(meta)
+    out += machine_lines(meta, rows)
     servers = meta["servers"]
     out += [f"- {name}: `{cmd}`" for name, cmd in servers.items()]
     out += [
@@ -169,6 +179,7 @@ def render_warm(rows, meta, plots, targets):
         "| pattern | request | queue depth | esgz-nbd MB/s | nbdkit file MB/s | qemu-nbd MB/s | esgz-nbd / nbdkit |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
+
     by = defaultdict(list)
     keys = []
     for r in rows:
@@ -176,6 +187,7 @@ def render_warm(rows, meta, plots, targets):
         if key not in keys:
             keys.append(key)
         by[key + (r["server"],)].append(r["mb_per_s"])
+
     seq_ratios = []
     plot_rows = []
     for pattern, size, depth in keys:
@@ -190,6 +202,7 @@ def render_warm(rows, meta, plots, targets):
         out.append(f"| {'sequential' if pattern == 'seq' else 'random'} | {size_text} | {depth_text} | "
                    f"{spread(ours)} | {spread(kit)} | {spread(qemu)} | {ratio:.2f} |")
         plot_rows.append((f"{pattern} {size_text} qd{depth}", med(ours), med(kit), med(qemu)))
+
     for size, ratio in seq_ratios:
         size_text = f"{size // 1024} KiB" if size < 1048576 else f"{size // 1048576} MiB"
         targets.append((f"Warm sequential reads, {size_text} requests", ">= 0.9x nbdkit file plugin",
@@ -225,7 +238,7 @@ def plot_warm(plots, rows):
 
 def render_coldseq(rows, meta, targets):
     out = ["## Cold sequential read against the link and gunzip limits", ""]
-    out += machine_lines(meta)
+    out += machine_lines(meta, rows)
     out += [
         f"- Link: {meta['link']}.",
         f"- esgz-nbd: `{meta['esgz-nbd']}` (fresh cache each run; the time is the nbdcopy only).",
@@ -235,12 +248,14 @@ def render_coldseq(rows, meta, targets):
         " ratio is limit time / esgz-nbd time.",
         "",
     ]
+
     gunzip = [r["seconds"] for r in rows if r["kind"].startswith("gunzip")]
     gz_best = min(gunzip) if gunzip else float("nan")
     blob = rows[0]["blob_bytes"]
     out += ["| link | esgz-nbd nbdcopy | bytes / requests fetched | curl of the blob | gunzip, 2 cores | "
             "limit (slower of the two) | esgz-nbd / limit |",
             "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+
     rates = []
     for r in rows:
         if r["kind"] != "esgz-nbd" or r["rate"] in rates:
@@ -259,6 +274,7 @@ def render_coldseq(rows, meta, targets):
             f"({blob / gz_best / 1e6:.0f} MB/s) | {limit:.2f} | **{ratio:.2f}** |")
         targets.append((f"Cold sequential read, {rate} + 20 ms RTT",
                         ">= 0.8x min(link, gunzip)", f"{ratio:.2f}x", ratio_word(ratio, 0.8)))
+
     g_rows = defaultdict(list)
     for r in rows:
         if r["kind"].startswith("gunzip"):
@@ -272,7 +288,7 @@ def render_coldseq(rows, meta, targets):
 
 def render_attach(rows, meta, plots, targets):
     out = ["## Attach cost with many entries and layers", ""]
-    out += machine_lines(meta)
+    out += machine_lines(meta, rows)
     out += [
         f"- Images: `{meta['generator']}`; entries are split evenly over the layers, which share"
         " their directory names, so the layers merge.",
@@ -284,6 +300,7 @@ def render_attach(rows, meta, plots, targets):
         "| entries | layers | blob MiB | serve to first read, ms | VmHWM MiB |",
         "| ---: | ---: | ---: | ---: | ---: |",
     ]
+
     by = defaultdict(list)
     keys = []
     for r in rows:
@@ -296,6 +313,7 @@ def render_attach(rows, meta, plots, targets):
         out.append(f"| {entries:,} | {layers} | {mib(rs[0]['blob_bytes']):.1f} | "
                    f"{spread([r['ready_ms'] for r in rs])} | "
                    f"{spread([r['vm_hwm_kib'] / 1024 for r in rs])} |")
+
     million = [r for r in rows if r["entries"] >= 1000000]
     if million:
         worst = max(med([r["vm_hwm_kib"] for r in by[k]]) for k in keys if k[0] >= 1000000) * 1024 / 1e6

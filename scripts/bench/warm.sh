@@ -45,8 +45,8 @@ done
 cat "$raw" > /dev/null
 
 record() { # SERVER PATTERN SIZE DEPTH REP SECONDS BYTES
-  printf '{"server":"%s","pattern":"%s","request_bytes":%s,"depth":%s,"rep":%s,"seconds":%s,"bytes":%s,"mb_per_s":%s}\n' \
-    "$1" "$2" "$3" "$4" "$5" "$6" "$7" "$(python3 -c "print(round($7 / $6 / 1e6, 1))")" >> "$RESULTS"
+  printf '{"server":"%s","pattern":"%s","request_bytes":%s,"depth":%s,"rep":%s,"seconds":%s,"bytes":%s,"mb_per_s":%s,"loadavg":%s}\n' \
+    "$1" "$2" "$3" "$4" "$5" "$6" "$7" "$(python3 -c "print(round($7 / $6 / 1e6, 1))")" "$(loadavg)" >> "$RESULTS"
   log "$1 $2 $3 B depth $4 rep $5: $6 s"
 }
 
