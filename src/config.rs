@@ -14,7 +14,9 @@ pub const SYSTEM_CONFIG: &str = "/etc/esgz-nbd/config.toml";
 /// Errors of reading the configuration file.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("failed to read the configuration file {path}: {source}; fix the path given with --config")]
+    #[error(
+        "failed to read the configuration file {path}: {source}; fix the path given with --config"
+    )]
     Read {
         path: PathBuf,
         #[source]
@@ -139,7 +141,10 @@ mod tests {
                 metrics_addr: Some("9100".into()),
             }
         );
-        assert_eq!(parse("", Path::new("c.toml")).expect("empty"), FileConfig::default());
+        assert_eq!(
+            parse("", Path::new("c.toml")).expect("empty"),
+            FileConfig::default()
+        );
     }
 
     #[test]

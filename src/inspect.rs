@@ -196,9 +196,13 @@ fn layout_root_manifest(dir: &Path, tag: Option<&str>) -> anyhow::Result<Manifes
             );
             let hex = only.digest.trim_start_matches("sha256:");
             let path = dir.join("blobs/sha256").join(hex);
-            let body =
-                std::fs::read(&path).with_context(|| format!("failed to read {}", path.display()))?;
-            return Ok(parse_manifest(&path.display().to_string(), &body, Some(&only.media_type))?);
+            let body = std::fs::read(&path)
+                .with_context(|| format!("failed to read {}", path.display()))?;
+            return Ok(parse_manifest(
+                &path.display().to_string(),
+                &body,
+                Some(&only.media_type),
+            )?);
         }
     }
     Ok(Manifest::Index(index))
@@ -274,7 +278,13 @@ pub async fn inspect_layer(
     let raw: RawToc = serde_json::from_slice(&toc_json)
         .with_context(|| format!("invalid TOC JSON in layer {}", descriptor.digest))?;
     report.toc_entries = Some(raw.entries.len());
-    report.prefetch = Some(prefetch_report(&raw, &toc_json, footer.toc_offset, descriptor, limits)?);
+    report.prefetch = Some(prefetch_report(
+        &raw,
+        &toc_json,
+        footer.toc_offset,
+        descriptor,
+        limits,
+    )?);
     report.estargz = true;
     Ok(report)
 }
@@ -331,7 +341,10 @@ pub fn render_text(report: &ImageReport) -> String {
         }
         if !layer.estargz {
             let reason = layer.not_estargz_reason.as_deref().unwrap_or("unknown");
-            let _ = writeln!(text, "  eStargz:      no ({reason}); fetched whole when served");
+            let _ = writeln!(
+                text,
+                "  eStargz:      no ({reason}); fetched whole when served"
+            );
             continue;
         }
         let offset = layer.toc_offset.unwrap_or(0);

@@ -18,14 +18,14 @@ use esgz_nbd::cli::{
 use esgz_nbd::config::{self, FileConfig, IoSetting};
 use esgz_nbd::device::BlockDevice;
 use esgz_nbd::disk::ImageDisk;
-use esgz_nbd::inspect::{inspect_image, render_text};
-use esgz_nbd::metrics::{self, MetricsLabels, MetricsSnapshot};
-use esgz_nbd::progress::{self, BarWriter, ProgressDevice};
-use esgz_nbd::registry::hosts::CONTAINERD_HOSTS_DIR;
 use esgz_nbd::estargz::TocLimits;
 use esgz_nbd::export::export_to_file;
 use esgz_nbd::image::{open_image, OpenOptions, StartupFetch};
+use esgz_nbd::inspect::{inspect_image, render_text};
+use esgz_nbd::metrics::{self, MetricsLabels, MetricsSnapshot};
 use esgz_nbd::nbd::{self, ServerOptions};
+use esgz_nbd::progress::{self, BarWriter, ProgressDevice};
+use esgz_nbd::registry::hosts::CONTAINERD_HOSTS_DIR;
 use esgz_nbd::registry::RegistryOptions;
 use esgz_nbd::source::Platform;
 use esgz_nbd::store::IoBackendChoice;

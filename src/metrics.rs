@@ -29,7 +29,9 @@ const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 pub enum MetricsError {
     #[error("invalid --metrics-addr value {value:?}: expected PORT, ADDR:PORT or [IPV6]:PORT")]
     InvalidAddress { value: String },
-    #[error("failed to listen for metrics on {addr}: {source}; pick another port with --metrics-addr")]
+    #[error(
+        "failed to listen for metrics on {addr}: {source}; pick another port with --metrics-addr"
+    )]
     Bind {
         addr: SocketAddr,
         #[source]
@@ -237,10 +239,15 @@ pub async fn serve(
 }
 
 /// Reads one request head and writes one response, then closes.
-async fn answer(mut stream: TcpStream, scrape: &(dyn Fn() -> String + Send + Sync)) -> std::io::Result<()> {
+async fn answer(
+    mut stream: TcpStream,
+    scrape: &(dyn Fn() -> String + Send + Sync),
+) -> std::io::Result<()> {
     let head = tokio::time::timeout(REQUEST_TIMEOUT, read_head(&mut stream))
         .await
-        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "request head timed out"))??;
+        .map_err(|_| {
+            std::io::Error::new(std::io::ErrorKind::TimedOut, "request head timed out")
+        })??;
     let response = respond(&head, scrape);
     stream.write_all(&response).await?;
     stream.shutdown().await
@@ -359,13 +366,24 @@ mod tests {
             (b"GET /metrics?x=1 HTTP/1.1\r\n\r\n", "200 OK", true),
             (b"HEAD /metrics HTTP/1.1\r\n\r\n", "200 OK", false),
             (b"GET / HTTP/1.1\r\n\r\n", "404 Not Found", false),
-            (b"POST /metrics HTTP/1.1\r\n\r\n", "405 Method Not Allowed", false),
+            (
+                b"POST /metrics HTTP/1.1\r\n\r\n",
+                "405 Method Not Allowed",
+                false,
+            ),
         ];
         for (head, status, has_metrics) in cases {
             let response = String::from_utf8(respond(head, &scrape)).expect("UTF-8");
             let request = String::from_utf8_lossy(head);
-            assert!(response.starts_with(&format!("HTTP/1.1 {status}\r\n")), "{request}: {response}");
-            assert_eq!(response.ends_with("\r\n\r\nm 1\n"), has_metrics, "{request}: {response}");
+            assert!(
+                response.starts_with(&format!("HTTP/1.1 {status}\r\n")),
+                "{request}: {response}"
+            );
+            assert_eq!(
+                response.ends_with("\r\n\r\nm 1\n"),
+                has_metrics,
+                "{request}: {response}"
+            );
         }
         let garbage = String::from_utf8(respond(b"\xff\xfe", &scrape)).expect("UTF-8");
         assert!(garbage.starts_with("HTTP/1.1 405"), "{garbage}");

@@ -45,11 +45,25 @@ fn config_file_sets_defaults_and_cli_wins() {
     let output = export(&config, home.path(), &["-v"]);
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(output.status.success(), "{stderr}");
-    assert!(has_cache(&from_file), "the file's cache_dir was not used:\n{stderr}");
+    assert!(
+        has_cache(&from_file),
+        "the file's cache_dir was not used:\n{stderr}"
+    );
 
-    let output = export(&config, home.path(), &["--cache-dir", from_cli.to_str().expect("UTF-8")]);
-    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
-    assert!(has_cache(&from_cli), "--cache-dir did not win over the file");
+    let output = export(
+        &config,
+        home.path(),
+        &["--cache-dir", from_cli.to_str().expect("UTF-8")],
+    );
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(
+        has_cache(&from_cli),
+        "--cache-dir did not win over the file"
+    );
 }
 
 #[test]
@@ -58,7 +72,10 @@ fn config_verify_false_warns() {
     let config = home.path().join("config.toml");
     fs::write(
         &config,
-        format!("verify = false\ncache_dir = \"{}\"\n", home.path().join("c").display()),
+        format!(
+            "verify = false\ncache_dir = \"{}\"\n",
+            home.path().join("c").display()
+        ),
     )
     .expect("writing the config");
     let output = export(&config, home.path(), &[]);
@@ -71,7 +88,11 @@ fn config_verify_false_warns() {
 fn config_errors_name_the_file() {
     let home = tempfile::tempdir().expect("temp dir");
     let cases = [
-        ("typo.toml", Some("cache_directory = \"/x\"\n"), "cache_directory"),
+        (
+            "typo.toml",
+            Some("cache_directory = \"/x\"\n"),
+            "cache_directory",
+        ),
         ("bad.toml", Some("io = \"mmap\"\n"), "mmap"),
         ("absent.toml", None, "failed to read the configuration file"),
     ];
@@ -108,7 +129,11 @@ fn default_config_from_xdg_dir() {
         .env_remove("ESGZ_NBD_CACHE_DIR")
         .output()
         .expect("running export");
-    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
     assert!(has_cache(&cache), "the XDG config file was not read");
 }
 
@@ -134,7 +159,10 @@ fn completions_are_valid_scripts() {
 
 #[test]
 fn man_page_is_roff() {
-    let output = Command::new(esgz_bin()).arg("man").output().expect("running man");
+    let output = Command::new(esgz_bin())
+        .arg("man")
+        .output()
+        .expect("running man");
     assert!(output.status.success());
     let page = String::from_utf8(output.stdout).expect("UTF-8 page");
     assert!(page.contains(".TH esgz-nbd 1"), "{page}");

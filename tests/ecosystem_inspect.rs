@@ -47,7 +47,10 @@ fn inspect_json_matches_sidecars() {
             assert_eq!(layer["toc_digest"], want["toc_digest"], "{what}");
             assert_eq!(layer["toc_digest_actual"], want["toc_digest"], "{what}");
             assert_eq!(layer["toc_verification"], "verified", "{what}");
-            assert_eq!(layer["uncompressed_size"], want["uncompressed_size"], "{what}");
+            assert_eq!(
+                layer["uncompressed_size"], want["uncompressed_size"],
+                "{what}"
+            );
 
             let prioritized = want["build"]["prioritized_files"]
                 .as_array()
@@ -57,7 +60,10 @@ fn inspect_json_matches_sidecars() {
                 assert_eq!(prefetch["kind"], "landmark", "{what}: {prefetch}");
                 let bytes = prefetch["bytes"].as_u64().expect("prefetch bytes");
                 let size = layer["size"].as_u64().expect("size");
-                assert!(bytes > 0 && bytes < size, "{what}: prefetch {bytes} of {size}");
+                assert!(
+                    bytes > 0 && bytes < size,
+                    "{what}: prefetch {bytes} of {size}"
+                );
             } else {
                 assert_eq!(prefetch["kind"], "nothing", "{what}: {prefetch}");
             }
@@ -84,7 +90,10 @@ fn inspect_text_lists_each_layer() {
                 "{fixture}: {toc_digest} not verified in\n{text}"
             );
             let entries = format!("TOC entries:  {}", want["toc_entries"]);
-            assert!(text.contains(&entries), "{fixture}: no {entries:?} in\n{text}");
+            assert!(
+                text.contains(&entries),
+                "{fixture}: no {entries:?} in\n{text}"
+            );
         }
         assert_eq!(
             text.matches("eStargz:      yes").count(),

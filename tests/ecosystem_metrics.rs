@@ -31,8 +31,12 @@ fn http_get(port: u16, path: &str) -> (String, String) {
     };
     write!(stream, "GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n").expect("sending the request");
     let mut response = String::new();
-    stream.read_to_string(&mut response).expect("reading the response");
-    let (head, body) = response.split_once("\r\n\r\n").expect("a complete response");
+    stream
+        .read_to_string(&mut response)
+        .expect("reading the response");
+    let (head, body) = response
+        .split_once("\r\n\r\n")
+        .expect("a complete response");
     let status = head.lines().next().unwrap_or("").to_string();
     (status, body.to_string())
 }
@@ -53,13 +57,21 @@ fn metrics_move_during_a_read() {
     let image = format!("oci:{}:latest", fixture_dir("basic").join("oci").display());
     let server = Server::start(
         &image,
-        &["--metrics-addr", &port.to_string(), "--export-name", "basic"],
+        &[
+            "--metrics-addr",
+            &port.to_string(),
+            "--export-name",
+            "basic",
+        ],
     );
     let labels = "export=\"basic\"";
 
     let (status, before) = http_get(port, "/metrics");
     assert_eq!(status, "HTTP/1.1 200 OK", "{before}");
-    assert!(before.contains("# TYPE esgz_nbd_fetch_duration_seconds histogram"), "{before}");
+    assert!(
+        before.contains("# TYPE esgz_nbd_fetch_duration_seconds histogram"),
+        "{before}"
+    );
     assert_eq!(sample(&before, "esgz_nbd_bytes_served_total", labels), 0);
     assert_eq!(sample(&before, "esgz_nbd_bytes_fetched_total", labels), 0);
     assert!(sample(&before, "esgz_nbd_device_size_bytes", labels) > 0);
@@ -67,7 +79,10 @@ fn metrics_move_during_a_read() {
     let copy = tempfile::tempdir().expect("temp dir");
     let target = copy.path().join("disk.img");
     run(Command::new("nbdcopy")
-        .arg(format!("nbd+unix:///basic?socket={}", server.socket().display()))
+        .arg(format!(
+            "nbd+unix:///basic?socket={}",
+            server.socket().display()
+        ))
         .arg(&target));
 
     let (status, after) = http_get(port, "/metrics");
@@ -76,11 +91,20 @@ fn metrics_move_during_a_read() {
     let served = sample(&after, "esgz_nbd_bytes_served_total", labels);
     // Served bytes count file data read from the cache; metadata and holes
     // are not counted.
-    assert!(served > 0 && served <= size, "served {served} of a {size}-byte device\n{after}");
-    assert!(sample(&after, "esgz_nbd_bytes_fetched_total", labels) > 0, "{after}");
+    assert!(
+        served > 0 && served <= size,
+        "served {served} of a {size}-byte device\n{after}"
+    );
+    assert!(
+        sample(&after, "esgz_nbd_bytes_fetched_total", labels) > 0,
+        "{after}"
+    );
     let requests = sample(&after, "esgz_nbd_range_requests_total", labels);
     assert!(requests > 0, "{after}");
-    assert!(sample(&after, "esgz_nbd_cache_misses_total", labels) > 0, "{after}");
+    assert!(
+        sample(&after, "esgz_nbd_cache_misses_total", labels) > 0,
+        "{after}"
+    );
     assert_eq!(
         sample(&after, "esgz_nbd_fetch_duration_seconds_count", labels),
         requests,
@@ -106,5 +130,8 @@ fn metrics_reject_bad_address() {
         .expect("running serve");
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(stderr.contains("invalid --metrics-addr value \"localhost:x\""), "{stderr}");
+    assert!(
+        stderr.contains("invalid --metrics-addr value \"localhost:x\""),
+        "{stderr}"
+    );
 }

@@ -243,11 +243,37 @@ fn credential_helpers_supply_basic_auth() {
     write_helper(&bin, "wrong", "helper-user", "not-the-secret");
 
     let cases = [
-        ("credHelpers", format!(r#"{{"credHelpers": {{"{}": "esgztest"}}}}"#, registry.addr()), true),
-        ("credsStore", r#"{"credsStore": "esgztest"}"#.to_string(), true),
-        ("helper beats credsStore", format!(r#"{{"credsStore": "wrong", "credHelpers": {{"{}": "esgztest"}}}}"#, registry.addr()), true),
-        ("wrong secret", r#"{"credsStore": "wrong"}"#.to_string(), false),
-        ("missing helper", r#"{"credsStore": "absent"}"#.to_string(), false),
+        (
+            "credHelpers",
+            format!(
+                r#"{{"credHelpers": {{"{}": "esgztest"}}}}"#,
+                registry.addr()
+            ),
+            true,
+        ),
+        (
+            "credsStore",
+            r#"{"credsStore": "esgztest"}"#.to_string(),
+            true,
+        ),
+        (
+            "helper beats credsStore",
+            format!(
+                r#"{{"credsStore": "wrong", "credHelpers": {{"{}": "esgztest"}}}}"#,
+                registry.addr()
+            ),
+            true,
+        ),
+        (
+            "wrong secret",
+            r#"{"credsStore": "wrong"}"#.to_string(),
+            false,
+        ),
+        (
+            "missing helper",
+            r#"{"credsStore": "absent"}"#.to_string(),
+            false,
+        ),
     ];
     for (case, config, succeeds) in cases {
         let config_path = dir.path().join("config.json");
@@ -264,10 +290,16 @@ fn credential_helpers_supply_basic_auth() {
         );
         let log = stderr(&output);
         assert_eq!(output.status.success(), succeeds, "{case}:\n{log}");
-        assert!(!log.contains("helper-secret"), "{case}: the secret leaked:\n{log}");
+        assert!(
+            !log.contains("helper-secret"),
+            "{case}: the secret leaked:\n{log}"
+        );
         if succeeds {
             let report: Value = serde_json::from_slice(&output.stdout).expect("JSON report");
-            assert_eq!(report["layers"][0]["toc_verification"], "verified", "{case}");
+            assert_eq!(
+                report["layers"][0]["toc_verification"], "verified",
+                "{case}"
+            );
         }
     }
     let calls = fs::read_to_string(bin.join("esgztest.calls")).expect("the helper ran");
@@ -276,7 +308,11 @@ fn credential_helpers_supply_basic_auth() {
         "the helper got another server name: {calls}"
     );
     let wrong = fs::read_to_string(bin.join("wrong.calls")).unwrap_or_default();
-    assert_eq!(wrong.lines().count(), 1, "credHelpers did not win over credsStore");
+    assert_eq!(
+        wrong.lines().count(),
+        1,
+        "credHelpers did not win over credsStore"
+    );
 }
 
 /// Builds a layout whose `latest` is an image index of basic (linux/amd64)
@@ -348,13 +384,19 @@ fn inspect_lists_index_platforms() {
     let registry = Registry::start(None);
     // Without --all skopeo would copy the host's platform only.
     let reference = format!("{}/esgz/multi:latest", registry.addr());
-    support::run(Command::new("skopeo").args(["copy", "--quiet", "--all", "--dest-tls-verify=false"])
-        .arg(format!("oci:{}:latest", layout.path().display()))
-        .arg(format!("docker://{reference}")));
+    support::run(
+        Command::new("skopeo")
+            .args(["copy", "--quiet", "--all", "--dest-tls-verify=false"])
+            .arg(format!("oci:{}:latest", layout.path().display()))
+            .arg(format!("docker://{reference}")),
+    );
     let layout_image = format!("oci:{}:latest", layout.path().display());
 
     for image in [reference.as_str(), layout_image.as_str()] {
-        let output = esgz(&["inspect", image, "--platform", "linux/arm64", "--json"], &[]);
+        let output = esgz(
+            &["inspect", image, "--platform", "linux/arm64", "--json"],
+            &[],
+        );
         assert!(output.status.success(), "{image}: {}", stderr(&output));
         let report: Value = serde_json::from_slice(&output.stdout).expect("JSON report");
         let platforms = report["platforms"].as_array().expect("platforms");

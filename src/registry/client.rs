@@ -158,7 +158,11 @@ impl Client {
             namespace: endpoint.is_mirror.then(|| reference.registry.clone()),
             credentials,
             plain_http,
-            retries: if endpoint.is_mirror { 0 } else { options.retries },
+            retries: if endpoint.is_mirror {
+                0
+            } else {
+                options.retries
+            },
             request_timeout: options.request_timeout,
             auth: Mutex::new(AuthState::default()),
             token_fetch: tokio::sync::Mutex::new(()),
@@ -760,7 +764,10 @@ impl Client {
 
 /// The upstream server of `reference` when no `hosts.toml` names one:
 /// `https://HOST`, or `http://HOST` for loopback hosts and with `plain_http`.
-pub(crate) fn default_server(reference: &Reference, options: &RegistryOptions) -> anyhow::Result<Url> {
+pub(crate) fn default_server(
+    reference: &Reference,
+    options: &RegistryOptions,
+) -> anyhow::Result<Url> {
     let host = reference.api_host();
     let plain_http = options.plain_http || is_loopback_host(host);
     let scheme = if plain_http { "http" } else { "https" };

@@ -240,9 +240,16 @@ pub fn parse_hosts(
 
     let server = match table.remove("server") {
         None => default_server.clone(),
-        Some(toml::Value::String(text)) => parse_host_url(&text)
-            .map_err(|reason| invalid("server", &text, &reason))?,
-        Some(other) => return Err(invalid("server", &other.to_string(), "expected a URL string")),
+        Some(toml::Value::String(text)) => {
+            parse_host_url(&text).map_err(|reason| invalid("server", &text, &reason))?
+        }
+        Some(other) => {
+            return Err(invalid(
+                "server",
+                &other.to_string(),
+                "expected a URL string",
+            ))
+        }
     };
     let mirrors = match table.remove("host") {
         None => toml::Table::new(),
@@ -293,7 +300,10 @@ fn parse_host_url(text: &str) -> Result<Url, String> {
     };
     let url = Url::parse(&with_scheme).map_err(|error| error.to_string())?;
     if !matches!(url.scheme(), "http" | "https") {
-        return Err(format!("the scheme {:?} is not http or https", url.scheme()));
+        return Err(format!(
+            "the scheme {:?} is not http or https",
+            url.scheme()
+        ));
     }
     if url.host_str().is_none() {
         return Err("the URL has no host".to_string());
@@ -393,9 +403,8 @@ fn build_endpoint(
         reqwest::header::HeaderName::from_bytes(name.as_bytes())
             .map_err(|_| invalid("header name", &name, "not a valid HTTP header name"))?;
         for value in values.into_vec() {
-            reqwest::header::HeaderValue::from_str(&value).map_err(|_| {
-                invalid("header value", &value, "not a valid HTTP header value")
-            })?;
+            reqwest::header::HeaderValue::from_str(&value)
+                .map_err(|_| invalid("header value", &value, "not a valid HTTP header value"))?;
             headers.push((name.clone(), value));
         }
     }
@@ -623,7 +632,11 @@ mod tests {
     }
 
     fn parse(text: &str) -> Result<Vec<HostEndpoint>, HostsError> {
-        parse_hosts(text, Path::new("/etc/hosts.d/r.example/hosts.toml"), &upstream())
+        parse_hosts(
+            text,
+            Path::new("/etc/hosts.d/r.example/hosts.toml"),
+            &upstream(),
+        )
     }
 
     #[test]
@@ -632,7 +645,11 @@ mod tests {
             ("https://m.example", false, "https://m.example/v2/"),
             ("https://m.example/", false, "https://m.example/v2/"),
             ("https://m.example/v2", false, "https://m.example/v2/"),
-            ("https://m.example/proxy", false, "https://m.example/proxy/v2/"),
+            (
+                "https://m.example/proxy",
+                false,
+                "https://m.example/proxy/v2/",
+            ),
             ("https://m.example/proxy/", true, "https://m.example/proxy/"),
             ("http://127.0.0.1:5001", false, "http://127.0.0.1:5001/v2/"),
         ];
@@ -735,7 +752,10 @@ mod tests {
     fn default_server_when_absent() {
         let endpoints = parse("[host.\"https://m.example\"]\n").expect("valid file");
         assert_eq!(endpoints.len(), 2);
-        assert_eq!(endpoints[1].api_root.as_str(), "https://registry.example/v2/");
+        assert_eq!(
+            endpoints[1].api_root.as_str(),
+            "https://registry.example/v2/"
+        );
     }
 
     #[test]
@@ -746,9 +766,18 @@ mod tests {
             ("host = 1", "host"),
             ("[host.\"https://m\"]\ncapabilities = [\"fly\"]", "fly"),
             ("[host.\"https://m\"]\nskip_verify = \"yes\"", "skip_verify"),
-            ("[host.\"https://m\"]\nclient = [[\"a\", \"b\", \"c\"]]", "client"),
-            ("[host.\"https://m\".header]\n\"bad name\" = \"v\"", "header name"),
-            ("[host.\"https://m\".header]\nx = \"line\\nbreak\"", "header value"),
+            (
+                "[host.\"https://m\"]\nclient = [[\"a\", \"b\", \"c\"]]",
+                "client",
+            ),
+            (
+                "[host.\"https://m\".header]\n\"bad name\" = \"v\"",
+                "header name",
+            ),
+            (
+                "[host.\"https://m\".header]\nx = \"line\\nbreak\"",
+                "header value",
+            ),
             ("[host.\"https://m?q=1\"]", "query"),
             ("not toml [", "invalid registry hosts file"),
         ];
