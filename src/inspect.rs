@@ -19,7 +19,7 @@ use crate::source::{BlobSource, LayerDescriptor, Platform};
 /// Annotation with the size of the decompressed layer.
 pub const UNCOMPRESSED_SIZE_ANNOTATION: &str = "io.containers.estargz.uncompressed-size";
 
-/// What an inspection reports about an image.
+/// Inspection report of an image.
 #[derive(Clone, Debug, Serialize)]
 pub struct ImageReport {
     pub image: String,
@@ -64,7 +64,7 @@ pub enum PrefetchReport {
     Unknown,
 }
 
-/// What an inspection reports about one layer.
+/// Inspection report of one layer.
 #[derive(Clone, Debug, Serialize)]
 pub struct LayerReport {
     pub digest: String,
@@ -75,7 +75,7 @@ pub struct LayerReport {
     pub uncompressed_size: Option<u64>,
     /// Whether the blob has a valid eStargz footer and TOC.
     pub estargz: bool,
-    /// Why the layer is not read lazily, when it is not.
+    /// Reason the layer is not read lazily, when it is not.
     pub not_estargz_reason: Option<String>,
     /// The `containerd.io/snapshot/stargz/toc.digest` annotation.
     pub toc_digest: Option<String>,
