@@ -23,6 +23,12 @@ pub struct Cli {
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
 
+    /// Configuration file (TOML) with defaults for options; the command line
+    /// overrides it [default: $XDG_CONFIG_HOME/esgz-nbd/config.toml, else
+    /// /etc/esgz-nbd/config.toml].
+    #[arg(long, global = true, env = "ESGZ_NBD_CONFIG", value_name = "PATH")]
+    pub config: Option<PathBuf>,
+
     #[command(subcommand)]
     pub command: Command,
 }
@@ -51,6 +57,14 @@ pub enum Command {
     /// (used by the kernel tests).
     #[command(hide = true)]
     TreeManifest(TreeManifestArgs),
+    /// Show an image's platforms and, per layer, whether it is eStargz, its
+    /// TOC digest check, TOC entry count and prefetch size. Reads only
+    /// manifests, footers and TOCs.
+    Inspect(InspectArgs),
+    /// Print a shell completion script to standard output.
+    Completions(CompletionsArgs),
+    /// Print the manual page (roff) to standard output.
+    Man,
 }
 
 #[derive(Args, Debug)]
@@ -161,6 +175,44 @@ pub struct TreeManifestArgs {
 }
 
 #[derive(Args, Debug)]
+pub struct InspectArgs {
+    /// Image: a registry reference or an OCI image layout (`oci:DIR[:TAG]`).
+    pub image: String,
+
+    /// Platform whose manifest is inspected, OS/ARCH[/VARIANT] [default: the host's].
+    #[arg(long, value_name = "OS/ARCH")]
+    pub platform: Option<String>,
+
+    /// Print the report as JSON.
+    #[arg(long)]
+    pub json: bool,
+
+    /// Use plain HTTP for the registry (always used for loopback hosts).
+    #[arg(long)]
+    pub plain_http: bool,
+
+    /// Do not verify the registry's TLS certificate.
+    #[arg(long)]
+    pub insecure_skip_tls_verify: bool,
+
+    /// Docker-style credentials file.
+    #[arg(long, value_name = "PATH")]
+    pub auth_file: Option<PathBuf>,
+
+    /// Directory of containerd-style HOST[:PORT]/hosts.toml files naming
+    /// registry mirrors [default: /etc/containerd/certs.d].
+    #[arg(long, value_name = "DIR")]
+    pub hosts_dir: Option<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+pub struct CompletionsArgs {
+    /// Shell to generate completions for.
+    #[arg(value_enum)]
+    pub shell: clap_complete::Shell,
+}
+
+#[derive(Args, Debug)]
 pub struct ServeArgs {
     #[command(flatten)]
     pub image: ImageArgs,
@@ -182,6 +234,11 @@ pub struct ServeArgs {
     /// Write fetch and cache counters as JSON to this file every second and at exit.
     #[arg(long, value_name = "PATH")]
     pub stats_file: Option<PathBuf>,
+
+    /// Serve Prometheus metrics at http://ADDR:PORT/metrics. A bare PORT
+    /// binds 127.0.0.1; any other address must be written out.
+    #[arg(long, value_name = "[ADDR:]PORT")]
+    pub metrics_addr: Option<String>,
 }
 
 #[derive(Args, Debug)]
@@ -231,6 +288,11 @@ pub struct ImageArgs {
     /// How the cache file is read and written.
     #[arg(long, value_enum, default_value_t = IoChoice::Auto)]
     pub io: IoChoice,
+
+    /// Directory of containerd-style HOST[:PORT]/hosts.toml files naming
+    /// registry mirrors [default: /etc/containerd/certs.d].
+    #[arg(long, value_name = "DIR")]
+    pub hosts_dir: Option<PathBuf>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]

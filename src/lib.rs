@@ -3,15 +3,19 @@
 
 pub mod attach;
 pub mod cli;
+pub mod config;
 pub mod device;
 pub mod disk;
 pub mod estargz;
 pub mod export;
 pub mod ext4;
 pub mod image;
+pub mod inspect;
 pub mod layer;
+pub mod metrics;
 pub mod nbd;
 pub mod oci_layout;
+pub mod progress;
 pub mod reference;
 pub mod registry;
 pub mod source;
