@@ -17,3 +17,6 @@ pub mod cli;
 pub mod disk;
 pub mod export;
 pub mod image;
+pub mod writer;
+pub mod convert;
+pub mod oci_dir;

@@ -11,7 +11,11 @@ use clap::Parser;
 use tracing::{info, warn};
 use tracing_subscriber::EnvFilter;
 
-use esgz_nbd::cli::{Cli, Command, ExportArgs, ImageArgs, IoChoice, LogFormat, ServeArgs};
+use esgz_nbd::cli::{
+    BuildArgs, Cli, Command, ConvertArgs, ExportArgs, ImageArgs, IoChoice, LayerWriterArgs,
+    LogFormat, RegistryArgs, ServeArgs,
+};
+use esgz_nbd::convert::{self, BuildOptions, ConvertOptions};
 use esgz_nbd::disk::ImageDisk;
 use esgz_nbd::estargz::TocLimits;
 use esgz_nbd::export::export_to_file;
@@ -20,11 +24,15 @@ use esgz_nbd::nbd::{self, ServerOptions};
 use esgz_nbd::registry::RegistryOptions;
 use esgz_nbd::source::Platform;
 use esgz_nbd::store::IoBackendChoice;
+use esgz_nbd::writer::WriterOptions;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(&cli);
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(runtime) => runtime,
         Err(error) => {
             eprintln!("error: failed to start the async runtime: {error}");
@@ -35,6 +43,8 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Serve(args) => serve(args).await,
             Command::Export(args) => export(args).await,
+            Command::Convert(args) => convert_command(args, !cli.quiet).await,
+            Command::Build(args) => build_command(args, !cli.quiet).await,
         }
     });
     match result {
@@ -198,7 +208,11 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
                 }
             };
             info!(socket = %socket.display(), export = %args.export_name, "serving NBD on a unix socket");
-            println!("nbd+unix:///{}?socket={}", args.export_name, socket.display());
+            println!(
+                "nbd+unix:///{}?socket={}",
+                args.export_name,
+                socket.display()
+            );
             nbd::serve_unix(&socket, disk.clone(), server_options, shutdown_rx).await
         }
     };
@@ -250,7 +264,10 @@ async fn export(args: ExportArgs) -> anyhow::Result<()> {
     let image = open_image(&args.image.image, &options).await?;
     let disk = Arc::new(ImageDisk::new(&image));
     if args.output.exists() && args.output.is_dir() {
-        bail!("output {} is a directory; give a file path", args.output.display());
+        bail!(
+            "output {} is a directory; give a file path",
+            args.output.display()
+        );
     }
     let size = export_to_file(disk.clone(), &args.output).await?;
     let stats = disk.store().stats();
@@ -260,5 +277,59 @@ async fn export(args: ExportArgs) -> anyhow::Result<()> {
         ?stats,
         "export finished"
     );
+    Ok(())
+}
+
+fn writer_options(args: &LayerWriterArgs) -> anyhow::Result<WriterOptions> {
+    let prioritized = match &args.prioritize {
+        Some(path) => convert::read_prioritize_file(path)?,
+        None => Vec::new(),
+    };
+    let options = WriterOptions {
+        chunk_size: args.chunk_size,
+        compression_level: args.compression_level,
+        min_chunk_size: args.min_chunk_size,
+        prioritized,
+        threads: args.threads,
+    };
+    options.validate()?;
+    Ok(options)
+}
+
+fn registry_options(args: &RegistryArgs) -> RegistryOptions {
+    RegistryOptions {
+        plain_http: args.plain_http,
+        insecure_skip_tls_verify: args.insecure_skip_tls_verify,
+        auth_file: args.auth_file.clone(),
+        ..RegistryOptions::default()
+    }
+}
+
+async fn convert_command(args: ConvertArgs, progress: bool) -> anyhow::Result<()> {
+    let platform = match &args.platform {
+        Some(text) => Platform::parse(text)?,
+        None => Platform::host(),
+    };
+    let options = ConvertOptions {
+        writer: writer_options(&args.layer)?,
+        platform,
+        all_platforms: args.all_platforms,
+        force: args.force,
+        registry: registry_options(&args.registry),
+        progress,
+    };
+    let digest = convert::convert(&args.source, &args.destination, &options).await?;
+    println!("{digest}");
+    Ok(())
+}
+
+async fn build_command(args: BuildArgs, progress: bool) -> anyhow::Result<()> {
+    let options = BuildOptions {
+        writer: writer_options(&args.layer)?,
+        registry: registry_options(&args.registry),
+        progress,
+    };
+    let digest = convert::build(&args.input, &args.destination, &options).await?;
+    println!("{digest}");
     Ok(())
 }
