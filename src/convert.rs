@@ -226,9 +226,17 @@ impl Store {
         })
     }
 
-    async fn put_blob_file(&self, digest: &str, size: u64, path: &Path) -> anyhow::Result<()> {
+    /// Stores a blob file; `move_file` allows taking the file (a temporary
+    /// output) instead of copying it.
+    async fn put_blob_file(
+        &self,
+        digest: &str,
+        size: u64,
+        path: &Path,
+        move_file: bool,
+    ) -> anyhow::Result<()> {
         match self {
-            Store::Oci { layout, .. } => layout.put_blob_file(digest, path)?,
+            Store::Oci { layout, .. } => layout.put_blob_file(digest, path, move_file)?,
             Store::Registry { repository, .. } => {
                 repository.push_blob_file(digest, size, path).await?;
             }
@@ -550,7 +558,7 @@ impl Converter<'_> {
                     .await?;
                 check_footer(&path, &layer.digest)?;
                 self.destination
-                    .put_blob_file(&layer.digest, layer.size, &path)
+                    .put_blob_file(&layer.digest, layer.size, &path, false)
                     .await?;
             }
             info!(layer = %label, "layer is already eStargz, copied unchanged (pass --force to rewrite it)");
@@ -598,7 +606,7 @@ impl Converter<'_> {
         }
 
         self.destination
-            .put_blob_file(&summary.blob_digest, summary.blob_size, &output)
+            .put_blob_file(&summary.blob_digest, summary.blob_size, &output, true)
             .await?;
         let converted = ConvertedLayer {
             digest: summary.blob_digest.clone(),
@@ -779,7 +787,7 @@ pub async fn build(
         );
     }
     store
-        .put_blob_file(&summary.blob_digest, summary.blob_size, &blob)
+        .put_blob_file(&summary.blob_digest, summary.blob_size, &blob, true)
         .await?;
 
     let created = created_time();

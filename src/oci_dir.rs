@@ -113,15 +113,26 @@ impl OciDir {
         fs::read(&path).map_err(|source| io_error(&path, "reading the blob", source))
     }
 
-    /// Stores the file at `source` as blob `digest`, moving it when it is on
-    /// the same filesystem and copying it otherwise.
-    pub fn put_blob_file(&self, digest: &str, source: &Path) -> Result<(), OciDirError> {
+    /// Stores the file at `source` as blob `digest`. With `move_file` the
+    /// file is renamed into place when it is on the same filesystem;
+    /// otherwise it is hard-linked or copied and `source` stays.
+    pub fn put_blob_file(
+        &self,
+        digest: &str,
+        source: &Path,
+        move_file: bool,
+    ) -> Result<(), OciDirError> {
         let path = self.blob_path(digest)?;
         if path.is_file() {
             return Ok(());
         }
         let staging = path.with_extension("partial");
-        if fs::rename(source, &staging).is_err() {
+        let placed = if move_file {
+            fs::rename(source, &staging).is_ok()
+        } else {
+            fs::hard_link(source, &staging).is_ok()
+        };
+        if !placed {
             fs::copy(source, &staging)
                 .map_err(|error| io_error(&staging, "copying the blob", error))?;
         }
