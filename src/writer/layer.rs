@@ -327,3 +327,235 @@ impl<W: Write> Emitter<'_, W> {
 fn digest_string(hash: &[u8]) -> String {
     format!("sha256:{}", hex::encode(hash))
 }
+
+#[cfg(test)]
+mod tests {
+    use std::io::Read as _;
+
+    use super::*;
+    use crate::estargz::{build_index, extract_toc_json, parse_footer, TocLimits, FOOTER_SIZE};
+    use crate::layer::ChunkSource;
+
+    fn file(name: &str, content: &[u8]) -> (SourceEntry, Vec<u8>) {
+        let mut meta = EntryMeta::regular(name, content.len() as u64);
+        meta.mtime = 1_700_000_000;
+        meta.mtime_nsec = 250_000_000;
+        let entry = SourceEntry {
+            meta,
+            content: Content::None,
+        };
+        (entry, content.to_vec())
+    }
+
+    /// Writes the files through a spooled tar and returns the blob.
+    fn write(files: &[(SourceEntry, Vec<u8>)], options: &WriterOptions) -> (Vec<u8>, LayerSummary) {
+        let dir = tempfile::tempdir().unwrap();
+        let tar_path = dir.path().join("in.tar");
+        let mut tar = Vec::new();
+        let mut entries = Vec::new();
+        for (entry, content) in files {
+            tar.extend_from_slice(&encode_header(&entry.meta).unwrap());
+            let mut entry = entry.clone();
+            if !content.is_empty() {
+                entry.content = Content::TarRange {
+                    offset: tar.len() as u64,
+                    len: content.len() as u64,
+                };
+            }
+            tar.extend_from_slice(content);
+            tar.resize(tar.len() + padding(content.len() as u64) as usize, 0);
+            entries.push(entry);
+        }
+        std::fs::write(&tar_path, &tar).unwrap();
+        let mut blob = Vec::new();
+        let summary = write_layer(entries, Some(&tar_path), &mut blob, options, &|_| {}).unwrap();
+        (blob, summary)
+    }
+
+    /// Decompresses the member at `offset` and returns `len` bytes after `inner`.
+    fn member_bytes(blob: &[u8], offset: u64, inner: u64, len: u64) -> Vec<u8> {
+        let mut decoder = flate2::read::GzDecoder::new(&blob[offset as usize..]);
+        let mut output = vec![0u8; (inner + len) as usize];
+        decoder.read_exact(&mut output).unwrap();
+        output.split_off(inner as usize)
+    }
+
+    #[test]
+    fn chunks_and_packing_read_back() {
+        let big: Vec<u8> = (0..10_000u32).flat_map(|i| i.to_le_bytes()).collect();
+        let files = vec![
+            file("big.bin", &big),
+            file("a.txt", b"alpha"),
+            file("b.txt", b"bravo!"),
+            file("empty", b""),
+            file("c.txt", b"charlie"),
+        ];
+        struct Case {
+            name: &'static str,
+            min_chunk_size: u64,
+            packed: bool,
+        }
+        let cases = [
+            Case {
+                name: "one_member_per_file",
+                min_chunk_size: 0,
+                packed: false,
+            },
+            Case {
+                name: "small_files_packed",
+                min_chunk_size: 4096,
+                packed: true,
+            },
+        ];
+        for case in cases {
+            let options = WriterOptions {
+                chunk_size: 16_384,
+                compression_level: 6,
+                min_chunk_size: case.min_chunk_size,
+                threads: 2,
+                ..WriterOptions::default()
+            };
+            let (blob, summary) = write(&files, &options);
+            assert_eq!(blob.len() as u64, summary.blob_size, "case {}", case.name);
+
+            let tail = &blob[blob.len() - FOOTER_SIZE as usize..];
+            let footer = parse_footer(tail, blob.len() as u64).unwrap();
+            assert_eq!(footer.toc_offset, summary.toc_offset, "case {}", case.name);
+            let toc_json = extract_toc_json(
+                &blob[footer.toc_offset as usize..blob.len() - FOOTER_SIZE as usize],
+                1 << 20,
+            )
+            .unwrap();
+            assert_eq!(
+                format!("sha256:{}", hex::encode(Sha256::digest(&toc_json))),
+                summary.toc_digest,
+                "case {}",
+                case.name
+            );
+
+            let index = build_index(
+                1,
+                &summary.blob_digest,
+                &toc_json,
+                footer.toc_offset,
+                &TocLimits::default(),
+            )
+            .unwrap();
+            let names: Vec<String> = index
+                .entries
+                .iter()
+                .map(|entry| String::from_utf8_lossy(&entry.path.join(&b'/')).into_owned())
+                .collect();
+            assert_eq!(
+                names,
+                ["big.bin", "a.txt", "b.txt", "empty", "c.txt"],
+                "case {}",
+                case.name
+            );
+            assert_eq!(
+                index.entries[0].meta.mtime_nsec, 250_000_000,
+                "case {}",
+                case.name
+            );
+
+            // Every chunk decompresses to the input bytes at its data offset.
+            let data: Vec<u8> = [&big[..], b"alpha", b"bravo!", b"charlie"].concat();
+            assert_eq!(index.data_size, data.len() as u64, "case {}", case.name);
+            let mut inner_offsets = Vec::new();
+            for chunk in &index.chunks {
+                let ChunkSource::Member {
+                    compressed_offset,
+                    inner_offset,
+                    ..
+                } = chunk.source
+                else {
+                    panic!("case {}: chunk without a member", case.name);
+                };
+                inner_offsets.push(inner_offset);
+                let expected =
+                    &data[chunk.data_offset as usize..(chunk.data_offset + chunk.size) as usize];
+                assert_eq!(
+                    member_bytes(&blob, compressed_offset, inner_offset, chunk.size),
+                    expected,
+                    "case {}: chunk at {}",
+                    case.name,
+                    chunk.data_offset
+                );
+            }
+            assert_eq!(index.chunks.len(), 3 + 3, "case {}", case.name);
+            let packed = inner_offsets.iter().any(|&inner| inner > 0);
+            assert_eq!(
+                packed, case.packed,
+                "case {}: inner offsets {inner_offsets:?}",
+                case.name
+            );
+
+            // The whole blob is one tar.gz whose digest is the diff ID.
+            let mut tar = Vec::new();
+            flate2::read::MultiGzDecoder::new(&blob[..])
+                .read_to_end(&mut tar)
+                .unwrap();
+            assert_eq!(
+                tar.len() as u64,
+                summary.uncompressed_size,
+                "case {}",
+                case.name
+            );
+            assert_eq!(
+                format!("sha256:{}", hex::encode(Sha256::digest(&tar))),
+                summary.diff_id,
+                "case {}",
+                case.name
+            );
+        }
+    }
+
+    #[test]
+    fn file_shorter_than_header_is_rejected() {
+        let (mut entry, _) = file("short", b"abc");
+        entry.meta.size = 10;
+        let dir = tempfile::tempdir().unwrap();
+        let tar_path = dir.path().join("in.tar");
+        std::fs::write(&tar_path, b"abc").unwrap();
+        entry.content = Content::TarRange { offset: 0, len: 10 };
+        let error = write_layer(
+            vec![entry],
+            Some(&tar_path),
+            Vec::new(),
+            &WriterOptions::default(),
+            &|_| {},
+        )
+        .unwrap_err();
+        assert!(
+            matches!(
+                error,
+                WriterError::ContentChanged {
+                    read: 3,
+                    expected: 10,
+                    ..
+                }
+            ),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn invalid_options_are_rejected() {
+        for options in [
+            WriterOptions {
+                chunk_size: 0,
+                ..WriterOptions::default()
+            },
+            WriterOptions {
+                compression_level: 10,
+                ..WriterOptions::default()
+            },
+        ] {
+            let error = write_layer(Vec::new(), None, Vec::new(), &options, &|_| {}).unwrap_err();
+            assert!(
+                matches!(error, WriterError::InvalidOption { .. }),
+                "{error}"
+            );
+        }
+    }
+}

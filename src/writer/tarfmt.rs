@@ -195,52 +195,30 @@ fn finish_ustar(header: &mut [u8; BLOCK_SIZE as usize]) {
 
 #[cfg(test)]
 mod tests {
-    use std::io::Read;
-
     use super::*;
     use crate::writer::entry::EntryType;
 
-    fn read_back(meta: &EntryMeta) -> (Vec<u8>, u64, u64, u64, Vec<(String, Vec<u8>)>) {
+    /// Writes `meta` with zero content as a one-entry tar and reads it back
+    /// with the writer's tar reader.
+    fn round_trip(meta: &EntryMeta) -> (Vec<u8>, EntryMeta) {
         let mut bytes = encode_header(meta).unwrap();
         bytes.extend(std::iter::repeat_n(0u8, meta.size as usize));
         bytes.resize(bytes.len() + padding(meta.size) as usize, 0);
         bytes.extend_from_slice(&END_OF_ARCHIVE);
-        let mut archive = tar::Archive::new(&bytes[..]);
-        let mut entries = archive.entries().unwrap();
-        let mut entry = entries.next().unwrap().unwrap();
-        let pax = entry
-            .pax_extensions()
-            .unwrap()
-            .map(|records| {
-                records
-                    .map(|record| {
-                        let record = record.unwrap();
-                        (
-                            record.key().unwrap().to_string(),
-                            record.value_bytes().to_vec(),
-                        )
-                    })
-                    .collect()
-            })
-            .unwrap_or_default();
-        let name = entry.path_bytes().into_owned();
-        let uid = entry.header().uid().unwrap();
-        let mtime = entry.header().mtime().unwrap();
-        let mut content = Vec::new();
-        entry.read_to_end(&mut content).unwrap();
-        assert_eq!(content.len() as u64, meta.size);
-        (name, uid, mtime, entry.size(), pax)
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("one.tar");
+        std::fs::write(&path, &bytes).unwrap();
+        let mut entries = crate::writer::read_tar_entries(&path).unwrap();
+        assert_eq!(entries.len(), 1);
+        (bytes, entries.remove(0).meta)
     }
 
     #[test]
     fn short_entry_needs_no_pax() {
         let meta = EntryMeta::regular("etc/hostname", 5);
-        let bytes = encode_header(&meta).unwrap();
-        assert_eq!(bytes.len(), 512);
-        let (name, _, _, size, pax) = read_back(&meta);
-        assert_eq!(name, b"etc/hostname");
-        assert_eq!(size, 5);
-        assert!(pax.is_empty());
+        let (bytes, read) = round_trip(&meta);
+        assert_eq!(bytes.len(), 512 + 512 + 1024);
+        assert_eq!(read, meta);
     }
 
     #[test]
@@ -249,21 +227,24 @@ mod tests {
         meta.uid = 3_000_000;
         meta.mtime = 1_700_000_000;
         meta.mtime_nsec = 123_000_000;
+        meta.user_name = "u".repeat(40);
         meta.xattrs.insert(
             "security.capability".to_string(),
             vec![1, 0, 0, 2, 0, b'\n'],
         );
-        let (name, uid, mtime, _, pax) = read_back(&meta);
-        assert_eq!(name, "d/".repeat(80).as_bytes());
-        assert_eq!(uid, 0);
-        assert_eq!(mtime, 0);
-        let keys: Vec<&str> = pax.iter().map(|(key, _)| key.as_str()).collect();
-        assert_eq!(
-            keys,
-            ["path", "uid", "mtime", "SCHILY.xattr.security.capability"]
-        );
-        assert_eq!(pax[2].1, b"1700000000.123");
-        assert_eq!(pax[3].1, [1, 0, 0, 2, 0, b'\n']);
+        meta.xattrs.insert("user.empty".to_string(), Vec::new());
+        let (bytes, read) = round_trip(&meta);
+        assert_eq!(&bytes[156..157], b"x", "a pax header comes first");
+        assert_eq!(read, meta);
+    }
+
+    #[test]
+    fn negative_mtime_round_trips() {
+        let mut meta = EntryMeta::regular("old", 0);
+        meta.mtime = -86_400;
+        meta.mtime_nsec = 5;
+        let (_, read) = round_trip(&meta);
+        assert_eq!((read.mtime, read.mtime_nsec), (-86_400, 5));
     }
 
     #[test]
@@ -285,9 +266,10 @@ mod tests {
         // digits the record is 12 bytes, which still has two digits.
         let body = encode_pax_records(&[("k".to_string(), b"abcdef".to_vec())]);
         assert_eq!(body, b"12 k=abcdef\n");
+        // 98 bytes plus two digits is 100, which needs three digits: 101.
         let body = encode_pax_records(&[("k".to_string(), vec![b'x'; 94])]);
-        assert_eq!(&body[..4], b"100 ");
-        assert_eq!(body.len(), 100);
+        assert_eq!(&body[..4], b"101 ");
+        assert_eq!(body.len(), 101);
     }
 
     #[test]
