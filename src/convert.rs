@@ -59,14 +59,14 @@ pub struct BuildOptions {
     pub progress: bool,
 }
 
-/// Where images are read from or written to.
+/// An image location, read from or written to.
 enum Store {
     Oci {
         layout: OciDir,
         tag: Option<String>,
     },
     Registry {
-        repository: Repository,
+        repository: Box<Repository>,
         reference: Reference,
     },
 }
@@ -87,7 +87,7 @@ impl Store {
                 }
             }
             ImageArg::Registry(reference) => Store::Registry {
-                repository: open_repository(&reference, registry)?,
+                repository: Box::new(open_repository(&reference, registry)?),
                 reference,
             },
         })
@@ -104,7 +104,7 @@ impl Store {
                     bail!("destination {text} pins a digest; name a tag instead, as the converted image gets a new digest");
                 }
                 Store::Registry {
-                    repository: open_repository(&reference, registry)?,
+                    repository: Box::new(open_repository(&reference, registry)?),
                     reference,
                 }
             }
@@ -122,8 +122,8 @@ impl Store {
         }
     }
 
-    /// A folder for temporary files, on the destination's filesystem when it
-    /// is a layout so finished blobs move in without a copy.
+    /// Creates a folder for temporary files. For a layout it is on the
+    /// destination's filesystem, so finished blobs move in without a copy.
     fn temp_dir(&self) -> anyhow::Result<tempfile::TempDir> {
         let dir = match self {
             Store::Oci { layout, .. } => tempfile::Builder::new()
@@ -873,8 +873,8 @@ fn build_blob(
     Ok((summary, final_path))
 }
 
-/// The image creation time: `SOURCE_DATE_EPOCH` when set (reproducible
-/// builds), else now.
+/// Returns the image creation time: `SOURCE_DATE_EPOCH` when set (for
+/// reproducible builds), else the current time.
 fn created_time() -> String {
     let seconds = std::env::var("SOURCE_DATE_EPOCH")
         .ok()

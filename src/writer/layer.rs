@@ -248,8 +248,8 @@ impl<W: Write> Emitter<'_, W> {
         if let Some(index) = first_index {
             self.toc[index].digest = digest_string(&file_hasher.finalize());
         }
-        // A file that does not fill the minimum size is left open for the next
-        // small file; anything else closes its member at the next content.
+        // The member stays open. The next file's content joins it only when
+        // packing applies, and otherwise starts a new member.
         Ok(())
     }
 
