@@ -17,11 +17,11 @@ packages=(
   # A real OCI registry, and image copies into it.
   docker-registry skopeo apache2-utils curl jq
   # NBD peers and clients: servers to compare with, nbdfuse to mount exports.
-  nbdkit libnbd-bin qemu-utils fuse3
+  nbdkit libnbd-bin python3-libnbd qemu-utils fuse3
   # Filesystem oracles: e2fsck, debugfs, mke2fs, fuse2fs, EROFS tools, xattrs.
   e2fsprogs fuse2fs erofs-utils attr
   # Real root filesystems, initramfs parts for VM tests, benchmarks.
-  debootstrap busybox-static cpio hyperfine python3
+  debootstrap busybox-static cpio hyperfine python3 pigz
   # The reference eStargz checker (estargz-ref) builds from these.
   golang-go golang-github-containerd-stargz-snapshotter-dev
 )
@@ -30,17 +30,26 @@ export DEBIAN_FRONTEND=noninteractive
 apt-get update
 apt-get install -y "${packages[@]}"
 
-# qemu-system-x86 boots a Debian kernel with its nbd driver for VM tests.
-# Bookworm ships it as 7.2, which needs qemu-system-common 7.2. On a host
-# that has a newer qemu-utils from bookworm-backports (10.0.2 on the machine
-# this was written on), apt resolves that by removing qemu-utils, whose
-# qemu-nbd and qemu-img the tests need. So install it only when apt removes
-# nothing, and print the packages it would remove otherwise. VM tests then
-# skip or fail with their own message.
-qemu_system=(--no-install-recommends qemu-system-x86)
-removals=$(apt-get install -s "${qemu_system[@]}" 2>/dev/null | sed -n 's/^Remv \([^ ]*\).*/\1/p' | tr '\n' ' ')
-if [ -z "$removals" ]; then
-  apt-get install -y "${qemu_system[@]}"
-else
-  echo "install-deps.sh: left out qemu-system-x86, because installing it would remove: $removals" >&2
+# qemu-system-x86 boots a Debian kernel with its nbd driver for the VM tests.
+# Bookworm ships it as 7.2, which needs qemu-system-common 7.2. A newer
+# qemu-utils from bookworm-backports conflicts with that, and apt resolves the
+# conflict by removing qemu-utils. Installing qemu-utils again afterwards
+# brings bookworm's 7.2, which matches, so qemu-img and qemu-nbd stay.
+apt-get install -y --no-install-recommends qemu-system-x86
+apt-get install -y --no-install-recommends qemu-utils
+
+# Every tool the tests call, so a package that apt dropped or never installed
+# shows up here and not as a confusing test failure.
+commands=(
+  docker-registry skopeo htpasswd curl jq nbdkit nbdfuse nbdinfo qemu-nbd qemu-img
+  fusermount3 e2fsck mke2fs debugfs fuse2fs mkfs.erofs getfattr setfattr
+  debootstrap busybox cpio hyperfine python3 go nbdsh qemu-system-x86_64 pigz
+)
+missing=()
+for command in "${commands[@]}"; do
+  command -v "$command" >/dev/null || missing+=("$command")
+done
+if [ "${#missing[@]}" != 0 ]; then
+  echo "install-deps.sh: these commands are still missing after the install: ${missing[*]}" >&2
+  exit 1
 fi

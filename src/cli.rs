@@ -40,6 +40,17 @@ pub enum Command {
     Serve(ServeArgs),
     /// Write the image's ext4 filesystem to a raw disk image file.
     Export(ExportArgs),
+    /// Attach the image to a kernel NBD device (/dev/nbdN) and serve it in the
+    /// background; prints the device path once it is readable. Needs root.
+    Attach(AttachArgs),
+    /// Disconnect a device attached with `attach` and stop its server.
+    Detach(DetachArgs),
+    /// List the devices attached with `attach`.
+    List(ListArgs),
+    /// Print a manifest of a directory tree, or check one against a manifest
+    /// (used by the kernel tests).
+    #[command(hide = true)]
+    TreeManifest(TreeManifestArgs),
     /// Convert every layer of an image to eStargz and store the result in a
     /// registry or an OCI image layout.
     Convert(ConvertArgs),
@@ -132,6 +143,113 @@ pub struct RegistryArgs {
     /// $DOCKER_CONFIG/config.json or ~/.docker/config.json].
     #[arg(long, value_name = "PATH")]
     pub auth_file: Option<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+pub struct AttachArgs {
+    #[command(flatten)]
+    pub image: ImageArgs,
+
+    /// Device to attach to, /dev/nbdN [default: a free device the kernel picks].
+    #[arg(conflicts_with = "reattach")]
+    pub device: Option<PathBuf>,
+
+    /// Restart the server of DEVICE, whose server died, with new sockets; the
+    /// image must be the same, and reads waiting in the kernel complete.
+    #[arg(long, value_name = "DEVICE")]
+    pub reattach: Option<PathBuf>,
+
+    /// Sockets (connections) between the kernel and the server [default: one per CPU].
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub connections: Option<u32>,
+
+    /// Seconds a request may take before the kernel requeues it; a requeue
+    /// after a timeout also drops that connection.
+    #[arg(long, value_name = "SECONDS", default_value_t = 30)]
+    pub timeout: u64,
+
+    /// Seconds the kernel holds requests while every connection is dead
+    /// (a server restart with --reattach must happen within it).
+    #[arg(long, value_name = "SECONDS", default_value_t = 60)]
+    pub dead_conn_timeout: u64,
+
+    /// Keep the server in the foreground instead of detaching from the terminal.
+    #[arg(long)]
+    pub foreground: bool,
+
+    /// Kernel interface used to configure the device.
+    #[arg(long, value_enum, default_value_t = NbdInterface::Auto)]
+    pub interface: NbdInterface,
+
+    /// Directory of the state files [default: /run/esgz-nbd].
+    #[arg(long, env = "ESGZ_NBD_RUNTIME_DIR", value_name = "DIR", hide = true)]
+    pub runtime_dir: Option<PathBuf>,
+
+    /// Descriptor on which a background server reports readiness (internal).
+    #[arg(long, hide = true, requires = "foreground")]
+    pub ready_fd: Option<i32>,
+
+    /// Log file of a background server, renamed after the device (internal).
+    #[arg(long, hide = true)]
+    pub log_file: Option<PathBuf>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum NbdInterface {
+    /// Generic netlink, or the ioctls when the kernel lacks the nbd netlink family.
+    Auto,
+    /// Generic netlink only.
+    Netlink,
+    /// The older ioctls only (no --reattach).
+    Ioctl,
+}
+
+#[derive(Args, Debug)]
+pub struct DetachArgs {
+    /// Device to detach, /dev/nbdN.
+    pub device: PathBuf,
+
+    /// Disconnect even if the device is mounted or open.
+    #[arg(long)]
+    pub force: bool,
+
+    /// Seconds to wait for the server to exit.
+    #[arg(long, value_name = "SECONDS", default_value_t = 10)]
+    pub wait: u64,
+
+    /// Directory of the state files [default: /run/esgz-nbd].
+    #[arg(long, env = "ESGZ_NBD_RUNTIME_DIR", value_name = "DIR", hide = true)]
+    pub runtime_dir: Option<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+pub struct ListArgs {
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+
+    /// Directory of the state files [default: /run/esgz-nbd].
+    #[arg(long, env = "ESGZ_NBD_RUNTIME_DIR", value_name = "DIR", hide = true)]
+    pub runtime_dir: Option<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+pub struct TreeManifestArgs {
+    /// Directory to list.
+    #[arg(required_unless_present = "from_expected")]
+    pub dir: Option<PathBuf>,
+
+    /// Print the manifest of an expected.json sidecar's merged tree instead.
+    #[arg(long, value_name = "FILE", conflicts_with = "dir")]
+    pub from_expected: Option<PathBuf>,
+
+    /// Compare DIR with this manifest; print the differences and fail on any.
+    #[arg(long, value_name = "FILE", requires = "dir")]
+    pub check: Option<PathBuf>,
+
+    /// Path (inside the tree) left out of the comparison, with its subtree.
+    #[arg(long, value_name = "PATH")]
+    pub ignore: Vec<String>,
 }
 
 #[derive(Args, Debug)]

@@ -56,7 +56,8 @@ impl ImageDisk {
             SegmentKind::Metadata => {
                 let mut out = vec![0u8; len];
                 for (i, block) in out.chunks_exact_mut(BLOCK_SIZE as usize).enumerate() {
-                    self.layout.render_metadata(segment.start_block + i as u64, block);
+                    self.layout
+                        .render_metadata(segment.start_block + i as u64, block);
                 }
                 Ok(Bytes::from(out))
             }
@@ -173,10 +174,14 @@ mod tests {
             (0, 4096, (0, 1)),
             (4095, 2, (0, 2)),
             (4096, 4096, (1, 1)),
-            (8191, 8194, (1, 3)),
+            (8191, 8194, (1, 4)),
         ];
         for (offset, len, expected) in cases {
-            assert_eq!(covering_blocks(offset, len), expected, "offset {offset} len {len}");
+            assert_eq!(
+                covering_blocks(offset, len),
+                expected,
+                "offset {offset} len {len}"
+            );
         }
     }
 }

@@ -4,8 +4,8 @@
 
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{bail, Context};
@@ -98,15 +98,21 @@ pub async fn open_image(image: &str, options: &OpenOptions) -> anyhow::Result<Op
 
     let startup_bytes = AtomicU64::new(0);
     let startup_requests = AtomicU64::new(0);
-    let opened = try_join_all(resolved.layers.iter().enumerate().map(|(position, descriptor)| {
-        open_layer(
-            &*source,
-            position,
-            descriptor,
-            options,
-            (&startup_bytes, &startup_requests),
-        )
-    }))
+    let opened = try_join_all(
+        resolved
+            .layers
+            .iter()
+            .enumerate()
+            .map(|(position, descriptor)| {
+                open_layer(
+                    &*source,
+                    position,
+                    descriptor,
+                    options,
+                    (&startup_bytes, &startup_requests),
+                )
+            }),
+    )
     .await?;
 
     let mut entries = Vec::with_capacity(opened.len());
@@ -123,7 +129,8 @@ pub async fn open_image(image: &str, options: &OpenOptions) -> anyhow::Result<Op
     drop(entries);
     let layout_options = layout_options_for(&resolved.manifest_digest);
     let layout = Arc::new(
-        Layout::new(tree.clone(), layout_options).context("failed to lay out the ext4 filesystem")?,
+        Layout::new(tree.clone(), layout_options)
+            .context("failed to lay out the ext4 filesystem")?,
     );
     let store = Arc::new(
         ChunkStore::open(
@@ -228,7 +235,7 @@ async fn open_layer(
 
 enum LazyOutcome {
     Index(LayerIndex),
-    /// The blob has no valid eStargz footer; the reason says what was found.
+    /// The blob has no valid eStargz footer. The reason describes what was found.
     NotEstargz(String),
 }
 
@@ -252,6 +259,12 @@ async fn read_lazy_index(
         .with_context(|| format!("failed to read the footer of layer {}", descriptor.digest))?;
     let footer = match estargz::parse_footer(&tail, size) {
         Ok(footer) => footer,
+        // The annotation marks the layer as eStargz, so a bad footer means a
+        // corrupt blob, not a plain tar.gz.
+        Err(error) if annotation.is_some() => bail!(
+            "layer {} has a {TOC_DIGEST_ANNOTATION} annotation but its eStargz footer is invalid: {error}; the blob is corrupt, push the image again",
+            descriptor.digest
+        ),
         Err(error) => return Ok(LazyOutcome::NotEstargz(format!("no eStargz footer: {error}"))),
     };
 
@@ -303,7 +316,10 @@ async fn fetch_whole_layer(
         .with_context(|| format!("unsupported digest algorithm in {}", descriptor.digest))?
         .to_string();
     let mut download = tempfile::tempfile_in(cache_dir).with_context(|| {
-        format!("failed to create a temporary file in {}", cache_dir.display())
+        format!(
+            "failed to create a temporary file in {}",
+            cache_dir.display()
+        )
     })?;
     let mut hasher = Sha256::new();
     let mut offset = 0;
@@ -354,8 +370,8 @@ fn unpack_whole_layer(
         _ => Box::new(std::io::BufReader::new(download)),
     };
 
-    // The tar is unpacked straight into the layer's cache file; its data
-    // space size is only known at the end, when `finish` sets the length.
+    // The tar is unpacked straight into the layer's cache file. Its data space
+    // size is known only at the end, when `finish_with_size` sets the length.
     let mut writer = WholeLayerWriter::create_growable(cache_dir, digest)?;
     let mut sink = |data_offset: u64, bytes: &[u8]| writer.write_at(data_offset, bytes);
     let index = tarlayer::index_tar(layer, digest, reader, &mut sink)

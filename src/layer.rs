@@ -35,7 +35,10 @@ pub enum ChunkSource {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum LayerMode {
     /// eStargz: footer and TOC read, chunks fetched on demand.
-    Lazy { toc_offset: u64, toc_digest: [u8; 32] },
+    Lazy {
+        toc_offset: u64,
+        toc_digest: [u8; 32],
+    },
     /// Fetched whole at start; the reason is logged.
     Whole { reason: String },
 }

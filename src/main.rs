@@ -11,9 +11,11 @@ use clap::Parser;
 use tracing::{info, warn};
 use tracing_subscriber::EnvFilter;
 
+use esgz_nbd::attach::{self, state::RuntimeDir, AttachSettings, InterfaceChoice};
 use esgz_nbd::cli::{
-    BuildArgs, Cli, Command, ConvertArgs, ExportArgs, ImageArgs, IoChoice, LayerWriterArgs,
-    LogFormat, RegistryArgs, ServeArgs,
+    AttachArgs, BuildArgs, Cli, Command, ConvertArgs, DetachArgs, ExportArgs, ImageArgs,
+    IoChoice, LayerWriterArgs, ListArgs, LogFormat, NbdInterface, RegistryArgs, ServeArgs,
+    TreeManifestArgs,
 };
 use esgz_nbd::convert::{self, BuildOptions, ConvertOptions};
 use esgz_nbd::disk::ImageDisk;
@@ -43,6 +45,10 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Serve(args) => serve(args).await,
             Command::Export(args) => export(args).await,
+            Command::Attach(args) => attach_command(args).await,
+            Command::Detach(args) => detach_command(args).await,
+            Command::List(args) => list_command(args),
+            Command::TreeManifest(args) => tree_manifest_command(args),
             Command::Convert(args) => convert_command(args, !cli.quiet).await,
             Command::Build(args) => build_command(args, !cli.quiet).await,
         }
@@ -50,10 +56,27 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
-            eprintln!("error: {error:#}");
+            eprintln!("error: {}", format_error_chain(&error));
             ExitCode::FAILURE
         }
     }
+}
+
+/// Joins an error and its causes with ": ", leaving out a cause whose text an
+/// earlier message already contains (many errors print their source inline).
+fn format_error_chain(error: &anyhow::Error) -> String {
+    let mut text = String::new();
+    for cause in error.chain() {
+        let message = cause.to_string();
+        if text.contains(&message) {
+            continue;
+        }
+        if !text.is_empty() {
+            text.push_str(": ");
+        }
+        text.push_str(&message);
+    }
+    text
 }
 
 fn init_logging(cli: &Cli) {
@@ -67,7 +90,8 @@ fn init_logging(cli: &Cli) {
         .unwrap_or_else(|_| EnvFilter::new(format!("esgz_nbd={default_level},warn")));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
     match cli.log_format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
@@ -277,6 +301,163 @@ async fn export(args: ExportArgs) -> anyhow::Result<()> {
         ?stats,
         "export finished"
     );
+    Ok(())
+}
+
+fn runtime_dir_arg(dir: &Option<PathBuf>) -> RuntimeDir {
+    RuntimeDir::new(
+        dir.clone()
+            .unwrap_or_else(|| PathBuf::from(attach::state::DEFAULT_RUNTIME_DIR)),
+    )
+}
+
+async fn attach_command(args: AttachArgs) -> anyhow::Result<()> {
+    let started = std::time::Instant::now();
+    let runtime = runtime_dir_arg(&args.runtime_dir);
+    let interface = match args.interface {
+        NbdInterface::Auto => InterfaceChoice::Auto,
+        NbdInterface::Netlink => InterfaceChoice::Netlink,
+        NbdInterface::Ioctl => InterfaceChoice::Ioctl,
+    };
+    if !args.foreground {
+        attach::preflight(interface)?;
+        let argv: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
+        let (device, attach_ms) =
+            tokio::task::spawn_blocking(move || attach::daemon::spawn_background(&runtime, &argv))
+                .await??;
+        info!(%device, attach_ms, "attached");
+        println!("{device}");
+        return Ok(());
+    }
+
+    let ready = args
+        .ready_fd
+        .map(attach::daemon::ReadyPipe::from_fd)
+        .transpose()?;
+    let (device, reattach) = match &args.reattach {
+        Some(device) => (Some(attach::parse_device_arg(device)?), true),
+        None => (
+            args.device
+                .as_deref()
+                .map(attach::parse_device_arg)
+                .transpose()?,
+            false,
+        ),
+    };
+    let connections = args.connections.unwrap_or_else(|| {
+        std::thread::available_parallelism()
+            .map(|n| n.get() as u32)
+            .unwrap_or(1)
+    });
+    let settings = AttachSettings {
+        open: open_options(&args.image)?,
+        image: args.image.image.clone(),
+        device,
+        reattach,
+        connections,
+        timeout_secs: args.timeout,
+        dead_conn_timeout_secs: args.dead_conn_timeout,
+        interface,
+        runtime,
+        log_file: args.log_file.clone(),
+        ready,
+        started,
+    };
+    attach::run_server(settings).await?;
+    Ok(())
+}
+
+async fn detach_command(args: DetachArgs) -> anyhow::Result<()> {
+    let runtime = runtime_dir_arg(&args.runtime_dir);
+    let wait = Duration::from_secs(args.wait);
+    tokio::task::spawn_blocking(move || attach::detach(&runtime, &args.device, args.force, wait))
+        .await??;
+    Ok(())
+}
+
+fn list_command(args: ListArgs) -> anyhow::Result<()> {
+    let devices = attach::list(&runtime_dir_arg(&args.runtime_dir))?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&devices)?);
+        return Ok(());
+    }
+    println!(
+        "{:<11} {:<8} {:<10} {:>7} {:>12} {:>12} {:>12}  IMAGE",
+        "DEVICE", "STATE", "MODE", "PID", "FETCHED", "SERVED", "CACHE"
+    );
+    for device in devices {
+        let state = match (device.server_running, device.connected) {
+            (true, Some(false)) => "stale",
+            (true, _) => "running",
+            (false, Some(true)) => "orphaned",
+            (false, _) => "dead",
+        };
+        let counter = |pointer: &str| {
+            device
+                .stats
+                .as_ref()
+                .and_then(|stats| stats.pointer(pointer))
+                .and_then(|value| value.as_u64())
+                .map(|value| value.to_string())
+                .unwrap_or_else(|| "-".to_string())
+        };
+        println!(
+            "{:<11} {:<8} {:<10} {:>7} {:>12} {:>12} {:>12}  {}",
+            device.state.device,
+            state,
+            device.state.mode,
+            device.state.pid,
+            counter("/store/bytes_fetched"),
+            counter("/store/bytes_served"),
+            counter("/cache_bytes"),
+            device.state.image,
+        );
+    }
+    Ok(())
+}
+
+fn tree_manifest_command(args: TreeManifestArgs) -> anyhow::Result<()> {
+    use attach::manifest;
+    use std::io::Write;
+
+    let entries = match (&args.from_expected, &args.dir) {
+        (Some(sidecar), _) => {
+            let json = std::fs::read(sidecar)
+                .with_context(|| format!("failed to read {}", sidecar.display()))?;
+            manifest::manifest_of_expected(&json)?
+        }
+        (None, Some(dir)) => manifest::manifest_of_dir(dir)
+            .with_context(|| format!("failed to list {}", dir.display()))?,
+        (None, None) => bail!("give a directory or --from-expected FILE"),
+    };
+    let Some(check) = &args.check else {
+        let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+        for entry in &entries {
+            writeln!(out, "{}", entry.to_line())?;
+        }
+        out.flush()?;
+        return Ok(());
+    };
+
+    let text = std::fs::read_to_string(check)
+        .with_context(|| format!("failed to read manifest {}", check.display()))?;
+    let expected = manifest::parse_manifest(&text)?;
+    let differences = manifest::compare(&expected, &entries, &args.ignore);
+    for line in differences.iter().take(50) {
+        println!("{line}");
+    }
+    if differences.len() > 50 {
+        println!("... and {} more", differences.len() - 50);
+    }
+    println!(
+        "tree-manifest: {} expected entries, {} found, {} differences",
+        expected.len(),
+        entries.len(),
+        differences.len()
+    );
+    if !differences.is_empty() {
+        bail!("the tree differs from {}", check.display());
+    }
     Ok(())
 }
 

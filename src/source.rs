@@ -101,7 +101,10 @@ pub struct ResolvedImage {
 pub trait ImageSource: Send + Sync {
     /// Resolves the reference (through an index if there is one) to the
     /// manifest for `platform`, and reads that manifest and its config.
-    fn resolve<'a>(&'a self, platform: &'a Platform) -> BoxFuture<'a, anyhow::Result<ResolvedImage>>;
+    fn resolve<'a>(
+        &'a self,
+        platform: &'a Platform,
+    ) -> BoxFuture<'a, anyhow::Result<ResolvedImage>>;
 
     /// Opens a layer blob for ranged reads.
     fn blob(&self, layer: &LayerDescriptor) -> anyhow::Result<Arc<dyn BlobSource>>;

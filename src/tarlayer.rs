@@ -2,10 +2,10 @@
 //! from one pass over the uncompressed tar stream (POSIX.1-2001 pax, GNU and
 //! ustar formats).
 //!
-//! The tar crate decodes header fields; the archive walk is done here so
-//! that pax records are parsed by their length prefix (xattr values may
-//! hold newlines and other raw bytes) and a pax `size` moves the stream on
-//! correctly.
+//! The tar crate decodes header fields, but the archive walk is done here.
+//! Pax records are parsed by their length prefix because xattr values may
+//! contain newlines and other raw bytes, and a pax `size` must move the
+//! stream on by the right amount.
 
 use std::collections::BTreeMap;
 use std::io::{self, BufReader, Read};
@@ -155,7 +155,10 @@ pub fn index_tar<R: Read>(
         let header_offset = stream.offset;
         let mut block = [0u8; BLOCK_SIZE as usize];
         if !stream.read_block(&mut block)? {
-            debug!(offset = header_offset, "tar stream ends without an end-of-archive marker");
+            debug!(
+                offset = header_offset,
+                "tar stream ends without an end-of-archive marker"
+            );
             break;
         }
         if block.iter().all(|&byte| byte == 0) {
@@ -244,10 +247,12 @@ impl<R: Read> TarStream<R> {
     /// Skips `len` bytes of entry data or padding.
     fn skip(&mut self, len: u64, name: &str) -> Result<(), TarLayerError> {
         let start = self.offset;
-        let copied = io::copy(&mut (&mut self.inner).take(len), &mut io::sink())
-            .map_err(|source| TarLayerError::Read {
-                offset: start,
-                source,
+        let copied =
+            io::copy(&mut (&mut self.inner).take(len), &mut io::sink()).map_err(|source| {
+                TarLayerError::Read {
+                    offset: start,
+                    source,
+                }
             })?;
         self.offset += copied;
         if copied != len {
@@ -315,7 +320,11 @@ fn verify_checksum(block: &[u8; BLOCK_SIZE as usize], offset: u64) -> Result<(),
     let mut unsigned: u32 = 0;
     let mut signed: i64 = 0;
     for (index, &byte) in block.iter().enumerate() {
-        let byte = if CHKSUM_RANGE.contains(&index) { b' ' } else { byte };
+        let byte = if CHKSUM_RANGE.contains(&index) {
+            b' '
+        } else {
+            byte
+        };
         unsigned += u32::from(byte);
         signed += i64::from(byte as i8);
     }
@@ -446,11 +455,17 @@ impl Extensions {
         };
         let mode = numeric_field(header, MODE_RANGE, "mode", offset, tar::Header::mode)?;
 
-        if let Some(key) = records.keys().find(|key| key.starts_with(PAX_GNU_SPARSE_PREFIX)) {
+        if let Some(key) = records
+            .keys()
+            .find(|key| key.starts_with(PAX_GNU_SPARSE_PREFIX))
+        {
             return Err(TarLayerError::Unsupported {
                 offset,
                 name: display_name,
-                kind: format!("GNU sparse file (pax record {})", String::from_utf8_lossy(key)),
+                kind: format!(
+                    "GNU sparse file (pax record {})",
+                    String::from_utf8_lossy(key)
+                ),
             });
         }
         // BTreeMap order is byte order of the full record key, so the names
@@ -526,7 +541,10 @@ fn numeric_field<T: Default>(
 }
 
 fn until_nul(data: &[u8]) -> &[u8] {
-    let end = data.iter().position(|&byte| byte == 0).unwrap_or(data.len());
+    let end = data
+        .iter()
+        .position(|&byte| byte == 0)
+        .unwrap_or(data.len());
     &data[..end]
 }
 
@@ -663,12 +681,11 @@ impl TarIndexBuilder {
             }
             b'5' => EntryKind::Dir,
             b'1' => {
-                let target = normalize_name(&raw.link_name).map_err(|source| {
-                    TarLayerError::Name {
+                let target =
+                    normalize_name(&raw.link_name).map_err(|source| TarLayerError::Name {
                         offset: raw.offset,
                         source,
-                    }
-                })?;
+                    })?;
                 if target.is_empty() {
                     return Err(TarLayerError::MissingLinkName {
                         offset: raw.offset,
@@ -743,12 +760,11 @@ impl TarIndexBuilder {
         if raw.size == 0 {
             return Ok(data);
         }
-        self.data_size =
-            self.data_size
-                .checked_add(raw.size)
-                .ok_or_else(|| TarLayerError::DataSizeOverflow {
-                    name: display_name.to_string(),
-                })?;
+        self.data_size = self.data_size.checked_add(raw.size).ok_or_else(|| {
+            TarLayerError::DataSizeOverflow {
+                name: display_name.to_string(),
+            }
+        })?;
 
         let mut hasher = Sha256::new();
         let mut done = 0u64;
@@ -825,14 +841,20 @@ mod tests {
         let mut link = header(tar::EntryType::Link, 0, 0o644);
         builder.append_link(&mut link, "tmp/b", "./tmp/a").unwrap();
         let mut symlink = header(tar::EntryType::Symlink, 0, 0o777);
-        builder.append_link(&mut symlink, "tmp/s", "../etc").unwrap();
+        builder
+            .append_link(&mut symlink, "tmp/s", "../etc")
+            .unwrap();
         let mut char_dev = header(tar::EntryType::Char, 0, 0o666);
         char_dev.set_device_major(1).unwrap();
         char_dev.set_device_minor(3).unwrap();
-        builder.append_data(&mut char_dev, "dev/null", &[][..]).unwrap();
+        builder
+            .append_data(&mut char_dev, "dev/null", &[][..])
+            .unwrap();
         let mut block_dev = header(tar::EntryType::Block, 0, 0o660);
         block_dev.set_device_major(8).unwrap();
-        builder.append_data(&mut block_dev, "dev/sda", &[][..]).unwrap();
+        builder
+            .append_data(&mut block_dev, "dev/sda", &[][..])
+            .unwrap();
         let mut fifo = header(tar::EntryType::Fifo, 0, 0o644);
         builder.append_data(&mut fifo, "dev/fifo", &[][..]).unwrap();
         add_file(&mut builder, "tmp/c", b"world!");
@@ -857,10 +879,26 @@ mod tests {
                 (parts(&["tmp"]), EntryKind::Dir),
                 (parts(&["tmp", "a"]), reg(0, 5)),
                 (parts(&["tmp", "empty"]), reg(5, 0)),
-                (parts(&["tmp", "b"]), EntryKind::Hardlink { target: parts(&["tmp", "a"]) }),
-                (parts(&["tmp", "s"]), EntryKind::Symlink { target: b"../etc".to_vec() }),
-                (parts(&["dev", "null"]), EntryKind::CharDev { major: 1, minor: 3 }),
-                (parts(&["dev", "sda"]), EntryKind::BlockDev { major: 8, minor: 0 }),
+                (
+                    parts(&["tmp", "b"]),
+                    EntryKind::Hardlink {
+                        target: parts(&["tmp", "a"])
+                    }
+                ),
+                (
+                    parts(&["tmp", "s"]),
+                    EntryKind::Symlink {
+                        target: b"../etc".to_vec()
+                    }
+                ),
+                (
+                    parts(&["dev", "null"]),
+                    EntryKind::CharDev { major: 1, minor: 3 }
+                ),
+                (
+                    parts(&["dev", "sda"]),
+                    EntryKind::BlockDev { major: 8, minor: 0 }
+                ),
                 (parts(&["dev", "fifo"]), EntryKind::Fifo),
                 (parts(&["tmp", "c"]), reg(5, 6)),
             ]
@@ -868,7 +906,10 @@ mod tests {
         assert_eq!(index.entries[0].meta.mode, 0o1777);
         assert_eq!(index.entries[0].meta.mtime, 1_700_000_000);
         assert_eq!(index.data_size, 11);
-        assert_eq!(pieces, vec![(0, b"hello".to_vec()), (5, b"world!".to_vec())]);
+        assert_eq!(
+            pieces,
+            vec![(0, b"hello".to_vec()), (5, b"world!".to_vec())]
+        );
 
         assert_eq!(index.chunks.len(), 2);
         assert_eq!(index.chunks[1].data_offset, 5);
@@ -921,7 +962,9 @@ mod tests {
         add_file(&mut builder, &long_name, b"x");
         let mut link = header(tar::EntryType::Link, 0, 0o644);
         let long_link_name = format!("{}/link", "l".repeat(150));
-        builder.append_link(&mut link, &long_link_name, &long_name).unwrap();
+        builder
+            .append_link(&mut link, &long_link_name, &long_name)
+            .unwrap();
         let tar_bytes = builder.into_inner().unwrap();
 
         let (index, _) = index(&tar_bytes);
@@ -946,8 +989,15 @@ mod tests {
         let tar_bytes = builder.into_inner().unwrap();
 
         let (index, pieces) = index(&tar_bytes);
-        let paths: Vec<_> = index.entries.iter().map(|entry| entry.path.clone()).collect();
-        assert_eq!(paths, vec![parts(&["a"]), parts(&["dir", "stargz.index.json"])]);
+        let paths: Vec<_> = index
+            .entries
+            .iter()
+            .map(|entry| entry.path.clone())
+            .collect();
+        assert_eq!(
+            paths,
+            vec![parts(&["a"]), parts(&["dir", "stargz.index.json"])]
+        );
         assert_eq!(pieces, vec![(0, b"abc".to_vec()), (3, b"{}".to_vec())]);
     }
 
@@ -989,10 +1039,14 @@ mod tests {
 
     #[test]
     fn parse_pax_time_cases() {
-        let cases: [(&[u8], Option<(i64, u32)>); 8] = [
+        type Case<'a> = (&'a [u8], Option<(i64, u32)>);
+        let cases: [Case; 8] = [
             (b"1700000000", Some((1_700_000_000, 0))),
             (b"1700000000.5", Some((1_700_000_000, 500_000_000))),
-            (b"1700000000.123456789123", Some((1_700_000_000, 123_456_789))),
+            (
+                b"1700000000.123456789123",
+                Some((1_700_000_000, 123_456_789)),
+            ),
             (b"-1.25", Some((-2, 750_000_000))),
             (b"-5", Some((-5, 0))),
             (b"", None),
@@ -1000,7 +1054,12 @@ mod tests {
             (b"abc", None),
         ];
         for (input, expected) in cases {
-            assert_eq!(parse_pax_time(input), expected, "input {:?}", String::from_utf8_lossy(input));
+            assert_eq!(
+                parse_pax_time(input),
+                expected,
+                "input {:?}",
+                String::from_utf8_lossy(input)
+            );
         }
     }
 

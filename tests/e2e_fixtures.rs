@@ -12,8 +12,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use support::{
-    assert_tree_matches, e2fsck_clean, esgz_bin, run, run_stdout, shared_dir, LoopMount,
-    NbdMount, Server,
+    assert_tree_matches, e2fsck_clean, esgz_bin, run, run_stdout, shared_dir, LoopMount, NbdMount,
+    Server,
 };
 
 /// An image under test: its OCI layout argument and its sidecar.
@@ -118,7 +118,10 @@ fn qemu_img_and_nbdinfo_see_the_export() {
     let info = run_stdout(
         Command::new("qemu-img")
             .args(["info", "--output=json"])
-            .arg(format!("nbd+unix:///basic?socket={}", server.socket().display())),
+            .arg(format!(
+                "nbd+unix:///basic?socket={}",
+                server.socket().display()
+            )),
     );
     let info: serde_json::Value = serde_json::from_str(&info).expect("qemu-img prints JSON");
     let size = info["virtual-size"].as_u64().expect("virtual-size");
@@ -130,6 +133,12 @@ fn qemu_img_and_nbdinfo_see_the_export() {
             .arg("--list")
             .arg(format!("nbd+unix://?socket={}", server.socket().display())),
     );
-    assert!(list.contains("export=\"basic\""), "nbdinfo --list output:\n{list}");
-    assert!(list.contains(&size.to_string()), "nbdinfo --list output:\n{list}");
+    assert!(
+        list.contains("export=\"basic\""),
+        "nbdinfo --list output:\n{list}"
+    );
+    assert!(
+        list.contains(&size.to_string()),
+        "nbdinfo --list output:\n{list}"
+    );
 }

@@ -450,13 +450,17 @@ impl Drop for NbdServer {
     }
 }
 
-fn check_nbd_mount(server_command: impl FnOnce(&Path, &Path) -> Command) {
+fn check_nbd_mount(export_name: &str, server_command: impl FnOnce(&Path, &Path) -> Command) {
     let folder = tempfile::tempdir().expect("creating a temp folder");
     let image = make_ext4_image("links", folder.path());
     let socket = folder.path().join("nbd.sock");
     let _server = NbdServer::start(server_command(&socket, &image), socket.clone());
 
-    let mount = NbdMount::new(&socket);
+    let mount = if export_name.is_empty() {
+        NbdMount::new(&socket)
+    } else {
+        NbdMount::with_export(&socket, export_name)
+    };
     let mount_point = mount.path().to_path_buf();
     let device_file = mount.device_file();
     assert_eq!(
@@ -488,7 +492,7 @@ fn check_nbd_mount(server_command: impl FnOnce(&Path, &Path) -> Command) {
 
 #[test]
 fn nbd_mount_over_nbdkit() {
-    check_nbd_mount(|socket, image| {
+    check_nbd_mount("", |socket, image| {
         let mut command = Command::new("nbdkit");
         command
             .args(["--foreground", "--readonly", "--unix"])
@@ -501,7 +505,9 @@ fn nbd_mount_over_nbdkit() {
 
 #[test]
 fn nbd_mount_over_qemu_nbd() {
-    check_nbd_mount(|socket, image| {
+    // qemu-nbd rejects any other export name, so this checks that the name
+    // reaches the server, with its space percent-encoded in the URI.
+    check_nbd_mount("links image", |socket, image| {
         let mut command = Command::new("qemu-nbd");
         // nbdfuse opens up to 4 connections when the server allows
         // multi-conn; qemu-nbd serves one client unless --shared sets more.
@@ -511,6 +517,7 @@ fn nbd_mount_over_qemu_nbd() {
                 "--persistent",
                 "--shared=8",
                 "--format=raw",
+                "--export-name=links image",
                 "--socket",
             ])
             .arg(socket)

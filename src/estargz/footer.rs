@@ -3,10 +3,10 @@
 
 use std::io::Read;
 
-/// Size of the eStargz footer in bytes: a 10-byte gzip header, the 2-byte
-/// XLEN, the 26-byte extra field (`S`, `G`, a 2-byte subfield length of 22
-/// and the 22-byte payload), the 5-byte empty stored deflate block and the
-/// 8-byte CRC32/ISIZE trailer.
+/// Size of the eStargz footer in bytes. It is a 10-byte gzip header, the
+/// 2-byte XLEN and the 26-byte extra field (`S`, `G`, a 2-byte subfield
+/// length of 22 and the 22-byte payload). The 5-byte empty stored deflate
+/// block and the 8-byte CRC32/ISIZE trailer follow.
 pub const FOOTER_SIZE: u64 = 51;
 
 /// Size of the legacy stargz footer: as [`FOOTER_SIZE`] but the extra field
@@ -31,7 +31,7 @@ const PAYLOAD_MAGIC: &[u8; 6] = b"STARGZ";
 /// Length of the payload: 16 hex digits plus the magic.
 const PAYLOAD_LEN: usize = 16 + PAYLOAD_MAGIC.len();
 
-/// Where a blob's TOC is, read from its footer.
+/// Location of a blob's TOC, read from its footer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Footer {
     /// Blob offset of the gzip member holding the TOC tar.
@@ -40,7 +40,7 @@ pub struct Footer {
     pub footer_size: u64,
 }
 
-/// Why one footer format did not match the tail bytes.
+/// Reason one footer format did not match the tail bytes.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum FooterFormatError {
     #[error("gzip magic is {seen:02x?}, expected 1f 8b")]
@@ -178,7 +178,11 @@ fn parse_member(member: &[u8], with_subfield: bool) -> Result<u64, FooterFormatE
         return Err(FooterFormatError::Flags { seen: member[3] });
     }
 
-    let extra_len = if with_subfield { 4 + PAYLOAD_LEN } else { PAYLOAD_LEN };
+    let extra_len = if with_subfield {
+        4 + PAYLOAD_LEN
+    } else {
+        PAYLOAD_LEN
+    };
     let xlen = u16::from_le_bytes([member[GZIP_XLEN_OFFSET], member[GZIP_XLEN_OFFSET + 1]]);
     if usize::from(xlen) != extra_len {
         return Err(FooterFormatError::ExtraLength {
@@ -300,7 +304,11 @@ mod tests {
             let blob = blob_with_footer(prefix, &footer_bytes(offset, legacy));
             let footer = parse_footer(tail(&blob), blob.len() as u64)
                 .unwrap_or_else(|error| panic!("case {case}: {error}"));
-            let size = if legacy { LEGACY_FOOTER_SIZE } else { FOOTER_SIZE };
+            let size = if legacy {
+                LEGACY_FOOTER_SIZE
+            } else {
+                FOOTER_SIZE
+            };
             assert_eq!(
                 footer,
                 Footer {
@@ -341,7 +349,10 @@ mod tests {
         for (case, footer, message) in cases {
             let blob = blob_with_footer(200, &footer);
             let error = parse_footer(tail(&blob), blob.len() as u64).unwrap_err();
-            assert!(matches!(error, FooterError::NotFound { .. }), "case {case}: {error}");
+            assert!(
+                matches!(error, FooterError::NotFound { .. }),
+                "case {case}: {error}"
+            );
             assert!(
                 error.to_string().contains(message),
                 "case {case}: {error} lacks {message:?}"
@@ -369,7 +380,10 @@ mod tests {
         assert!(matches!(error, FooterError::BlobTooShort { .. }), "{error}");
 
         let error = parse_footer(&blob[..50], 51).unwrap_err();
-        assert!(matches!(error, FooterError::TailLength { len: 50, .. }), "{error}");
+        assert!(
+            matches!(error, FooterError::TailLength { len: 50, .. }),
+            "{error}"
+        );
 
         let error = parse_footer(&blob[1..], 50).unwrap_err();
         assert!(matches!(error, FooterError::NotFound { .. }), "{error}");

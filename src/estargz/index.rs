@@ -20,7 +20,7 @@ pub const NO_PREFETCH_LANDMARK: &str = ".no.prefetch.landmark";
 /// Parses the TOC JSON of layer `layer` and builds its index.
 ///
 /// Each non-empty regular file gets `size` bytes of the layer's data space,
-/// in TOC order; its chunks map that range to gzip members of the blob,
+/// in TOC order. Its chunks map that range to gzip members of the blob,
 /// which must all lie before `toc_offset`. Landmark files and a
 /// `stargz.index.json` entry are dropped from the entries.
 pub fn build_index(
@@ -71,7 +71,7 @@ pub fn build_index(
     })
 }
 
-/// Whether an entry's `offset` names a gzip member holding file data.
+/// Returns whether an entry's `offset` names a gzip member holding file data.
 fn has_data(entry: &JsonEntry) -> bool {
     (entry.kind == "reg" && entry.size > 0) || entry.kind == "chunk"
 }
@@ -379,9 +379,7 @@ impl IndexBuilder {
                         chunk.chunk_offset, file.size
                     )));
                 }
-                let size = chunk
-                    .chunk_size
-                    .unwrap_or(file.size - chunk.chunk_offset);
+                let size = chunk.chunk_size.unwrap_or(file.size - chunk.chunk_offset);
                 let end = chunk.chunk_offset.saturating_add(size);
                 if end > file.size {
                     return Err(layout_error(format!(
@@ -420,7 +418,7 @@ impl IndexBuilder {
         Ok(records)
     }
 
-    /// The compressed end of the member starting at `offset`: the next larger
+    /// Returns the compressed end of the member starting at `offset`: the next larger
     /// member start, or the TOC offset.
     fn member_end(&self, offset: u64) -> u64 {
         let next = self.member_starts.partition_point(|&start| start <= offset);
@@ -438,8 +436,10 @@ mod tests {
     use super::*;
 
     const TOC_OFFSET: u64 = 10_000;
-    const DIGEST_A: &str = "sha256:aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
-    const DIGEST_B: &str = "sha256:bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb";
+    const DIGEST_A: &str =
+        "sha256:aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
+    const DIGEST_B: &str =
+        "sha256:bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb";
 
     fn build(entries: Value) -> Result<LayerIndex, TocError> {
         let toc = json!({ "version": 1, "entries": entries });
@@ -509,8 +509,14 @@ mod tests {
                 target: parts(&["dir", "suid"])
             }
         );
-        assert_eq!(index.entries[4].kind, EntryKind::CharDev { major: 1, minor: 3 });
-        assert_eq!(index.entries[5].kind, EntryKind::BlockDev { major: 8, minor: 0 });
+        assert_eq!(
+            index.entries[4].kind,
+            EntryKind::CharDev { major: 1, minor: 3 }
+        );
+        assert_eq!(
+            index.entries[5].kind,
+            EntryKind::BlockDev { major: 8, minor: 0 }
+        );
         assert_eq!(index.entries[6].kind, EntryKind::Fifo);
         assert_eq!(index.entries[6].meta.mode, 0o644);
 
@@ -522,7 +528,13 @@ mod tests {
     #[test]
     fn build_index_missing_modtime_is_epoch() {
         let index = build(json!([{"name": "a", "type": "dir"}])).unwrap();
-        assert_eq!((index.entries[0].meta.mtime, index.entries[0].meta.mtime_nsec), (0, 0));
+        assert_eq!(
+            (
+                index.entries[0].meta.mtime,
+                index.entries[0].meta.mtime_nsec
+            ),
+            (0, 0)
+        );
         assert_eq!(index.entries[0].meta.mode, 0);
     }
 
@@ -531,8 +543,16 @@ mod tests {
         let cases = [
             ("dot slash", "./etc/passwd", parts(&["etc", "passwd"])),
             ("absolute", "/etc/passwd", parts(&["etc", "passwd"])),
-            ("dot dot above root", "../../etc/passwd", parts(&["etc", "passwd"])),
-            ("dot dot inside", "etc/x/../passwd", parts(&["etc", "passwd"])),
+            (
+                "dot dot above root",
+                "../../etc/passwd",
+                parts(&["etc", "passwd"]),
+            ),
+            (
+                "dot dot inside",
+                "etc/x/../passwd",
+                parts(&["etc", "passwd"]),
+            ),
             ("root", "./", parts(&[])),
         ];
         for (case, name, expected) in cases {
@@ -545,41 +565,129 @@ mod tests {
     fn build_index_rejects_invalid_entries() {
         let long = format!("dir/{}", "x".repeat(256));
         let cases: Vec<(&str, Value, &str)> = vec![
-            ("256 byte component", json!([{"name": long, "type": "dir"}]), "over the limit of 255"),
-            ("nul in name", json!([{"name": "a\u{0}b", "type": "dir"}]), "NUL"),
-            ("unknown type", json!([{"name": "x", "type": "socket"}]), "unknown type \"socket\""),
-            ("bad modtime", json!([{"name": "x", "type": "dir", "modtime": "yesterday"}]), "invalid modtime"),
-            ("negative uid", json!([{"name": "x", "type": "dir", "uid": -1}]), "invalid uid -1"),
-            ("huge gid", json!([{"name": "x", "type": "dir", "gid": 4294967296u64}]), "invalid gid"),
-            ("negative mode", json!([{"name": "x", "type": "dir", "mode": -5}]), "invalid mode"),
-            ("bad xattr", json!([{"name": "x", "type": "dir", "xattrs": {"user.a": "!!"}}]), "invalid base64"),
-            ("empty symlink", json!([{"name": "x", "type": "symlink"}]), "no linkName"),
-            ("empty hardlink", json!([{"name": "x", "type": "hardlink", "linkName": "./"}]), "no linkName"),
-            ("negative size", json!([{"name": "x", "type": "reg", "size": -1}]), "invalid size -1"),
-            ("bad digest", json!([{"name": "x", "type": "reg", "size": 1, "offset": 5, "digest": "md5:00"}]), "expected \"sha256:\""),
-            ("offset past toc", json!([{"name": "x", "type": "reg", "size": 1, "offset": 10_000}]), "outside the blob's data"),
-            ("negative offset", json!([{"name": "x", "type": "reg", "size": 1, "offset": -1}]), "invalid offset -1"),
-            ("chunk without file", json!([{"name": "x", "type": "chunk", "offset": 5, "chunkOffset": 1}]), "follows no regular file"),
-            ("chunk of empty file", json!([
+            (
+                "256 byte component",
+                json!([{"name": long, "type": "dir"}]),
+                "over the limit of 255",
+            ),
+            (
+                "nul in name",
+                json!([{"name": "a\u{0}b", "type": "dir"}]),
+                "NUL",
+            ),
+            (
+                "unknown type",
+                json!([{"name": "x", "type": "socket"}]),
+                "unknown type \"socket\"",
+            ),
+            (
+                "bad modtime",
+                json!([{"name": "x", "type": "dir", "modtime": "yesterday"}]),
+                "invalid modtime",
+            ),
+            (
+                "negative uid",
+                json!([{"name": "x", "type": "dir", "uid": -1}]),
+                "invalid uid -1",
+            ),
+            (
+                "huge gid",
+                json!([{"name": "x", "type": "dir", "gid": 4294967296u64}]),
+                "invalid gid",
+            ),
+            (
+                "negative mode",
+                json!([{"name": "x", "type": "dir", "mode": -5}]),
+                "invalid mode",
+            ),
+            (
+                "bad xattr",
+                json!([{"name": "x", "type": "dir", "xattrs": {"user.a": "!!"}}]),
+                "invalid base64",
+            ),
+            (
+                "empty symlink",
+                json!([{"name": "x", "type": "symlink"}]),
+                "no linkName",
+            ),
+            (
+                "empty hardlink",
+                json!([{"name": "x", "type": "hardlink", "linkName": "./"}]),
+                "no linkName",
+            ),
+            (
+                "negative size",
+                json!([{"name": "x", "type": "reg", "size": -1}]),
+                "invalid size -1",
+            ),
+            (
+                "bad digest",
+                json!([{"name": "x", "type": "reg", "size": 1, "offset": 5, "digest": "md5:00"}]),
+                "expected \"sha256:\"",
+            ),
+            (
+                "offset past toc",
+                json!([{"name": "x", "type": "reg", "size": 1, "offset": 10_000}]),
+                "outside the blob's data",
+            ),
+            (
+                "negative offset",
+                json!([{"name": "x", "type": "reg", "size": 1, "offset": -1}]),
+                "invalid offset -1",
+            ),
+            (
+                "chunk without file",
+                json!([{"name": "x", "type": "chunk", "offset": 5, "chunkOffset": 1}]),
+                "follows no regular file",
+            ),
+            (
+                "chunk of empty file",
+                json!([
                 {"name": "x", "type": "reg"},
-                {"name": "x", "type": "chunk", "offset": 5, "chunkOffset": 0}]), "follows no regular file"),
-            ("overlapping chunks", json!([
+                {"name": "x", "type": "chunk", "offset": 5, "chunkOffset": 0}]),
+                "follows no regular file",
+            ),
+            (
+                "overlapping chunks",
+                json!([
                 {"name": "x", "type": "reg", "size": 10, "offset": 5, "chunkSize": 6},
-                {"name": "x", "type": "chunk", "offset": 50, "chunkOffset": 5}]), "overlap or leave a gap"),
-            ("gap between chunks", json!([
+                {"name": "x", "type": "chunk", "offset": 50, "chunkOffset": 5}]),
+                "overlap or leave a gap",
+            ),
+            (
+                "gap between chunks",
+                json!([
                 {"name": "x", "type": "reg", "size": 10, "offset": 5, "chunkSize": 4},
-                {"name": "x", "type": "chunk", "offset": 50, "chunkOffset": 5}]), "overlap or leave a gap"),
-            ("first chunk to end then more", json!([
+                {"name": "x", "type": "chunk", "offset": 50, "chunkOffset": 5}]),
+                "overlap or leave a gap",
+            ),
+            (
+                "first chunk to end then more",
+                json!([
                 {"name": "x", "type": "reg", "size": 10, "offset": 5},
-                {"name": "x", "type": "chunk", "offset": 50, "chunkOffset": 5}]), "overlap or leave a gap"),
-            ("chunk past file end", json!([
+                {"name": "x", "type": "chunk", "offset": 50, "chunkOffset": 5}]),
+                "overlap or leave a gap",
+            ),
+            (
+                "chunk past file end",
+                json!([
                 {"name": "x", "type": "reg", "size": 10, "offset": 5, "chunkSize": 5},
-                {"name": "x", "type": "chunk", "offset": 50, "chunkOffset": 5, "chunkSize": 6}]), "ends past the file size"),
-            ("chunks short of size", json!([
-                {"name": "x", "type": "reg", "size": 10, "offset": 5, "chunkSize": 5}]), "cover 5 of 10"),
-            ("chunk at file end", json!([
+                {"name": "x", "type": "chunk", "offset": 50, "chunkOffset": 5, "chunkSize": 6}]),
+                "ends past the file size",
+            ),
+            (
+                "chunks short of size",
+                json!([
+                {"name": "x", "type": "reg", "size": 10, "offset": 5, "chunkSize": 5}]),
+                "cover 5 of 10",
+            ),
+            (
+                "chunk at file end",
+                json!([
                 {"name": "x", "type": "reg", "size": 10, "offset": 5, "chunkSize": 10},
-                {"name": "x", "type": "chunk", "offset": 50, "chunkOffset": 10}]), "not below the file size"),
+                {"name": "x", "type": "chunk", "offset": 50, "chunkOffset": 10}]),
+                "not below the file size",
+            ),
         ];
         for (case, entries, message) in cases {
             let error = build(entries).expect_err(case);
@@ -607,7 +715,14 @@ mod tests {
         let summary: Vec<(u64, u64, ChunkSource, &str)> = index
             .chunks
             .iter()
-            .map(|chunk| (chunk.data_offset, chunk.size, chunk.source, chunk.name.as_str()))
+            .map(|chunk| {
+                (
+                    chunk.data_offset,
+                    chunk.size,
+                    chunk.source,
+                    chunk.name.as_str(),
+                )
+            })
             .collect();
         let member = |compressed_offset, compressed_end, inner_offset| ChunkSource::Member {
             compressed_offset,
@@ -628,8 +743,15 @@ mod tests {
         let digest_a = [0xaa; 32];
         let digest_b = [0xbb; 32];
         assert_eq!(index.chunks[0].digest, Some(digest_a));
-        assert_eq!(index.chunks[1].digest, None, "a chunk of several has no file digest");
-        assert_eq!(index.chunks[3].digest, Some(digest_b), "single chunk falls back to digest");
+        assert_eq!(
+            index.chunks[1].digest, None,
+            "a chunk of several has no file digest"
+        );
+        assert_eq!(
+            index.chunks[3].digest,
+            Some(digest_b),
+            "single chunk falls back to digest"
+        );
 
         assert_eq!(
             index.entries[0].kind,
@@ -651,7 +773,12 @@ mod tests {
             {"name": "b", "type": "reg", "size": 1, "offset": 300},
         ]))
         .unwrap();
-        assert_eq!(index.prefetch, Prefetch::Before { compressed_offset: 200 });
+        assert_eq!(
+            index.prefetch,
+            Prefetch::Before {
+                compressed_offset: 200
+            }
+        );
         assert_eq!(index.entries.len(), 2);
         assert_eq!(index.data_size, 2, "landmarks get no data");
         assert_eq!(
@@ -680,9 +807,19 @@ mod tests {
             {"name": "b", "type": "reg", "size": 1, "offset": 300},
         ]))
         .unwrap();
-        assert_eq!(index.prefetch, Prefetch::Before { compressed_offset: 300 });
+        assert_eq!(
+            index.prefetch,
+            Prefetch::Before {
+                compressed_offset: 300
+            }
+        );
 
         let index = build(json!([{"name": ".prefetch.landmark", "type": "reg"}])).unwrap();
-        assert_eq!(index.prefetch, Prefetch::Before { compressed_offset: TOC_OFFSET });
+        assert_eq!(
+            index.prefetch,
+            Prefetch::Before {
+                compressed_offset: TOC_OFFSET
+            }
+        );
     }
 }

@@ -1,10 +1,10 @@
 //! eStargz layers: footer, TOC and the layer index built from it, per the
 //! eStargz spec (containerd/stargz-snapshotter docs/estargz.md).
 //!
-//! Reading a layer lazily takes three steps: [`parse_footer`] on the last 51
-//! bytes of the blob finds the TOC offset, [`extract_toc_json`] gunzips the
-//! TOC member and returns `stargz.index.json`, and [`build_index`] turns it
-//! into a [`crate::layer::LayerIndex`] whose entries feed
+//! Reading a layer lazily takes three steps. [`parse_footer`] finds the TOC
+//! offset in the last 51 bytes of the blob. [`extract_toc_json`] gunzips the
+//! TOC member and returns `stargz.index.json`. [`build_index`] turns that
+//! into a [`crate::layer::LayerIndex`], whose entries feed
 //! [`crate::tree::merge`] and whose chunks map the layer's data space to
 //! gzip members of the blob.
 

@@ -1,7 +1,7 @@
 //! Layer entry name normalisation, as Go's `path.Clean("/" + name)` does it
 //! in the reference eStargz reader, shared by TOC and plain tar layers.
 
-/// Longest file name component Linux and ext4 accept, in bytes.
+/// Maximum length of a file name component in Linux and ext4, in bytes.
 pub const MAX_COMPONENT_LEN: usize = 255;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -13,7 +13,11 @@ pub enum NameError {
         "name {name:?} has a component of {len} bytes, over the limit of {max} bytes; \
          ext4 cannot store it"
     )]
-    ComponentTooLong { name: String, len: usize, max: usize },
+    ComponentTooLong {
+        name: String,
+        len: usize,
+        max: usize,
+    },
 }
 
 /// Splits a layer entry name into its components below the root.
@@ -74,9 +78,14 @@ mod tests {
     #[test]
     fn normalize_name_cases() {
         let long_ok = "a".repeat(255);
-        let cases: Vec<(&str, &[u8], Vec<Vec<u8>>)> = vec![
+        type Case<'a> = (&'a str, &'a [u8], Vec<Vec<u8>>);
+        let cases: Vec<Case> = vec![
             ("plain", b"etc/passwd", parts(&["etc", "passwd"])),
-            ("dot slash prefix", b"./etc/passwd", parts(&["etc", "passwd"])),
+            (
+                "dot slash prefix",
+                b"./etc/passwd",
+                parts(&["etc", "passwd"]),
+            ),
             ("absolute", b"/etc/passwd", parts(&["etc", "passwd"])),
             ("trailing slash dir", b"bin/", parts(&["bin"])),
             ("dot slash root", b"./", parts(&[])),
@@ -86,11 +95,23 @@ mod tests {
             ("double slash", b"a//b", parts(&["a", "b"])),
             ("inner dot", b"a/./b", parts(&["a", "b"])),
             ("dot dot inside", b"a/b/../c", parts(&["a", "c"])),
-            ("dot dot above root", b"../../etc/passwd", parts(&["etc", "passwd"])),
+            (
+                "dot dot above root",
+                b"../../etc/passwd",
+                parts(&["etc", "passwd"]),
+            ),
             ("absolute dot dot", b"/../x", parts(&["x"])),
-            ("dots in names kept", b"..dots../...", parts(&["..dots..", "..."])),
+            (
+                "dots in names kept",
+                b"..dots../...",
+                parts(&["..dots..", "..."]),
+            ),
             ("whiteout kept", b"etc/.wh.old", parts(&["etc", ".wh.old"])),
-            ("255 byte component", long_ok.as_bytes(), vec![long_ok.as_bytes().to_vec()]),
+            (
+                "255 byte component",
+                long_ok.as_bytes(),
+                vec![long_ok.as_bytes().to_vec()],
+            ),
         ];
         for (case, input, expected) in cases {
             assert_eq!(normalize_name(input), Ok(expected), "case {case}");
@@ -102,7 +123,14 @@ mod tests {
         let name = format!("dir/{}", "x".repeat(256));
         let error = normalize_name(name.as_bytes()).unwrap_err();
         assert!(
-            matches!(error, NameError::ComponentTooLong { len: 256, max: 255, .. }),
+            matches!(
+                error,
+                NameError::ComponentTooLong {
+                    len: 256,
+                    max: 255,
+                    ..
+                }
+            ),
             "{error}"
         );
     }

@@ -65,7 +65,10 @@ pub enum TocError {
     },
 
     #[error("TOC entry {name:?} has an invalid modtime: {source}")]
-    InvalidModtime { name: String, source: TimestampError },
+    InvalidModtime {
+        name: String,
+        source: TimestampError,
+    },
 
     #[error("TOC entry {name:?} has xattr {key:?} with invalid base64: {source}")]
     InvalidXattr {
@@ -218,6 +221,10 @@ fn read_toc_entry(reader: &mut impl Read, max_toc_size: u64) -> Result<Vec<u8>, 
 }
 
 /// Parses the TOC JSON document.
+///
+/// NOTE: every entry is deserialised before any is processed, so a TOC near
+/// the 4 million entry limit needs an estimated 2 GiB (about 500 bytes per
+/// entry with its strings) while it is parsed.
 pub(crate) fn parse_toc_json(toc_json: &[u8], limits: &TocLimits) -> Result<JsonToc, TocError> {
     let toc: JsonToc =
         serde_json::from_slice(toc_json).map_err(|source| TocError::Json { source })?;
@@ -280,10 +287,16 @@ pub(crate) mod tests {
         let cases: [(&str, &[u8]); 3] = [
             ("empty", b""),
             ("not gzip", b"this is not a gzip member at all"),
-            ("truncated gzip", &toc_member(&[(TOC_TAR_NAME, b"{}")])[..20]),
+            (
+                "truncated gzip",
+                &toc_member(&[(TOC_TAR_NAME, b"{}")])[..20],
+            ),
         ];
         for (case, bytes) in cases {
-            assert!(extract_toc_json(bytes, DEFAULT_MAX_TOC_SIZE).is_err(), "case {case}");
+            assert!(
+                extract_toc_json(bytes, DEFAULT_MAX_TOC_SIZE).is_err(),
+                "case {case}"
+            );
         }
     }
 
@@ -292,7 +305,10 @@ pub(crate) mod tests {
         let json = vec![b' '; 4096];
         let member = toc_member(&[(TOC_TAR_NAME, &json)]);
         let error = extract_toc_json(&member, 2048).unwrap_err();
-        assert!(matches!(error, TocError::TooLarge { limit: 2048 }), "{error}");
+        assert!(
+            matches!(error, TocError::TooLarge { limit: 2048 }),
+            "{error}"
+        );
     }
 
     #[test]
@@ -314,7 +330,10 @@ pub(crate) mod tests {
         assert!(bomb.len() < 1 << 20, "bomb is {} bytes", bomb.len());
 
         let error = extract_toc_json(&bomb, 1 << 20).unwrap_err();
-        assert!(matches!(error, TocError::TooLarge { limit: 1048576 }), "{error}");
+        assert!(
+            matches!(error, TocError::TooLarge { limit: 1048576 }),
+            "{error}"
+        );
 
         // Zeros alone read as an empty tar: no TOC entry, and the limit holds.
         let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
@@ -323,18 +342,31 @@ pub(crate) mod tests {
         }
         let zeros_bomb = encoder.finish().unwrap();
         let error = extract_toc_json(&zeros_bomb, 1 << 20).unwrap_err();
-        assert!(matches!(error, TocError::MissingEntry { found: None }), "{error}");
+        assert!(
+            matches!(error, TocError::MissingEntry { found: None }),
+            "{error}"
+        );
     }
 
     #[test]
     fn parse_toc_json_checks_version_and_count() {
-        let limits = TocLimits { max_entries: 1 };
+        let limits = TocLimits {
+            max_entries: 1,
+            ..TocLimits::default()
+        };
         let error = parse_toc_json(br#"{"version":2,"entries":[]}"#, &limits).unwrap_err();
-        assert!(matches!(error, TocError::UnsupportedVersion { version: 2 }), "{error}");
+        assert!(
+            matches!(error, TocError::UnsupportedVersion { version: 2 }),
+            "{error}"
+        );
 
-        let two = br#"{"version":1,"entries":[{"name":"a","type":"dir"},{"name":"b","type":"dir"}]}"#;
+        let two =
+            br#"{"version":1,"entries":[{"name":"a","type":"dir"},{"name":"b","type":"dir"}]}"#;
         let error = parse_toc_json(two, &limits).unwrap_err();
-        assert!(matches!(error, TocError::TooManyEntries { count: 2, limit: 1 }), "{error}");
+        assert!(
+            matches!(error, TocError::TooManyEntries { count: 2, limit: 1 }),
+            "{error}"
+        );
 
         let error = parse_toc_json(b"{not json", &limits).unwrap_err();
         assert!(matches!(error, TocError::Json { .. }), "{error}");

@@ -19,7 +19,7 @@ use crate::estargz::name::display_path;
 const WHITEOUT_PREFIX: &[u8] = b".wh.";
 /// Name of the OCI opaque-directory marker.
 const OPAQUE_MARKER: &[u8] = b".wh..wh..opq";
-/// Longest name component the tree accepts, in bytes.
+/// Maximum length of a name component in the tree, in bytes.
 const MAX_NAME_LEN: usize = 255;
 
 #[derive(Debug, thiserror::Error)]
@@ -63,7 +63,7 @@ pub enum MergeError {
 /// Missing parent directories are created with mode 0755, owner 0:0 and
 /// mtime 0; a non-directory standing where a parent directory must be is
 /// replaced by such a directory, as an overlay mount of the layers shows it.
-/// A hard link shares the node of its target path as the tree stands when
+/// A hard link shares the node of its target path as the tree is when
 /// the link is applied, so the link keeps the content if an upper layer
 /// later whites the target out; the link entry's own metadata is ignored,
 /// as it is when a tar is extracted. The node ids of the result are
@@ -123,7 +123,7 @@ fn check_names(layer: usize, entry: &LayerEntry) -> Result<(), MergeError> {
     Ok(())
 }
 
-/// What a whiteout-named entry asks for.
+/// Effect of an entry whose name has the whiteout prefix.
 enum Whiteout<'a> {
     /// `.wh..wh..opq`: hide every lower child of the directory.
     Opaque,
@@ -146,8 +146,8 @@ fn classify_whiteout(name: &[u8]) -> Option<Whiteout<'_>> {
     Some(Whiteout::Remove(victim))
 }
 
-/// Whether an entry lies at or below a whiteout-named component; such
-/// entries never appear in the tree.
+/// Returns whether an entry lies at or below a whiteout-named component.
+/// Such entries never appear in the tree.
 fn under_whiteout_name(path: &[Vec<u8>]) -> bool {
     path.iter()
         .any(|component| component.starts_with(WHITEOUT_PREFIX))
@@ -488,12 +488,19 @@ mod tests {
         let mut stack = vec![(String::new(), ROOT)];
         while let Some((prefix, id)) = stack.pop() {
             let node = tree.node(id);
-            let shown = if prefix.is_empty() { "/" } else { prefix.as_str() };
+            let shown = if prefix.is_empty() {
+                "/"
+            } else {
+                prefix.as_str()
+            };
             match &node.kind {
                 NodeKind::Dir { children } => {
                     lines.push(format!("{shown} dir {:o}", node.meta.mode));
                     for (name, child) in children.iter().rev() {
-                        stack.push((format!("{prefix}/{}", String::from_utf8_lossy(name)), *child));
+                        stack.push((
+                            format!("{prefix}/{}", String::from_utf8_lossy(name)),
+                            *child,
+                        ));
                     }
                 }
                 NodeKind::Reg { data } => {
@@ -515,9 +522,12 @@ mod tests {
         for node in &tree.nodes {
             if let NodeKind::Dir { children } = &node.kind {
                 for (name, child) in children {
-                    assert!(!name.is_empty() && name.len() <= 255);
-                    assert!(!name.contains(&b'/') && !name.contains(&0));
-                    assert!(name.as_slice() != b"." && name.as_slice() != b"..");
+                    assert!(!name.is_empty());
+                    assert!(name.len() <= 255);
+                    assert!(!name.contains(&b'/'));
+                    assert!(!name.contains(&0));
+                    assert!(name.as_slice() != b".");
+                    assert!(name.as_slice() != b"..");
                     seen[*child as usize] += 1;
                 }
             }
@@ -541,11 +551,17 @@ mod tests {
 
     #[test]
     fn merge_rules() {
-        let cases: Vec<(&str, Vec<Vec<LayerEntry>>, Vec<&str>)> = vec![
+        type Case<'a> = (&'a str, Vec<Vec<LayerEntry>>, Vec<&'a str>);
+        let cases: Vec<Case> = vec![
             (
                 "implied parents",
                 vec![vec![file("a/b/c", 0)]],
-                vec!["/ dir 755", "/a dir 755", "/a/b dir 755", "/a/b/c reg @0 #3"],
+                vec![
+                    "/ dir 755",
+                    "/a dir 755",
+                    "/a/b dir 755",
+                    "/a/b/c reg @0 #3",
+                ],
             ),
             (
                 "later entry wins in one layer",
@@ -559,7 +575,10 @@ mod tests {
             ),
             (
                 "non-dir replaces dir and its subtree",
-                vec![vec![dir("d", 0o700), file("d/x", 0)], vec![symlink("d", "etc")]],
+                vec![
+                    vec![dir("d", 0o700), file("d/x", 0)],
+                    vec![symlink("d", "etc")],
+                ],
                 vec!["/ dir 755", "/d -> etc"],
             ),
             (
@@ -604,7 +623,11 @@ mod tests {
             ),
             (
                 "readd after whiteout",
-                vec![vec![file("a", 0)], vec![file(".wh.a", 0)], vec![file("a", 9)]],
+                vec![
+                    vec![file("a", 0)],
+                    vec![file(".wh.a", 0)],
+                    vec![file("a", 9)],
+                ],
                 vec!["/ dir 755", "/a reg @9 #1"],
             ),
             (
@@ -624,7 +647,11 @@ mod tests {
                 "odd whiteout names ignored",
                 vec![
                     vec![file("d/a", 0)],
-                    vec![file("d/.wh.", 0), file("d/.wh..", 0), file("d/.wh..wh.plnk", 0)],
+                    vec![
+                        file("d/.wh.", 0),
+                        file("d/.wh..", 0),
+                        file("d/.wh..wh.plnk", 0),
+                    ],
                 ],
                 vec!["/ dir 755", "/d dir 755", "/d/a reg @0 #2"],
             ),
@@ -636,7 +663,12 @@ mod tests {
             (
                 "hard link shares node",
                 vec![vec![file("l/orig", 0), hardlink("l/alias", "l/orig")]],
-                vec!["/ dir 755", "/l dir 755", "/l/alias reg @0 #2", "/l/orig reg @0 #2"],
+                vec![
+                    "/ dir 755",
+                    "/l dir 755",
+                    "/l/alias reg @0 #2",
+                    "/l/orig reg @0 #2",
+                ],
             ),
             (
                 "hard link survives target whiteout",
@@ -683,13 +715,24 @@ mod tests {
     #[test]
     fn merge_errors() {
         let cases: Vec<(&str, Vec<Vec<LayerEntry>>, &str)> = vec![
-            ("missing target", vec![vec![hardlink("b", "nope")]], "missing target \"/nope\""),
+            (
+                "missing target",
+                vec![vec![hardlink("b", "nope")]],
+                "missing target \"/nope\"",
+            ),
             (
                 "target whited out in same layer",
-                vec![vec![file("a", 0)], vec![file(".wh.a", 0), hardlink("b", "a")]],
+                vec![
+                    vec![file("a", 0)],
+                    vec![file(".wh.a", 0), hardlink("b", "a")],
+                ],
                 "missing target",
             ),
-            ("directory target", vec![vec![dir("d", 0o755), hardlink("b", "d")]], "names directory"),
+            (
+                "directory target",
+                vec![vec![dir("d", 0o755), hardlink("b", "d")]],
+                "names directory",
+            ),
             (
                 "root not dir",
                 vec![vec![LayerEntry {
@@ -726,7 +769,13 @@ mod tests {
         assert_eq!(first, second);
         assert_eq!(
             render(&first),
-            vec!["/ dir 755", "/a dir 755", "/a/b reg @1 #2", "/a/c reg @3 #3", "/z reg @0 #4"]
+            vec![
+                "/ dir 755",
+                "/a dir 755",
+                "/a/b reg @1 #2",
+                "/a/c reg @3 #3",
+                "/z reg @0 #4"
+            ]
         );
         check_invariants(&first);
     }

@@ -54,11 +54,23 @@ pub struct FileData {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum NodeKind {
     /// A directory; children sorted by name bytes.
-    Dir { children: BTreeMap<Vec<u8>, NodeId> },
-    Reg { data: FileData },
-    Symlink { target: Vec<u8> },
-    CharDev { major: u32, minor: u32 },
-    BlockDev { major: u32, minor: u32 },
+    Dir {
+        children: BTreeMap<Vec<u8>, NodeId>,
+    },
+    Reg {
+        data: FileData,
+    },
+    Symlink {
+        target: Vec<u8>,
+    },
+    CharDev {
+        major: u32,
+        minor: u32,
+    },
+    BlockDev {
+        major: u32,
+        minor: u32,
+    },
     Fifo,
 }
 
@@ -90,12 +102,24 @@ impl Tree {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum EntryKind {
     Dir,
-    Reg { data: FileData },
-    Symlink { target: Vec<u8> },
+    Reg {
+        data: FileData,
+    },
+    Symlink {
+        target: Vec<u8>,
+    },
     /// A hard link to another path of the same layer (normalised components).
-    Hardlink { target: Vec<Vec<u8>> },
-    CharDev { major: u32, minor: u32 },
-    BlockDev { major: u32, minor: u32 },
+    Hardlink {
+        target: Vec<Vec<u8>>,
+    },
+    CharDev {
+        major: u32,
+        minor: u32,
+    },
+    BlockDev {
+        major: u32,
+        minor: u32,
+    },
     Fifo,
 }
 

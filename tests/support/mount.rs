@@ -82,8 +82,14 @@ pub struct NbdMount {
 }
 
 impl NbdMount {
-    /// Connects to the default export of the NBD server on `socket_path`.
+    /// Connects to the default export (the empty name) of the NBD server on
+    /// `socket_path`.
     pub fn new(socket_path: &Path) -> NbdMount {
+        NbdMount::with_export(socket_path, "")
+    }
+
+    /// Connects to the export `export_name` of the NBD server on `socket_path`.
+    pub fn with_export(socket_path: &Path, export_name: &str) -> NbdMount {
         let mounted = Mounted::new("nbd");
         let fuse_dir = mounted.work_dir().join("fuse");
         let log = mounted.work_dir().join("nbdfuse.log");
@@ -98,7 +104,11 @@ impl NbdMount {
             .arg("--pidfile")
             .arg(&pid_file)
             .arg(&disk)
-            .arg(format!("nbd+unix:///?socket={}", socket_path.display()))
+            .arg(format!(
+                "nbd+unix:///{}?socket={}",
+                percent_encode(export_name.as_bytes()),
+                percent_encode(socket_path.as_os_str().as_encoded_bytes())
+            ))
             .stdin(Stdio::null())
             .stdout(log_file.try_clone().expect("duplicating the log handle"))
             .stderr(log_file);
@@ -295,8 +305,8 @@ impl Mounted {
         }
         if !errors.is_empty() {
             if let Some(work) = self.work.take() {
-                let kept = work.keep();
-                errors.push(format!("kept {} for inspection", kept.display()));
+                let kept_dir = work.keep();
+                errors.push(format!("kept {} for inspection", kept_dir.display()));
             }
         }
         errors
@@ -310,6 +320,20 @@ impl Drop for Mounted {
         let errors = self.tear_down();
         report_teardown("mount", &errors);
     }
+}
+
+/// Percent-encodes every byte except RFC 3986 unreserved characters and `/`,
+/// for the export name and socket path in an NBD URI.
+fn percent_encode(bytes: &[u8]) -> String {
+    let mut encoded = String::with_capacity(bytes.len());
+    for &byte in bytes {
+        if byte.is_ascii_alphanumeric() || b"-._~/".contains(&byte) {
+            encoded.push(char::from(byte));
+        } else {
+            encoded.push_str(&format!("%{byte:02X}"));
+        }
+    }
+    encoded
 }
 
 /// Retries a command while its error message reports the target as busy.
@@ -329,11 +353,11 @@ fn retry_while_busy<T>(mut step: impl FnMut() -> Result<T, String>) -> Result<T,
 
 /// Panics with the teardown errors, or prints them when the thread is already
 /// panicking (a second panic would abort the test binary and hide the first).
-fn report_teardown(what: &str, errors: &[String]) {
+fn report_teardown(owner: &str, errors: &[String]) {
     if errors.is_empty() {
         return;
     }
-    let message = format!("{what} teardown failed:\n{}", errors.join("\n"));
+    let message = format!("{owner} teardown failed:\n{}", errors.join("\n"));
     if std::thread::panicking() {
         eprintln!("{message}");
     } else {

@@ -1,0 +1,631 @@
+//! The attach server: opens the image, hands one socket pair end per
+//! connection to the kernel, serves the other ends until the device is
+//! disconnected, and keeps the device's state and stats files.
+
+use std::fs::File;
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::fs::FileExt;
+use std::os::unix::net::UnixStream as StdUnixStream;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use tokio::task::JoinHandle;
+use tracing::{debug, info, warn};
+
+use super::daemon::{Readiness, ReadyPipe};
+use super::ioctl::{self, IoctlConfig};
+use super::netlink::{ConnectRequest, NbdNetlink};
+use super::state::{DeviceState, Interface, RuntimeDir};
+use super::{
+    device_path, device_size, open_netlink, process_alive, require_root, AttachError,
+    InterfaceChoice, BLOCK_SIZE, READ_ONLY_FLAGS,
+};
+use crate::disk::ImageDisk;
+use crate::image::{open_image, OpenOptions, OpenedImage, StartupFetch};
+use crate::nbd::{serve_transmission, ServerOptions};
+
+/// How long `attach` waits for a connected device to report its size.
+const IOCTL_START_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long after `NBD_CMD_RECONFIGURE` a socket the kernel did not adopt shows up closed.
+const ADOPTION_CHECK_DELAY: Duration = Duration::from_millis(300);
+/// Attempts to hand the kernel replacement sockets on reattach.
+const REATTACH_ATTEMPTS: usize = 5;
+
+/// Everything one `attach` (or `attach --reattach`) run needs.
+pub struct AttachSettings {
+    /// The image argument: `oci:DIR[:TAG]` or a registry reference.
+    pub image: String,
+    pub open: OpenOptions,
+    /// Device index to use, or `None` to let the kernel choose.
+    pub device: Option<u32>,
+    /// Hand new sockets to `device`, whose server died, instead of connecting it.
+    pub reattach: bool,
+    /// Sockets per device, at least 1.
+    pub connections: u32,
+    /// Request timeout in seconds: after it, in-flight requests are requeued.
+    pub timeout_secs: u64,
+    /// Seconds the kernel holds requests while every connection is dead.
+    pub dead_conn_timeout_secs: u64,
+    pub interface: InterfaceChoice,
+    pub runtime: RuntimeDir,
+    /// The server's log file when it runs in the background.
+    pub log_file: Option<PathBuf>,
+    /// Where to report readiness in the background; `None` prints the device path.
+    pub ready: Option<ReadyPipe>,
+    /// When the command started, for the attach time.
+    pub started: Instant,
+}
+
+/// A connected device and the tasks serving it.
+struct Attached {
+    index: u32,
+    interface: Interface,
+    connections: Vec<JoinHandle<()>>,
+    do_it: Option<std::thread::JoinHandle<Result<(), ioctl::IoctlError>>>,
+    disk: Arc<ImageDisk>,
+    image: OpenedImage,
+    state: DeviceState,
+}
+
+/// Attaches the image and serves the device until it is disconnected (by
+/// `detach`, SIGTERM or SIGINT). Reports readiness once the device is readable.
+pub async fn run_server(mut settings: AttachSettings) -> Result<(), AttachError> {
+    let ready = settings.ready.take();
+    let attached = match attach(&settings).await {
+        Ok(attached) => attached,
+        Err(error) => {
+            if let Some(ready) = ready {
+                ready.report(&Readiness::Failed {
+                    message: error.to_string(),
+                });
+            }
+            return Err(error);
+        }
+    };
+    let device = attached.state.device.clone();
+    info!(device = %device, attach_ms = attached.state.attach_ms, "device readable");
+    match ready {
+        Some(ready) => ready.report(&Readiness::Ready {
+            device,
+            attach_ms: attached.state.attach_ms,
+        }),
+        None => println!("{device}"),
+    }
+    serve(attached, &settings).await
+}
+
+async fn attach(settings: &AttachSettings) -> Result<Attached, AttachError> {
+    require_root("attach")?;
+    settings
+        .runtime
+        .create()
+        .map_err(|source| AttachError::Io {
+            step: "create the runtime directory",
+            path: settings.runtime.dir.clone(),
+            source,
+        })?;
+
+    let netlink = open_netlink(settings.interface)?;
+    let old_state = match (settings.reattach, settings.device) {
+        (true, Some(index)) => Some(check_reattach(settings, index, netlink.is_some())?),
+        _ => None,
+    };
+
+    let image = open_image(&settings.image, &settings.open)
+        .await
+        .map_err(|error| AttachError::OpenImage {
+            image: settings.image.clone(),
+            message: format!("{error:#}"),
+        })?;
+    let size = image.layout.size();
+    if size % BLOCK_SIZE != 0 {
+        return Err(AttachError::UnalignedSize { size });
+    }
+    let backend = format!("esgz-nbd:{}", image.manifest_digest);
+    if let Some(old) = &old_state {
+        if old.backend != backend {
+            return Err(AttachError::BackendMismatch {
+                device: old.device.clone(),
+                image: settings.image.clone(),
+                attached: old.backend.clone(),
+                requested: backend,
+            });
+        }
+    }
+
+    let disk = Arc::new(ImageDisk::new(&image));
+    let options = Arc::new(ServerOptions {
+        description: format!("{} ({})", image.description, image.manifest_digest),
+        ..ServerOptions::default()
+    });
+    let pairs = Connections {
+        disk: disk.clone(),
+        options,
+    };
+
+    let (index, interface, connections, do_it) = match netlink {
+        Some(netlink) if settings.reattach => {
+            let index = settings.device.unwrap_or_default();
+            let connections = reattach_sockets(netlink, &pairs, settings, index, &backend).await?;
+            (index, Interface::Netlink, connections, None)
+        }
+        Some(netlink) => {
+            let (kernel_ends, connections) = pairs.create(settings.connections)?;
+            let request = ConnectRequest {
+                index: settings.device,
+                size_bytes: size,
+                block_size: BLOCK_SIZE,
+                server_flags: READ_ONLY_FLAGS,
+                timeout_secs: settings.timeout_secs,
+                dead_conn_timeout_secs: settings.dead_conn_timeout_secs,
+                sockets: raw_fds(&kernel_ends),
+                backend: backend.clone(),
+            };
+            let index = connect_netlink(netlink, request).await?;
+            drop(kernel_ends);
+            (index, Interface::Netlink, connections, None)
+        }
+        None => {
+            let (kernel_ends, connections) = pairs.create(settings.connections)?;
+            let config = IoctlConfig {
+                block_size: BLOCK_SIZE,
+                size_bytes: size,
+                server_flags: READ_ONLY_FLAGS,
+                timeout_secs: settings.timeout_secs,
+            };
+            let requested = settings.device;
+            let (index, device) = tokio::task::spawn_blocking(move || {
+                let result = configure_ioctl(requested, &config, &raw_fds(&kernel_ends));
+                drop(kernel_ends);
+                result
+            })
+            .await
+            .map_err(join_error)??;
+            let path = device_path(index);
+            let do_it = std::thread::Builder::new()
+                .name(format!("nbd{index}-do-it"))
+                .spawn(move || ioctl::do_it(&device, &path))
+                .map_err(|source| AttachError::Io {
+                    step: "start the NBD_DO_IT thread for",
+                    path: PathBuf::from(device_path(index)),
+                    source,
+                })?;
+            (index, Interface::Ioctl, connections, Some(do_it))
+        }
+    };
+    info!(device = %device_path(index), ?interface, connections = connections.len(), size, "device connected");
+
+    wait_readable(index).await?;
+    let attach_ms = settings.started.elapsed().as_millis() as u64;
+
+    let log_file = settings.log_file.as_ref().map(|log| {
+        let target = settings.runtime.log_path(index);
+        match std::fs::rename(log, &target) {
+            Ok(()) => target,
+            Err(error) => {
+                warn!(%error, log = %log.display(), "failed to rename the server log");
+                log.clone()
+            }
+        }
+    });
+    let state = DeviceState {
+        device: device_path(index),
+        index,
+        image: image.description.clone(),
+        manifest_digest: image.manifest_digest.clone(),
+        backend,
+        pid: std::process::id(),
+        mode: "read-only".to_string(),
+        interface,
+        connections: connections.len() as u32,
+        cache_dir: settings.open.cache_dir.clone(),
+        socket: "socketpair".to_string(),
+        size_bytes: size,
+        timeout_secs: settings.timeout_secs,
+        dead_conn_timeout_secs: settings.dead_conn_timeout_secs,
+        stats_file: settings.runtime.stats_path(index),
+        log_file,
+        attached_at: SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or_default(),
+        attach_ms,
+    };
+    settings
+        .runtime
+        .write(&state)
+        .map_err(|source| AttachError::Io {
+            step: "write the state file",
+            path: settings.runtime.state_path(index),
+            source,
+        })?;
+
+    Ok(Attached {
+        index,
+        interface,
+        connections,
+        do_it,
+        disk,
+        image,
+        state,
+    })
+}
+
+/// Checks that device `index` can be reattached and returns its recorded state.
+fn check_reattach(
+    settings: &AttachSettings,
+    index: u32,
+    netlink: bool,
+) -> Result<DeviceState, AttachError> {
+    let device = device_path(index);
+    let state = settings
+        .runtime
+        .read(index)?
+        .ok_or_else(|| AttachError::NotConnected {
+            device: device.clone(),
+        })?;
+    if state.interface != Interface::Netlink || !netlink {
+        return Err(AttachError::ReattachNeedsNetlink {
+            device,
+            interface: state.interface,
+        });
+    }
+    if state.pid != std::process::id() && process_alive(state.pid) {
+        return Err(AttachError::ServerRunning {
+            device,
+            pid: state.pid,
+        });
+    }
+    let connected = NbdNetlink::open()
+        .and_then(|mut socket| socket.status(Some(index)))?
+        .iter()
+        .any(|status| status.index == index && status.connected);
+    if !connected {
+        return Err(AttachError::NotConnected { device });
+    }
+    Ok(state)
+}
+
+/// Creates socket pairs and the tasks serving their server ends.
+struct Connections {
+    disk: Arc<ImageDisk>,
+    options: Arc<ServerOptions>,
+}
+
+impl Connections {
+    fn create(&self, count: u32) -> Result<(Vec<StdUnixStream>, Vec<JoinHandle<()>>), AttachError> {
+        let io_error = |step| {
+            move |source| AttachError::Io {
+                step,
+                path: PathBuf::from("socketpair"),
+                source,
+            }
+        };
+        let mut kernel_ends = Vec::new();
+        let mut tasks = Vec::new();
+        for _ in 0..count.max(1) {
+            let (ours, theirs) = StdUnixStream::pair().map_err(io_error("create a socket pair"))?;
+            ours.set_nonblocking(true)
+                .map_err(io_error("configure a socket"))?;
+            let stream =
+                tokio::net::UnixStream::from_std(ours).map_err(io_error("register a socket"))?;
+            let disk = self.disk.clone();
+            let options = self.options.clone();
+            let connection = theirs.as_raw_fd();
+            tasks.push(tokio::spawn(async move {
+                match serve_transmission(stream, disk, options).await {
+                    Ok(()) => debug!(connection, "NBD connection closed"),
+                    Err(error) => warn!(connection, %error, "NBD connection failed"),
+                }
+            }));
+            kernel_ends.push(theirs);
+        }
+        Ok((kernel_ends, tasks))
+    }
+}
+
+fn raw_fds(streams: &[StdUnixStream]) -> Vec<RawFd> {
+    streams.iter().map(|stream| stream.as_raw_fd()).collect()
+}
+
+fn join_error(error: tokio::task::JoinError) -> AttachError {
+    AttachError::Io {
+        step: "run a blocking step of",
+        path: PathBuf::from("attach"),
+        source: std::io::Error::other(error.to_string()),
+    }
+}
+
+/// Sends `NBD_CMD_CONNECT` off the async threads: the kernel may read the
+/// device before it replies, and our own tasks serve those reads.
+async fn connect_netlink(
+    mut netlink: NbdNetlink,
+    request: ConnectRequest,
+) -> Result<u32, AttachError> {
+    let requested = request.index;
+    let result = tokio::task::spawn_blocking(move || netlink.connect(&request))
+        .await
+        .map_err(join_error)?;
+    match result {
+        Ok(index) => Ok(index),
+        Err(error) if error.kernel_errno() == Some(libc::EBUSY) => Err(AttachError::DeviceInUse {
+            device: requested
+                .map(device_path)
+                .unwrap_or_else(|| "the chosen device".to_string()),
+        }),
+        Err(error) => Err(error.into()),
+    }
+}
+
+/// Hands the kernel new sockets for a device whose connections died. The
+/// kernel silently closes sockets for which it finds no dead connection (for
+/// instance when it has not yet noticed the old server's exit), so sockets
+/// that close right away are replaced and sent again.
+async fn reattach_sockets(
+    netlink: NbdNetlink,
+    pairs: &Connections,
+    settings: &AttachSettings,
+    index: u32,
+    backend: &str,
+) -> Result<Vec<JoinHandle<()>>, AttachError> {
+    let old = settings.runtime.read(index)?;
+    let wanted = old
+        .map(|state| state.connections)
+        .unwrap_or(settings.connections)
+        .max(1);
+    let netlink = Arc::new(std::sync::Mutex::new(netlink));
+    let mut adopted = Vec::new();
+    let mut pending = wanted;
+    for attempt in 1..=REATTACH_ATTEMPTS {
+        let (kernel_ends, tasks) = pairs.create(pending)?;
+        let netlink = netlink.clone();
+        let backend = backend.to_string();
+        let (timeout, dead) = (settings.timeout_secs, settings.dead_conn_timeout_secs);
+        tokio::task::spawn_blocking(move || {
+            let fds = raw_fds(&kernel_ends);
+            let mut socket = netlink
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            let result = socket.reconfigure(index, &backend, &fds, timeout, dead);
+            drop(kernel_ends);
+            result
+        })
+        .await
+        .map_err(join_error)??;
+
+        tokio::time::sleep(ADOPTION_CHECK_DELAY).await;
+        let (closed, open): (Vec<_>, Vec<_>) =
+            tasks.into_iter().partition(|task| task.is_finished());
+        adopted.extend(open);
+        pending = closed.len() as u32;
+        info!(device = %device_path(index), attempt, adopted = adopted.len(), rejected = pending, "sent replacement sockets");
+        if pending == 0 {
+            break;
+        }
+    }
+    if adopted.is_empty() {
+        return Err(AttachError::NotConnected {
+            device: device_path(index),
+        });
+    }
+    Ok(adopted)
+}
+
+/// Configures a device through the ioctls: the requested one, or the first
+/// device that is not in use.
+fn configure_ioctl(
+    requested: Option<u32>,
+    config: &IoctlConfig,
+    sockets: &[RawFd],
+) -> Result<(u32, File), AttachError> {
+    let candidates: Vec<u32> = match requested {
+        Some(index) => vec![index],
+        None => list_nbd_devices(),
+    };
+    for &index in &candidates {
+        let path = device_path(index);
+        if requested.is_none() && Path::new(&format!("/sys/block/nbd{index}/pid")).exists() {
+            continue;
+        }
+        let device = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .map_err(|source| AttachError::Io {
+                step: "open",
+                path: PathBuf::from(&path),
+                source,
+            })?;
+        match ioctl::configure(&device, &path, config, sockets) {
+            Ok(()) => return Ok((index, device)),
+            Err(error) if error.errno() == Some(libc::EBUSY) => {
+                if requested.is_some() {
+                    return Err(AttachError::DeviceInUse { device: path });
+                }
+            }
+            Err(error) => return Err(error.into()),
+        }
+    }
+    Err(AttachError::NoFreeDevice {
+        count: candidates.len(),
+    })
+}
+
+/// Indexes of the nbd devices in sysfs, sorted.
+fn list_nbd_devices() -> Vec<u32> {
+    let mut indexes: Vec<u32> = std::fs::read_dir("/sys/block")
+        .map(|entries| {
+            entries
+                .filter_map(|entry| entry.ok())
+                .filter_map(|entry| super::state::parse_device(Path::new(&entry.file_name())))
+                .collect()
+        })
+        .unwrap_or_default();
+    indexes.sort_unstable();
+    indexes
+}
+
+/// Waits until the device has its size and its first block can be read
+/// from the server (with `O_DIRECT`, so the page cache cannot answer).
+async fn wait_readable(index: u32) -> Result<(), AttachError> {
+    let device = device_path(index);
+    let task_device = device.clone();
+    let result = tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+        let deadline = Instant::now() + IOCTL_START_TIMEOUT;
+        while device_size(index).unwrap_or(0) == 0 {
+            if Instant::now() >= deadline {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!(
+                        "the kernel still reports size 0 {} s after the connect",
+                        IOCTL_START_TIMEOUT.as_secs()
+                    ),
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        use std::os::unix::fs::OpenOptionsExt;
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(&task_device)?;
+        let mut buffer = vec![0u8; 2 * BLOCK_SIZE as usize];
+        let start = buffer.as_ptr().align_offset(BLOCK_SIZE as usize);
+        let block = &mut buffer[start..start + BLOCK_SIZE as usize];
+        file.read_exact_at(block, 0)
+    })
+    .await
+    .map_err(join_error)?;
+    result.map_err(|source| AttachError::NotReadable { device, source })
+}
+
+/// Serves until every connection has closed, or until SIGTERM/SIGINT, which
+/// disconnects the device first. Removes the state files at the end.
+async fn serve(attached: Attached, settings: &AttachSettings) -> Result<(), AttachError> {
+    let Attached {
+        index,
+        interface,
+        connections,
+        do_it,
+        disk,
+        image,
+        state,
+    } = attached;
+
+    let (stop_stats, stats_stopped) = tokio::sync::watch::channel(false);
+    let stats_task = tokio::spawn(write_stats_loop(
+        disk.clone(),
+        image.startup,
+        layer_cache_paths(&settings.open.cache_dir, &image),
+        state.stats_file.clone(),
+        stats_stopped,
+    ));
+
+    let mut all_closed = Box::pin(futures::future::join_all(connections));
+    tokio::select! {
+        _ = &mut all_closed => info!(device = %state.device, "the kernel closed every connection"),
+        _ = wait_for_signal() => {
+            info!(device = %state.device, "disconnecting the device");
+            let result = tokio::task::spawn_blocking(move || super::disconnect(index, interface))
+                .await
+                .map_err(join_error)?;
+            if let Err(error) = result {
+                warn!(%error, "disconnect failed");
+            }
+            if tokio::time::timeout(Duration::from_secs(10), &mut all_closed).await.is_err() {
+                warn!(device = %state.device, "connections still open 10 s after the disconnect");
+            }
+        }
+    }
+
+    if let Some(do_it) = do_it {
+        match tokio::task::spawn_blocking(move || do_it.join()).await {
+            Ok(Ok(Err(error))) => warn!(%error, "NBD_DO_IT ended with an error"),
+            Ok(Err(_)) => warn!("the NBD_DO_IT thread panicked"),
+            _ => {}
+        }
+    }
+    let _ = stop_stats.send(true);
+    let _ = stats_task.await;
+
+    let stats = disk.store().stats();
+    info!(device = %state.device, ?stats, "server stopped");
+    settings
+        .runtime
+        .remove(index, Some(std::process::id()))
+        .map_err(|source| AttachError::Io {
+            step: "remove the state of",
+            path: settings.runtime.state_path(index),
+            source,
+        })?;
+    if let Some(log) = &state.log_file {
+        let _ = std::fs::remove_file(log);
+    }
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut terminate), Ok(mut interrupt)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        warn!("failed to watch SIGTERM and SIGINT; only `detach` stops the server");
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = terminate.recv() => info!("terminated"),
+        _ = interrupt.recv() => info!("interrupted"),
+    }
+}
+
+/// Cache files of the image's layers.
+// NOTE: this repeats the chunk store's file naming (`layers/sha256-HEX.data`);
+// if the store renames its files, `list` reports 0 cache bytes.
+fn layer_cache_paths(cache_dir: &Path, image: &OpenedImage) -> Vec<PathBuf> {
+    image
+        .layers
+        .iter()
+        .filter_map(|layer| layer.digest.strip_prefix("sha256:"))
+        .map(|hex| cache_dir.join("layers").join(format!("sha256-{hex}.data")))
+        .collect()
+}
+
+/// Bytes allocated on disk by `paths` (sparse cache files count what they hold).
+fn allocated_bytes(paths: &[PathBuf]) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    paths
+        .iter()
+        .filter_map(|path| std::fs::metadata(path).ok())
+        .map(|metadata| metadata.blocks() * 512)
+        .sum()
+}
+
+async fn write_stats_loop(
+    disk: Arc<ImageDisk>,
+    startup: StartupFetch,
+    cache_files: Vec<PathBuf>,
+    path: PathBuf,
+    mut stopped: tokio::sync::watch::Receiver<bool>,
+) {
+    loop {
+        let stats = serde_json::json!({
+            "startup": startup,
+            "store": disk.store().stats(),
+            "cache_bytes": allocated_bytes(&cache_files),
+        });
+        let staging = path.with_extension("tmp");
+        let result = serde_json::to_vec_pretty(&stats)
+            .map_err(std::io::Error::other)
+            .and_then(|text| std::fs::write(&staging, text))
+            .and_then(|()| std::fs::rename(&staging, &path));
+        if let Err(error) = result {
+            warn!(path = %path.display(), %error, "failed to write the stats file");
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            _ = stopped.changed() => return,
+        }
+    }
+}
