@@ -13,9 +13,8 @@ use tracing_subscriber::EnvFilter;
 
 use esgz_nbd::attach::{self, state::RuntimeDir, AttachSettings, InterfaceChoice};
 use esgz_nbd::cli::{
-    AttachArgs, BuildArgs, Cli, Command, ConvertArgs, DetachArgs, ExportArgs, ImageArgs,
-    IoChoice, LayerWriterArgs, ListArgs, LogFormat, NbdInterface, RegistryArgs, ServeArgs,
-    TreeManifestArgs,
+    AttachArgs, BuildArgs, Cli, Command, ConvertArgs, DetachArgs, ExportArgs, ImageArgs, IoChoice,
+    LayerWriterArgs, ListArgs, LogFormat, NbdInterface, RegistryArgs, ServeArgs, TreeManifestArgs,
 };
 use esgz_nbd::convert::{self, BuildOptions, ConvertOptions};
 use esgz_nbd::disk::ImageDisk;
