@@ -65,6 +65,98 @@ pub enum Command {
     Completions(CompletionsArgs),
     /// Print the manual page (roff) to standard output.
     Man,
+    /// Convert every layer of an image to eStargz and store the result in a
+    /// registry or an OCI image layout.
+    Convert(ConvertArgs),
+    /// Build a single-layer eStargz image from a directory tree or a tar.
+    Build(BuildArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct ConvertArgs {
+    /// Source image: a registry reference or oci:DIR[:TAG].
+    pub source: String,
+
+    /// Destination image: a registry reference or oci:DIR[:TAG].
+    pub destination: String,
+
+    /// Platform to convert from a multi-platform image, OS/ARCH[/VARIANT]
+    /// [default: the host's].
+    #[arg(long, value_name = "OS/ARCH", conflicts_with = "all_platforms")]
+    pub platform: Option<String>,
+
+    /// Convert every platform of a multi-platform image and write an index.
+    #[arg(long)]
+    pub all_platforms: bool,
+
+    /// Rewrite layers that are already eStargz instead of copying them.
+    #[arg(long)]
+    pub force: bool,
+
+    #[command(flatten)]
+    pub layer: LayerWriterArgs,
+
+    #[command(flatten)]
+    pub registry: WriterRegistryArgs,
+}
+
+#[derive(Args, Debug)]
+pub struct BuildArgs {
+    /// Root filesystem directory, or a tar file (plain or gzip).
+    pub input: PathBuf,
+
+    /// Destination image: a registry reference or oci:DIR[:TAG].
+    pub destination: String,
+
+    #[command(flatten)]
+    pub layer: LayerWriterArgs,
+
+    #[command(flatten)]
+    pub registry: WriterRegistryArgs,
+}
+
+/// How eStargz layers are written.
+#[derive(Args, Debug)]
+pub struct LayerWriterArgs {
+    /// Bytes per chunk: larger files are split into chunks of this size,
+    /// each fetched on its own.
+    #[arg(long, value_name = "BYTES", default_value_t = 4 << 20)]
+    pub chunk_size: u64,
+
+    /// gzip compression level, 0 (none) to 9 (smallest, slowest).
+    #[arg(long, value_name = "LEVEL", default_value_t = 9)]
+    pub compression_level: u32,
+
+    /// File listing paths (one per line) to put first in each layer and
+    /// prefetch; without it, layers are marked to prefetch nothing.
+    #[arg(long, value_name = "FILE")]
+    pub prioritize: Option<PathBuf>,
+
+    /// Pack small files into shared gzip members of at least this many
+    /// uncompressed bytes (TOC innerOffset; older readers do not support it).
+    #[arg(long, value_name = "BYTES", default_value_t = 0)]
+    pub min_chunk_size: u64,
+
+    /// Compression threads [default: one per core].
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub threads: usize,
+}
+
+/// How registries are reached when writing images.
+#[derive(Args, Debug)]
+pub struct WriterRegistryArgs {
+    /// Use plain HTTP for the registry (always used for loopback hosts).
+    #[arg(long)]
+    pub plain_http: bool,
+
+    /// Do not verify the registry's TLS certificate.
+    #[arg(long)]
+    pub insecure_skip_tls_verify: bool,
+
+    /// Docker-style credentials file [default: $REGISTRY_AUTH_FILE, else
+    /// $DOCKER_CONFIG/config.json or ~/.docker/config.json].
+    #[arg(long, value_name = "PATH")]
+    pub auth_file: Option<PathBuf>,
 }
 
 #[derive(Args, Debug)]

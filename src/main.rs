@@ -14,10 +14,12 @@ use tracing_subscriber::EnvFilter;
 
 use esgz_nbd::attach::{self, state::RuntimeDir, AttachSettings, InterfaceChoice};
 use esgz_nbd::cli::{
-    AttachArgs, Cli, Command, DetachArgs, ExportArgs, ImageArgs, InspectArgs, IoChoice, ListArgs,
-    LogFormat, NbdInterface, ServeArgs, TreeManifestArgs,
+    AttachArgs, BuildArgs, Cli, Command, ConvertArgs, DetachArgs, ExportArgs, ImageArgs,
+    InspectArgs, IoChoice, LayerWriterArgs, ListArgs, LogFormat, NbdInterface, ServeArgs,
+    TreeManifestArgs, WriterRegistryArgs,
 };
 use esgz_nbd::config::{self, FileConfig, IoSetting};
+use esgz_nbd::convert::{self, BuildOptions, ConvertOptions};
 use esgz_nbd::device::BlockDevice;
 use esgz_nbd::disk::ImageDisk;
 use esgz_nbd::estargz::TocLimits;
@@ -31,6 +33,7 @@ use esgz_nbd::registry::hosts::CONTAINERD_HOSTS_DIR;
 use esgz_nbd::registry::RegistryOptions;
 use esgz_nbd::source::Platform;
 use esgz_nbd::store::IoBackendChoice;
+use esgz_nbd::writer::WriterOptions;
 
 /// Settings that come from outside the command's own arguments.
 struct Settings {
@@ -97,6 +100,8 @@ fn main() -> ExitCode {
             Command::Detach(args) => detach_command(args).await,
             Command::List(args) => list_command(args),
             Command::TreeManifest(args) => tree_manifest_command(args),
+            Command::Convert(args) => convert_command(args, !cli.quiet, &settings).await,
+            Command::Build(args) => build_command(args, !cli.quiet, &settings).await,
         }
     });
     match result {
@@ -643,5 +648,66 @@ async fn inspect(args: InspectArgs, settings: &Settings) -> anyhow::Result<()> {
     } else {
         print!("{}", render_text(&report));
     }
+    Ok(())
+}
+
+fn writer_options(args: &LayerWriterArgs) -> anyhow::Result<WriterOptions> {
+    let prioritized = match &args.prioritize {
+        Some(path) => convert::read_prioritize_file(path)?,
+        None => Vec::new(),
+    };
+    let options = WriterOptions {
+        chunk_size: args.chunk_size,
+        compression_level: args.compression_level,
+        min_chunk_size: args.min_chunk_size,
+        prioritized,
+        threads: args.threads,
+    };
+    options.validate()?;
+    Ok(options)
+}
+
+fn writer_registry_options(args: &WriterRegistryArgs, file: &FileConfig) -> RegistryOptions {
+    registry_options(
+        RegistryArgs {
+            plain_http: args.plain_http,
+            insecure_skip_tls_verify: args.insecure_skip_tls_verify,
+            auth_file: args.auth_file.as_deref(),
+            hosts_dir: None,
+        },
+        file,
+    )
+}
+
+async fn convert_command(
+    args: ConvertArgs,
+    progress: bool,
+    settings: &Settings,
+) -> anyhow::Result<()> {
+    let platform = match &args.platform {
+        Some(text) => Platform::parse(text)?,
+        None => Platform::host(),
+    };
+    let options = ConvertOptions {
+        writer: writer_options(&args.layer)?,
+        platform,
+        all_platforms: args.all_platforms,
+        force: args.force,
+        registry: writer_registry_options(&args.registry, &settings.file),
+        progress,
+    };
+    let digest = convert::convert(&args.source, &args.destination, &options).await?;
+    println!("{digest}");
+    Ok(())
+}
+
+async fn build_command(args: BuildArgs, progress: bool, settings: &Settings) -> anyhow::Result<()> {
+    let options = BuildOptions {
+        writer: writer_options(&args.layer)?,
+        registry: writer_registry_options(&args.registry, &settings.file),
+        progress,
+    };
+    let digest = convert::build(&args.input, &args.destination, &options).await?;
+    println!("{digest}");
     Ok(())
 }
