@@ -44,7 +44,7 @@ impl<D: BlockDevice> OverlayDisk<D> {
         })
     }
 
-    /// The device under the overlay.
+    /// Returns the device under the overlay.
     pub fn base(&self) -> &Arc<D> {
         &self.base
     }

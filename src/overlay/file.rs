@@ -31,7 +31,7 @@ struct MapState {
 /// A copy-on-write overlay file for one device.
 ///
 /// Block N of the device lives at byte `HEADER_SIZE + N * 4096` of the file,
-/// so the data area is sparse and needs no slot allocation. The map says
+/// so the data area is sparse and needs no slot allocation. The map records
 /// which blocks hold data and which read as zeros. It is persisted as an
 /// append-only log of records after the data area.
 ///

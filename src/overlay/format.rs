@@ -206,29 +206,25 @@ mod tests {
     #[test]
     fn header_damage_is_detected() {
         let good = encode_header(&identity()).expect("encodes");
-        let cases: &[(&str, usize, Box<dyn Fn(&HeaderError) -> bool>)] = &[
-            ("magic", 0, Box::new(|e| *e == HeaderError::Magic)),
-            (
-                "device_size",
-                17,
-                Box::new(|e| matches!(e, HeaderError::Checksum { .. })),
-            ),
-            (
-                "manifest",
-                60,
-                Box::new(|e| matches!(e, HeaderError::Checksum { .. })),
-            ),
-            (
-                "checksum",
-                4093,
-                Box::new(|e| matches!(e, HeaderError::Checksum { .. })),
-            ),
+        // (case, flipped byte, the damage is caught by the magic check)
+        let cases = [
+            ("magic", 0, true),
+            ("device_size", 17, false),
+            ("manifest", 60, false),
+            ("checksum", 4093, false),
         ];
-        for (name, at, expected) in cases {
+        for (name, at, magic) in cases {
             let mut bytes = good.clone();
-            bytes[*at] ^= 0x40;
+            bytes[at] ^= 0x40;
             let error = decode_header(&bytes).expect_err(name);
-            assert!(expected(&error), "case {name}: {error}");
+            if magic {
+                assert_eq!(error, HeaderError::Magic, "case {name}");
+            } else {
+                assert!(
+                    matches!(error, HeaderError::Checksum { .. }),
+                    "case {name}: {error}"
+                );
+            }
         }
         assert_eq!(decode_header(&good[..100]), Err(HeaderError::Magic));
     }

@@ -205,7 +205,13 @@ mod tests {
         let mut map = RangeMap::default();
         map.set(2, 4, Data);
         map.set(6, 8, Zero);
-        let cases: &[(&str, u64, u64, &[(u64, u64, Option<BlockState>)])] = &[
+        type Case = (
+            &'static str,
+            u64,
+            u64,
+            &'static [(u64, u64, Option<BlockState>)],
+        );
+        let cases: &[Case] = &[
             ("all_image", 10, 12, &[(10, 12, None)]),
             ("inside_data", 3, 4, &[(3, 4, Some(Data))]),
             (
