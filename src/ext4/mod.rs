@@ -17,8 +17,11 @@
 //!   sit at the front of the device.
 //! - ro_compat `sparse_super` (set alongside `sparse_super2`, as mke2fs
 //!   does), `large_file`, `huge_file`, `dir_nlink`, `extra_isize`.
-//! - No journal: the image is served read-only, so there is nothing to
-//!   replay. No `metadata_csum`/`uninit_bg`: checksums would have to be
+//! - No journal in the read-only layout, because nothing is ever written
+//!   there to replay. A writable layout ([`Layout::new_writable`]) adds
+//!   compat `has_journal`: inode 8 maps a contiguous, clean jbd2 v2 journal
+//!   in the metadata region, and spare inodes leave room for new files.
+//!   No `metadata_csum`/`uninit_bg`: checksums would have to be
 //!   computed per rendered block for no benefit to a read-only reader, and
 //!   without them e2fsck checks every bitmap and inode in full. No `64bit`:
 //!   images stay below 16 TiB (2^32 blocks), larger ones are rejected.
