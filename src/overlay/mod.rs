@@ -3,7 +3,7 @@
 //! [`OverlayDisk`] wraps any [`BlockDevice`](crate::device::BlockDevice):
 //! reads take overlay blocks first, then the wrapped device; writes, trims
 //! and zeroing go to an [`Overlay`] file only. The file layout and its
-//! crash-safety rules are described in [`format`] and on [`Overlay`].
+//! crash-safety rules are described in [`format`](mod@format) and on [`Overlay`].
 
 mod disk;
 pub mod file;
