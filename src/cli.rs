@@ -331,6 +331,49 @@ pub struct ServeArgs {
     /// binds 127.0.0.1; any other address must be written out.
     #[arg(long, value_name = "[ADDR:]PORT")]
     pub metrics_addr: Option<String>,
+
+    /// Accept writes. They go to a copy-on-write overlay file, never to the
+    /// chunk cache; the filesystem gets a journal and room for new files.
+    #[arg(long)]
+    pub writable: bool,
+
+    /// Free space added to the filesystem for new data, in bytes or with a
+    /// K, M, G or T suffix (powers of 1024) [default: 1G].
+    #[arg(long, value_name = "SIZE", requires = "writable", value_parser = parse_size)]
+    pub size: Option<u64>,
+
+    /// Overlay file that keeps the writes across restarts; a later serve of
+    /// the same image with the same --size sees them [default: a temporary
+    /// file, removed at exit].
+    #[arg(long, value_name = "PATH", requires = "writable")]
+    pub overlay: Option<PathBuf>,
+}
+
+/// Parses a byte count such as `4096`, `512M`, `1G` or `2TiB` (binary units).
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    let trimmed = text.trim();
+    let split = trimmed
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(trimmed.len());
+    let (digits, unit) = trimmed.split_at(split);
+    let number: u64 = digits.parse().map_err(|_| {
+        format!("invalid size {text:?}: expected a number with an optional K, M, G or T suffix")
+    })?;
+    let shift = match unit.to_ascii_uppercase().as_str() {
+        "" | "B" => 0,
+        "K" | "KB" | "KIB" => 10,
+        "M" | "MB" | "MIB" => 20,
+        "G" | "GB" | "GIB" => 30,
+        "T" | "TB" | "TIB" => 40,
+        _ => {
+            return Err(format!(
+                "invalid size {text:?}: unknown unit {unit:?}; use K, M, G or T"
+            ))
+        }
+    };
+    number
+        .checked_mul(1u64 << shift)
+        .ok_or_else(|| format!("invalid size {text:?}: larger than 2^64 bytes"))
 }
 
 #[derive(Args, Debug)]
@@ -395,4 +438,30 @@ pub enum IoChoice {
     IoUring,
     /// pread/pwrite in a thread pool.
     Std,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_size;
+
+    #[test]
+    fn sizes_parse_with_binary_units() {
+        let cases: &[(&str, Option<u64>)] = &[
+            ("0", Some(0)),
+            ("4096", Some(4096)),
+            ("512M", Some(512 << 20)),
+            ("1G", Some(1 << 30)),
+            ("2GiB", Some(2 << 30)),
+            ("3t", Some(3 << 40)),
+            ("10k", Some(10 << 10)),
+            ("", None),
+            ("G", None),
+            ("1.5G", None),
+            ("1X", None),
+            ("99999999999T", None),
+        ];
+        for (text, expected) in cases {
+            assert_eq!(parse_size(text).ok(), *expected, "size {text:?}");
+        }
+    }
 }

@@ -17,6 +17,7 @@ pub mod metrics;
 pub mod nbd;
 pub mod oci_dir;
 pub mod oci_layout;
+pub mod overlay;
 pub mod progress;
 pub mod reference;
 pub mod registry;

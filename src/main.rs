@@ -21,18 +21,19 @@ use esgz_nbd::cli::{
 use esgz_nbd::config::{self, FileConfig, IoSetting};
 use esgz_nbd::convert::{self, BuildOptions, ConvertOptions};
 use esgz_nbd::device::BlockDevice;
-use esgz_nbd::disk::ImageDisk;
+use esgz_nbd::disk::{writable_layout, ImageDisk};
 use esgz_nbd::estargz::TocLimits;
 use esgz_nbd::export::export_to_file;
-use esgz_nbd::image::{open_image, OpenOptions, StartupFetch};
+use esgz_nbd::image::{open_image, OpenOptions, OpenedImage, StartupFetch};
 use esgz_nbd::inspect::{inspect_image, render_text};
 use esgz_nbd::metrics::{self, MetricsLabels, MetricsSnapshot};
 use esgz_nbd::nbd::{self, ServerOptions};
+use esgz_nbd::overlay::{Identity, Overlay, OverlayDisk};
 use esgz_nbd::progress::{self, BarWriter, ProgressDevice};
 use esgz_nbd::registry::hosts::CONTAINERD_HOSTS_DIR;
 use esgz_nbd::registry::RegistryOptions;
 use esgz_nbd::source::Platform;
-use esgz_nbd::store::IoBackendChoice;
+use esgz_nbd::store::{ChunkStore, IoBackendChoice};
 use esgz_nbd::writer::WriterOptions;
 
 /// Settings that come from outside the command's own arguments.
@@ -321,7 +322,65 @@ fn parse_listen(text: &str) -> anyhow::Result<SocketAddr> {
 async fn serve(args: ServeArgs, settings: &Settings) -> anyhow::Result<()> {
     let options = open_options(&args.image, settings)?;
     let image = open_image(&args.image.image, &options).await?;
-    let disk = Arc::new(ImageDisk::new(&image));
+    if !args.writable {
+        let disk = Arc::new(ImageDisk::new(&image));
+        let store = disk.store().clone();
+        return run_server(&args, settings, &image, disk, store).await;
+    }
+
+    let disk = Arc::new(open_writable_disk(&args, &image)?);
+    let store = disk.base().store().clone();
+    let result = run_server(&args, settings, &image, disk.clone(), store).await;
+    let flushed = disk.flush().await.with_context(|| {
+        format!(
+            "failed to flush the overlay {}",
+            disk.overlay().path().display()
+        )
+    });
+    result.and(flushed)
+}
+
+/// Default free space of a writable filesystem, when --size is not given.
+const DEFAULT_WRITABLE_SIZE: u64 = 1 << 30;
+
+/// Builds the writable disk: the writable layout of the image under an
+/// overlay at --overlay, or a temporary one.
+fn open_writable_disk(
+    args: &ServeArgs,
+    image: &OpenedImage,
+) -> anyhow::Result<OverlayDisk<ImageDisk>> {
+    let extra = args.size.unwrap_or(DEFAULT_WRITABLE_SIZE);
+    let layout = Arc::new(
+        writable_layout(image, extra).context("failed to lay out the writable ext4 filesystem")?,
+    );
+    let identity = Identity {
+        manifest_digest: image.manifest_digest.clone(),
+        device_size: layout.size(),
+        layout_digest: layout.fingerprint(),
+    };
+    let overlay = match &args.overlay {
+        Some(path) => Overlay::open(path, &identity)?,
+        None => Overlay::temporary(&std::env::temp_dir(), &identity)?,
+    };
+    info!(
+        overlay = %overlay.path().display(),
+        kept = args.overlay.is_some(),
+        device_bytes = layout.size(),
+        added_bytes = extra,
+        "serving writable: writes go to the overlay"
+    );
+    let base = Arc::new(ImageDisk::with_layout(image, layout));
+    Ok(OverlayDisk::new(base, overlay)?)
+}
+
+/// Serves `disk` on the socket or TCP address of `args` until a signal.
+async fn run_server<D: BlockDevice>(
+    args: &ServeArgs,
+    settings: &Settings,
+    image: &OpenedImage,
+    disk: Arc<D>,
+    store: Arc<ChunkStore>,
+) -> anyhow::Result<()> {
     let server_options = ServerOptions {
         export_name: args.export_name.clone(),
         description: format!("{} ({})", image.description, image.manifest_digest),
@@ -334,18 +393,18 @@ async fn serve(args: ServeArgs, settings: &Settings) -> anyhow::Result<()> {
         let _ = shutdown_tx.send(true);
     });
     let stats_task = args.stats_file.clone().map(|path| {
-        let disk = disk.clone();
+        let store = store.clone();
         let startup = image.startup;
         let mut shutdown = shutdown_rx.clone();
         tokio::spawn(async move {
             loop {
-                write_stats(&disk, &startup, &path);
+                write_stats(&store, &startup, &path);
                 tokio::select! {
                     _ = tokio::time::sleep(Duration::from_secs(1)) => {}
                     _ = shutdown.changed() => break,
                 }
             }
-            write_stats(&disk, &startup, &path);
+            write_stats(&store, &startup, &path);
         })
     });
 
@@ -366,10 +425,11 @@ async fn serve(args: ServeArgs, settings: &Settings) -> anyhow::Result<()> {
             image: image.description.clone(),
         };
         let scrape_disk = disk.clone();
+        let scrape_store = store.clone();
         let startup = image.startup;
         let scrape = Arc::new(move || {
             let snapshot = MetricsSnapshot {
-                store: scrape_disk.store().stats(),
+                store: scrape_store.stats(),
                 startup,
                 device_bytes: scrape_disk.size(),
             };
@@ -382,7 +442,7 @@ async fn serve(args: ServeArgs, settings: &Settings) -> anyhow::Result<()> {
         Some(listen) => {
             let addr = parse_listen(listen)?;
             if !addr.ip().is_loopback() {
-                warn!(%addr, "listening on a non-loopback address: anyone who can reach it can read the image");
+                warn!(%addr, "listening on a non-loopback address: anyone who can reach it can read the image (and change it with --writable)");
             }
             info!(%addr, export = %args.export_name, "serving NBD on TCP");
             println!("nbd://{addr}/{}", args.export_name);
@@ -409,15 +469,15 @@ async fn serve(args: ServeArgs, settings: &Settings) -> anyhow::Result<()> {
     if let Some(task) = stats_task {
         let _ = task.await;
     }
-    let stats = disk.store().stats();
+    let stats = store.stats();
     info!(?stats, "server stopped");
     result
 }
 
-fn write_stats(disk: &ImageDisk, startup: &StartupFetch, path: &Path) {
+fn write_stats(store: &ChunkStore, startup: &StartupFetch, path: &Path) {
     let stats = serde_json::json!({
         "startup": startup,
-        "store": disk.store().stats(),
+        "store": store.stats(),
     });
     let text = match serde_json::to_string_pretty(&stats) {
         Ok(text) => text,
