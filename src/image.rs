@@ -323,6 +323,10 @@ async fn fetch_whole_layer(
     })?;
     let mut hasher = Sha256::new();
     let mut offset = 0;
+    let progress = crate::progress::task(
+        &format!("fetching layer {}", descriptor.digest),
+        descriptor.size,
+    );
     while offset < descriptor.size {
         let len = (descriptor.size - offset).min(WHOLE_LAYER_READ_SIZE);
         let bytes = blob.read_range(offset, len).await.with_context(|| {
@@ -336,7 +340,9 @@ async fn fetch_whole_layer(
             .write_all(&bytes)
             .context("failed to write the downloaded layer to a temporary file")?;
         offset += len;
+        progress.advance(len);
     }
+    progress.finish();
     let actual = hex::encode(hasher.finalize());
     if actual != expected {
         bail!(

@@ -3,18 +3,26 @@
 
 pub mod attach;
 pub mod cli;
+pub mod config;
+pub mod convert;
 pub mod device;
 pub mod disk;
 pub mod estargz;
 pub mod export;
 pub mod ext4;
 pub mod image;
+pub mod inspect;
 pub mod layer;
+pub mod metrics;
 pub mod nbd;
+pub mod oci_dir;
 pub mod oci_layout;
+pub mod overlay;
+pub mod progress;
 pub mod reference;
 pub mod registry;
 pub mod source;
 pub mod store;
 pub mod tarlayer;
 pub mod tree;
+pub mod writer;

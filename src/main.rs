@@ -7,27 +7,80 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use clap::Parser;
+use clap::parser::ValueSource;
+use clap::{ArgMatches, CommandFactory, FromArgMatches};
 use tracing::{info, warn};
 use tracing_subscriber::EnvFilter;
 
 use esgz_nbd::attach::{self, state::RuntimeDir, AttachSettings, InterfaceChoice};
 use esgz_nbd::cli::{
-    AttachArgs, Cli, Command, DetachArgs, ExportArgs, ImageArgs, IoChoice, ListArgs, LogFormat,
-    NbdInterface, ServeArgs, TreeManifestArgs,
+    AttachArgs, BuildArgs, Cli, Command, ConvertArgs, DetachArgs, ExportArgs, ImageArgs,
+    InspectArgs, IoChoice, LayerWriterArgs, ListArgs, LogFormat, NbdInterface, ServeArgs,
+    TreeManifestArgs, WriterRegistryArgs,
 };
-use esgz_nbd::disk::ImageDisk;
+use esgz_nbd::config::{self, FileConfig, IoSetting};
+use esgz_nbd::convert::{self, BuildOptions, ConvertOptions};
+use esgz_nbd::device::BlockDevice;
+use esgz_nbd::disk::{writable_layout, ImageDisk};
 use esgz_nbd::estargz::TocLimits;
 use esgz_nbd::export::export_to_file;
-use esgz_nbd::image::{open_image, OpenOptions, StartupFetch};
+use esgz_nbd::image::{open_image, OpenOptions, OpenedImage, StartupFetch};
+use esgz_nbd::inspect::{inspect_image, render_text};
+use esgz_nbd::metrics::{self, MetricsLabels, MetricsSnapshot};
 use esgz_nbd::nbd::{self, ServerOptions};
+use esgz_nbd::overlay::{Identity, Overlay, OverlayDisk};
+use esgz_nbd::progress::{self, BarWriter, ProgressDevice};
+use esgz_nbd::registry::hosts::CONTAINERD_HOSTS_DIR;
 use esgz_nbd::registry::RegistryOptions;
 use esgz_nbd::source::Platform;
-use esgz_nbd::store::IoBackendChoice;
+use esgz_nbd::store::{ChunkStore, IoBackendChoice};
+use esgz_nbd::writer::WriterOptions;
+
+/// Settings that come from outside the command's own arguments.
+struct Settings {
+    /// The configuration file's values.
+    file: FileConfig,
+    /// `--io` was given on the command line, so it beats the file.
+    io_given: bool,
+}
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
-    init_logging(&cli);
+    let matches = Cli::command().get_matches();
+    let cli = match Cli::from_arg_matches(&matches) {
+        Ok(cli) => cli,
+        Err(error) => error.exit(),
+    };
+    let reporter = progress::reporter_for_stderr();
+    init_logging(&cli, BarWriter::new(&reporter));
+    progress::install(reporter);
+
+    match &cli.command {
+        Command::Completions(args) => {
+            // Generated into memory: clap_complete panics on a failed write,
+            // such as a closed pipe.
+            let mut script = Vec::new();
+            clap_complete::generate(args.shell, &mut Cli::command(), "esgz-nbd", &mut script);
+            return write_stdout(&script, "the completion script");
+        }
+        Command::Man => return print_man_page(),
+        _ => {}
+    }
+    let settings = match config::load(cli.config.as_deref()) {
+        Ok((file, path)) => {
+            if let Some(path) = path {
+                tracing::debug!(path = %path.display(), "read the configuration file");
+            }
+            Settings {
+                file,
+                io_given: io_given(&matches),
+            }
+        }
+        Err(error) => {
+            eprintln!("error: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -40,12 +93,16 @@ fn main() -> ExitCode {
     };
     let result = runtime.block_on(async {
         match cli.command {
-            Command::Serve(args) => serve(args).await,
-            Command::Export(args) => export(args).await,
-            Command::Attach(args) => attach_command(args).await,
+            Command::Serve(args) => serve(args, &settings).await,
+            Command::Export(args) => export(args, &settings).await,
+            Command::Inspect(args) => inspect(args, &settings).await,
+            Command::Completions(_) | Command::Man => Ok(()),
+            Command::Attach(args) => attach_command(args, &settings).await,
             Command::Detach(args) => detach_command(args).await,
             Command::List(args) => list_command(args),
             Command::TreeManifest(args) => tree_manifest_command(args),
+            Command::Convert(args) => convert_command(args, !cli.quiet, &settings).await,
+            Command::Build(args) => build_command(args, !cli.quiet, &settings).await,
         }
     });
     match result {
@@ -74,7 +131,36 @@ fn format_error_chain(error: &anyhow::Error) -> String {
     text
 }
 
-fn init_logging(cli: &Cli) {
+/// Returns whether `--io` was given on the command line of the subcommand.
+fn io_given(matches: &ArgMatches) -> bool {
+    matches.subcommand().is_some_and(|(_, sub)| {
+        sub.try_get_raw("io").is_ok_and(|value| value.is_some())
+            && sub.value_source("io") == Some(ValueSource::CommandLine)
+    })
+}
+
+fn print_man_page() -> ExitCode {
+    let mut page = Vec::new();
+    if let Err(error) = clap_mangen::Man::new(Cli::command()).render(&mut page) {
+        eprintln!("error: failed to render the manual page: {error}");
+        return ExitCode::FAILURE;
+    }
+    write_stdout(&page, "the manual page")
+}
+
+fn write_stdout(bytes: &[u8], what: &str) -> ExitCode {
+    use std::io::Write as _;
+    let mut stdout = std::io::stdout().lock();
+    match stdout.write_all(bytes).and_then(|()| stdout.flush()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: failed to write {what} to standard output: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(cli: &Cli, writer: BarWriter) {
     let default_level = match (cli.quiet, cli.verbose) {
         (true, _) => "warn",
         (false, 0) => "info",
@@ -85,7 +171,7 @@ fn init_logging(cli: &Cli) {
         .unwrap_or_else(|_| EnvFilter::new(format!("esgz_nbd={default_level},warn")));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_writer(writer)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
     match cli.log_format {
         LogFormat::Text => builder.init(),
@@ -136,28 +222,85 @@ fn create_private_dir(dir: &Path) -> anyhow::Result<()> {
         .with_context(|| format!("failed to create directory {}", dir.display()))
 }
 
-fn open_options(args: &ImageArgs) -> anyhow::Result<OpenOptions> {
-    let platform = match &args.platform {
-        Some(text) => Platform::parse(text)?,
-        None => Platform::host(),
-    };
-    if args.insecure_skip_verify {
+/// Command-line registry settings, before the configuration file fills gaps.
+struct RegistryArgs<'a> {
+    plain_http: bool,
+    insecure_skip_tls_verify: bool,
+    auth_file: Option<&'a Path>,
+    hosts_dir: Option<&'a Path>,
+}
+
+/// Registry options: the command line, then the configuration file, then
+/// the built-in defaults. An empty hosts directory path turns mirrors off.
+fn registry_options(args: RegistryArgs<'_>, file: &FileConfig) -> RegistryOptions {
+    let defaults = RegistryOptions::default();
+    let hosts_dir = args
+        .hosts_dir
+        .map(Path::to_path_buf)
+        .or_else(|| file.hosts_dir.clone())
+        .unwrap_or_else(|| PathBuf::from(CONTAINERD_HOSTS_DIR));
+    RegistryOptions {
+        plain_http: args.plain_http || file.plain_http.unwrap_or(false),
+        insecure_skip_tls_verify: args.insecure_skip_tls_verify
+            || file.insecure_skip_tls_verify.unwrap_or(false),
+        auth_file: args
+            .auth_file
+            .map(Path::to_path_buf)
+            .or_else(|| file.auth_file.clone()),
+        retries: file.retries.unwrap_or(defaults.retries),
+        request_timeout: file
+            .request_timeout_secs
+            .map(Duration::from_secs)
+            .unwrap_or(defaults.request_timeout),
+        hosts_dir: (!hosts_dir.as_os_str().is_empty()).then_some(hosts_dir),
+        max_concurrent_requests: file
+            .max_concurrent_requests
+            .unwrap_or(defaults.max_concurrent_requests),
+        ..defaults
+    }
+}
+
+fn parse_platform(text: Option<&str>) -> anyhow::Result<Platform> {
+    match text {
+        Some(text) => Platform::parse(text),
+        None => Ok(Platform::host()),
+    }
+}
+
+fn open_options(args: &ImageArgs, settings: &Settings) -> anyhow::Result<OpenOptions> {
+    let file = &settings.file;
+    let platform = parse_platform(args.platform.as_deref())?;
+    let verify = !args.insecure_skip_verify && file.verify.unwrap_or(true);
+    if !verify {
         warn!("--insecure-skip-verify: TOC and chunk digests are not checked; corrupted or tampered data will be served");
     }
-    let cache_dir = args.cache_dir.clone().unwrap_or_else(default_cache_dir);
+    let cache_dir = args
+        .cache_dir
+        .clone()
+        .or_else(|| file.cache_dir.clone())
+        .unwrap_or_else(default_cache_dir);
     create_private_dir(&cache_dir)?;
-    let registry = RegistryOptions {
-        plain_http: args.plain_http,
-        insecure_skip_tls_verify: args.insecure_skip_tls_verify,
-        auth_file: args.auth_file.clone(),
-        ..RegistryOptions::default()
+    let registry = registry_options(
+        RegistryArgs {
+            plain_http: args.plain_http,
+            insecure_skip_tls_verify: args.insecure_skip_tls_verify,
+            auth_file: args.auth_file.as_deref(),
+            hosts_dir: args.hosts_dir.as_deref(),
+        },
+        file,
+    );
+    let io = match (settings.io_given, file.io) {
+        (false, Some(IoSetting::Auto)) => IoChoice::Auto,
+        (false, Some(IoSetting::IoUring)) => IoChoice::IoUring,
+        (false, Some(IoSetting::Std)) => IoChoice::Std,
+        _ => args.io,
     };
     Ok(OpenOptions {
         platform,
-        verify: !args.insecure_skip_verify,
+        verify,
         cache_dir,
         registry,
-        io: match args.io {
+        io: match io {
             IoChoice::Auto => IoBackendChoice::Auto,
             IoChoice::IoUring => IoBackendChoice::Uring,
             IoChoice::Std => IoBackendChoice::Std,
@@ -176,10 +319,68 @@ fn parse_listen(text: &str) -> anyhow::Result<SocketAddr> {
     })
 }
 
-async fn serve(args: ServeArgs) -> anyhow::Result<()> {
-    let options = open_options(&args.image)?;
+async fn serve(args: ServeArgs, settings: &Settings) -> anyhow::Result<()> {
+    let options = open_options(&args.image, settings)?;
     let image = open_image(&args.image.image, &options).await?;
-    let disk = Arc::new(ImageDisk::new(&image));
+    if !args.writable {
+        let disk = Arc::new(ImageDisk::new(&image));
+        let store = disk.store().clone();
+        return run_server(&args, settings, &image, disk, store).await;
+    }
+
+    let disk = Arc::new(open_writable_disk(&args, &image)?);
+    let store = disk.base().store().clone();
+    let result = run_server(&args, settings, &image, disk.clone(), store).await;
+    let flushed = disk.flush().await.with_context(|| {
+        format!(
+            "failed to flush the overlay {}",
+            disk.overlay().path().display()
+        )
+    });
+    result.and(flushed)
+}
+
+/// Default free space of a writable filesystem, when --size is not given.
+const DEFAULT_WRITABLE_SIZE: u64 = 1 << 30;
+
+/// Builds the writable disk: the writable layout of the image under an
+/// overlay at --overlay, or a temporary one.
+fn open_writable_disk(
+    args: &ServeArgs,
+    image: &OpenedImage,
+) -> anyhow::Result<OverlayDisk<ImageDisk>> {
+    let extra = args.size.unwrap_or(DEFAULT_WRITABLE_SIZE);
+    let layout = Arc::new(
+        writable_layout(image, extra).context("failed to lay out the writable ext4 filesystem")?,
+    );
+    let identity = Identity {
+        manifest_digest: image.manifest_digest.clone(),
+        device_size: layout.size(),
+        layout_digest: layout.fingerprint(),
+    };
+    let overlay = match &args.overlay {
+        Some(path) => Overlay::open(path, &identity)?,
+        None => Overlay::temporary(&std::env::temp_dir(), &identity)?,
+    };
+    info!(
+        overlay = %overlay.path().display(),
+        kept = args.overlay.is_some(),
+        device_bytes = layout.size(),
+        added_bytes = extra,
+        "serving writable: writes go to the overlay"
+    );
+    let base = Arc::new(ImageDisk::with_layout(image, layout));
+    Ok(OverlayDisk::new(base, overlay)?)
+}
+
+/// Serves `disk` on the socket or TCP address of `args` until a signal.
+async fn run_server<D: BlockDevice>(
+    args: &ServeArgs,
+    settings: &Settings,
+    image: &OpenedImage,
+    disk: Arc<D>,
+    store: Arc<ChunkStore>,
+) -> anyhow::Result<()> {
     let server_options = ServerOptions {
         export_name: args.export_name.clone(),
         description: format!("{} ({})", image.description, image.manifest_digest),
@@ -192,26 +393,56 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         let _ = shutdown_tx.send(true);
     });
     let stats_task = args.stats_file.clone().map(|path| {
-        let disk = disk.clone();
+        let store = store.clone();
         let startup = image.startup;
         let mut shutdown = shutdown_rx.clone();
         tokio::spawn(async move {
             loop {
-                write_stats(&disk, &startup, &path);
+                write_stats(&store, &startup, &path);
                 tokio::select! {
                     _ = tokio::time::sleep(Duration::from_secs(1)) => {}
                     _ = shutdown.changed() => break,
                 }
             }
-            write_stats(&disk, &startup, &path);
+            write_stats(&store, &startup, &path);
         })
     });
+
+    let metrics_addr = args
+        .metrics_addr
+        .clone()
+        .or_else(|| settings.file.metrics_addr.clone());
+    if let Some(text) = metrics_addr {
+        let addr = metrics::parse_metrics_addr(&text)?;
+        if !addr.ip().is_loopback() {
+            warn!(%addr, "serving metrics on a non-loopback address: anyone who can reach it can read them");
+        }
+        let listener = metrics::bind(addr).await?;
+        let bound = listener.local_addr().unwrap_or(addr);
+        info!(addr = %bound, "serving Prometheus metrics at /metrics");
+        let labels = MetricsLabels {
+            export: args.export_name.clone(),
+            image: image.description.clone(),
+        };
+        let scrape_disk = disk.clone();
+        let scrape_store = store.clone();
+        let startup = image.startup;
+        let scrape = Arc::new(move || {
+            let snapshot = MetricsSnapshot {
+                store: scrape_store.stats(),
+                startup,
+                device_bytes: scrape_disk.size(),
+            };
+            metrics::render(&snapshot, &labels)
+        });
+        tokio::spawn(metrics::serve(listener, scrape, shutdown_rx.clone()));
+    }
 
     let result = match &args.listen {
         Some(listen) => {
             let addr = parse_listen(listen)?;
             if !addr.ip().is_loopback() {
-                warn!(%addr, "listening on a non-loopback address: anyone who can reach it can read the image");
+                warn!(%addr, "listening on a non-loopback address: anyone who can reach it can read the image (and change it with --writable)");
             }
             info!(%addr, export = %args.export_name, "serving NBD on TCP");
             println!("nbd://{addr}/{}", args.export_name);
@@ -238,15 +469,15 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     if let Some(task) = stats_task {
         let _ = task.await;
     }
-    let stats = disk.store().stats();
+    let stats = store.stats();
     info!(?stats, "server stopped");
     result
 }
 
-fn write_stats(disk: &ImageDisk, startup: &StartupFetch, path: &Path) {
+fn write_stats(store: &ChunkStore, startup: &StartupFetch, path: &Path) {
     let stats = serde_json::json!({
         "startup": startup,
-        "store": disk.store().stats(),
+        "store": store.stats(),
     });
     let text = match serde_json::to_string_pretty(&stats) {
         Ok(text) => text,
@@ -278,8 +509,8 @@ async fn wait_for_signal() {
     }
 }
 
-async fn export(args: ExportArgs) -> anyhow::Result<()> {
-    let options = open_options(&args.image)?;
+async fn export(args: ExportArgs, settings: &Settings) -> anyhow::Result<()> {
+    let options = open_options(&args.image, settings)?;
     let image = open_image(&args.image.image, &options).await?;
     let disk = Arc::new(ImageDisk::new(&image));
     if args.output.exists() && args.output.is_dir() {
@@ -288,7 +519,10 @@ async fn export(args: ExportArgs) -> anyhow::Result<()> {
             args.output.display()
         );
     }
-    let size = export_to_file(disk.clone(), &args.output).await?;
+    let device = Arc::new(ProgressDevice::new(disk.clone(), "export"));
+    let exported = export_to_file(device.clone(), &args.output).await;
+    device.finish();
+    let size = exported?;
     let stats = disk.store().stats();
     info!(
         output = %args.output.display(),
@@ -306,7 +540,7 @@ fn runtime_dir_arg(dir: &Option<PathBuf>) -> RuntimeDir {
     )
 }
 
-async fn attach_command(args: AttachArgs) -> anyhow::Result<()> {
+async fn attach_command(args: AttachArgs, settings: &Settings) -> anyhow::Result<()> {
     let started = std::time::Instant::now();
     let runtime = runtime_dir_arg(&args.runtime_dir);
     let interface = match args.interface {
@@ -345,7 +579,7 @@ async fn attach_command(args: AttachArgs) -> anyhow::Result<()> {
             .unwrap_or(1)
     });
     let settings = AttachSettings {
-        open: open_options(&args.image)?,
+        open: open_options(&args.image, settings)?,
         image: args.image.image.clone(),
         device,
         reattach,
@@ -453,5 +687,87 @@ fn tree_manifest_command(args: TreeManifestArgs) -> anyhow::Result<()> {
     if !differences.is_empty() {
         bail!("the tree differs from {}", check.display());
     }
+    Ok(())
+}
+
+async fn inspect(args: InspectArgs, settings: &Settings) -> anyhow::Result<()> {
+    let platform = parse_platform(args.platform.as_deref())?;
+    let registry = registry_options(
+        RegistryArgs {
+            plain_http: args.plain_http,
+            insecure_skip_tls_verify: args.insecure_skip_tls_verify,
+            auth_file: args.auth_file.as_deref(),
+            hosts_dir: args.hosts_dir.as_deref(),
+        },
+        &settings.file,
+    );
+    let report = inspect_image(&args.image, &platform, &registry, &TocLimits::default()).await?;
+    if args.json {
+        let text = serde_json::to_string_pretty(&report).context("failed to encode the report")?;
+        println!("{text}");
+    } else {
+        print!("{}", render_text(&report));
+    }
+    Ok(())
+}
+
+fn writer_options(args: &LayerWriterArgs) -> anyhow::Result<WriterOptions> {
+    let prioritized = match &args.prioritize {
+        Some(path) => convert::read_prioritize_file(path)?,
+        None => Vec::new(),
+    };
+    let options = WriterOptions {
+        chunk_size: args.chunk_size,
+        compression_level: args.compression_level,
+        min_chunk_size: args.min_chunk_size,
+        prioritized,
+        threads: args.threads,
+    };
+    options.validate()?;
+    Ok(options)
+}
+
+fn writer_registry_options(args: &WriterRegistryArgs, file: &FileConfig) -> RegistryOptions {
+    registry_options(
+        RegistryArgs {
+            plain_http: args.plain_http,
+            insecure_skip_tls_verify: args.insecure_skip_tls_verify,
+            auth_file: args.auth_file.as_deref(),
+            hosts_dir: None,
+        },
+        file,
+    )
+}
+
+async fn convert_command(
+    args: ConvertArgs,
+    progress: bool,
+    settings: &Settings,
+) -> anyhow::Result<()> {
+    let platform = match &args.platform {
+        Some(text) => Platform::parse(text)?,
+        None => Platform::host(),
+    };
+    let options = ConvertOptions {
+        writer: writer_options(&args.layer)?,
+        platform,
+        all_platforms: args.all_platforms,
+        force: args.force,
+        registry: writer_registry_options(&args.registry, &settings.file),
+        progress,
+    };
+    let digest = convert::convert(&args.source, &args.destination, &options).await?;
+    println!("{digest}");
+    Ok(())
+}
+
+async fn build_command(args: BuildArgs, progress: bool, settings: &Settings) -> anyhow::Result<()> {
+    let options = BuildOptions {
+        writer: writer_options(&args.layer)?,
+        registry: writer_registry_options(&args.registry, &settings.file),
+        progress,
+    };
+    let digest = convert::build(&args.input, &args.destination, &options).await?;
+    println!("{digest}");
     Ok(())
 }

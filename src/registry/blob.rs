@@ -6,23 +6,24 @@ use std::sync::Arc;
 use bytes::Bytes;
 use futures::future::BoxFuture;
 
-use super::client::Client;
 use super::error::RegistryError;
+use super::hosts::{HostSet, Need};
 use crate::source::BlobSource;
 
 /// A layer blob in a registry; its size comes from the manifest's descriptor.
 #[derive(Debug)]
 pub struct RegistryBlob {
-    client: Arc<Client>,
+    /// Mirrors, then the upstream server.
+    hosts: Arc<HostSet>,
     /// Validated `sha256:<hex>`, so it is safe in a URL path.
     digest: String,
     size: u64,
 }
 
 impl RegistryBlob {
-    pub(crate) fn new(client: Arc<Client>, digest: String, size: u64) -> RegistryBlob {
+    pub(crate) fn new(hosts: Arc<HostSet>, digest: String, size: u64) -> RegistryBlob {
         RegistryBlob {
-            client,
+            hosts,
             digest,
             size,
         }
@@ -34,14 +35,19 @@ impl RegistryBlob {
         }
         if offset.checked_add(len).is_none_or(|end| end > self.size) {
             return Err(RegistryError::OutOfBounds {
-                target: self.client.target(&format!("blob {}", self.digest)),
+                target: self.hosts.target(&format!("blob {}", self.digest)),
                 offset,
                 len,
                 size: self.size,
             });
         }
-        self.client
-            .get_blob_range(&self.digest, offset, len, self.size)
+        let target = self.hosts.target(&format!("blob {}", self.digest));
+        let digest = self.digest.as_str();
+        let size = self.size;
+        self.hosts
+            .run(Need::Pull, &target, |client| async move {
+                client.get_blob_range(digest, offset, len, size).await
+            })
             .await
     }
 }

@@ -16,6 +16,7 @@ use url::Url;
 
 use super::auth::{parse_challenges, BearerToken, Credentials, TokenResponse};
 use super::error::RegistryError;
+use super::hosts::{load_ca_certificates, load_client_identity, HostEndpoint};
 use super::manifest::MAX_MANIFEST_SIZE;
 use super::RegistryOptions;
 use crate::reference::Reference;
@@ -56,7 +57,7 @@ struct AuthState {
 
 /// One GET request to the registry.
 pub(crate) struct RequestSpec<'a> {
-    /// Path below the registry's base URL, such as `/v2/NAME/blobs/DIGEST`.
+    /// Path below the host's API root (`.../v2/`), such as `NAME/blobs/DIGEST`.
     pub path: String,
     pub accept: Option<&'static str>,
     /// Inclusive byte range.
@@ -70,7 +71,12 @@ pub(crate) struct Client {
     http: reqwest::Client,
     registry: String,
     repository: String,
+    /// API root of this host, such as `https://registry.example/v2/`.
     base: Url,
+    /// Headers from the host's `hosts.toml`, sent to this host only.
+    headers: HeaderMap,
+    /// Upstream registry name sent as the `ns` query parameter to a mirror.
+    namespace: Option<String>,
     credentials: Option<Credentials>,
     plain_http: bool,
     retries: u32,
@@ -105,37 +111,71 @@ pub fn is_loopback_host(host_and_port: &str) -> bool {
 }
 
 impl Client {
-    pub fn new(
+    /// A client for one host of the reference's registry: a mirror or the
+    /// upstream server, with the TLS settings and headers of its `hosts.toml`.
+    /// A mirror gets no retries, because the next host is the fallback.
+    pub fn for_endpoint(
         reference: &Reference,
         options: &RegistryOptions,
         credentials: Option<Credentials>,
+        endpoint: &HostEndpoint,
     ) -> anyhow::Result<Client> {
-        let host = reference.api_host();
-        let plain_http = options.plain_http || is_loopback_host(host);
-        let scheme = if plain_http { "http" } else { "https" };
-        let base = Url::parse(&format!("{scheme}://{host}/"))
-            .map_err(|e| anyhow::anyhow!("invalid registry host {host:?}: {e}"))?;
+        let base = endpoint.api_root.clone();
+        let plain_http = base.scheme() == "http";
 
-        let http = reqwest::Client::builder()
+        let mut builder = reqwest::Client::builder()
             .redirect(reqwest::redirect::Policy::none())
             .user_agent(options.user_agent.clone())
-            .danger_accept_invalid_certs(options.insecure_skip_tls_verify)
-            .connect_timeout(options.request_timeout.min(Duration::from_secs(30)))
+            .danger_accept_invalid_certs(options.insecure_skip_tls_verify || endpoint.skip_verify)
+            .connect_timeout(options.request_timeout.min(Duration::from_secs(30)));
+        for certificate in load_ca_certificates(endpoint)? {
+            builder = builder.add_root_certificate(certificate);
+        }
+        if let Some(identity) = load_client_identity(endpoint)? {
+            builder = builder.identity(identity);
+        }
+        let http = builder
             .build()
-            .map_err(|e| anyhow::anyhow!("failed to build the HTTP client: {e}"))?;
+            .map_err(|e| anyhow::anyhow!("failed to build the HTTP client for {base}: {e}"))?;
+
+        let mut headers = HeaderMap::new();
+        for (name, value) in &endpoint.headers {
+            // hosts.rs checked both when it read the file.
+            if let (Ok(name), Ok(value)) = (
+                reqwest::header::HeaderName::from_bytes(name.as_bytes()),
+                reqwest::header::HeaderValue::from_str(value),
+            ) {
+                headers.append(name, value);
+            }
+        }
 
         Ok(Client {
             http,
             registry: reference.registry.clone(),
             repository: reference.repository.clone(),
             base,
+            headers,
+            namespace: endpoint.is_mirror.then(|| reference.registry.clone()),
             credentials,
             plain_http,
-            retries: options.retries,
+            retries: if endpoint.is_mirror {
+                0
+            } else {
+                options.retries
+            },
             request_timeout: options.request_timeout,
             auth: Mutex::new(AuthState::default()),
             token_fetch: tokio::sync::Mutex::new(()),
         })
+    }
+
+    /// `host[:port]` of this client's endpoint.
+    pub fn host(&self) -> String {
+        let host = self.base.host_str().unwrap_or("");
+        match self.base.port() {
+            Some(port) => format!("{host}:{port}"),
+            None => host.to_string(),
+        }
     }
 
     /// Describes an object of this repository for messages.
@@ -194,7 +234,7 @@ impl Client {
     /// redirects. Returns any final response that is not a redirect or 401;
     /// the caller checks its status.
     pub async fn send(&self, spec: &RequestSpec<'_>) -> Result<Response, RegistryError> {
-        let start = self
+        let mut start = self
             .base
             .join(spec.path.trim_start_matches('/'))
             .map_err(|_| RegistryError::BadRedirect {
@@ -202,6 +242,9 @@ impl Client {
                 url: spec.path.clone(),
                 status: 0,
             })?;
+        if let Some(namespace) = &self.namespace {
+            start.query_pairs_mut().append_pair("ns", namespace);
+        }
         let mut url = start.clone();
         let mut redirects = 0;
         let mut challenged = false;
@@ -217,6 +260,9 @@ impl Client {
             };
 
             let mut request = self.http.get(url.clone()).timeout(self.request_timeout);
+            if same_origin {
+                request = request.headers(self.headers.clone());
+            }
             if let Some(accept) = spec.accept {
                 request = request.header(ACCEPT, accept);
             }
@@ -609,7 +655,7 @@ impl Client {
     ) -> Result<(Bytes, Option<String>, Option<String>), RegistryError> {
         let target = self.target(&format!("manifest {reference}"));
         let spec = RequestSpec {
-            path: format!("/v2/{}/manifests/{reference}", self.repository),
+            path: format!("{}/manifests/{reference}", self.repository),
             accept: Some(super::manifest::MANIFEST_ACCEPT),
             range: None,
             target: &target,
@@ -640,7 +686,7 @@ impl Client {
     pub async fn get_blob(&self, digest: &str, size: u64) -> Result<Bytes, RegistryError> {
         let target = self.target(&format!("blob {digest}"));
         let spec = RequestSpec {
-            path: format!("/v2/{}/blobs/{digest}", self.repository),
+            path: format!("{}/blobs/{digest}", self.repository),
             accept: None,
             range: None,
             target: &target,
@@ -674,7 +720,7 @@ impl Client {
         let last = offset + len - 1;
         let target = self.target(&format!("blob {digest} bytes {offset}-{last}"));
         let spec = RequestSpec {
-            path: format!("/v2/{}/blobs/{digest}", self.repository),
+            path: format!("{}/blobs/{digest}", self.repository),
             accept: None,
             range: Some((offset, last)),
             target: &target,
@@ -714,6 +760,19 @@ impl Client {
         })
         .await
     }
+}
+
+/// The upstream server of `reference` when no `hosts.toml` names one:
+/// `https://HOST`, or `http://HOST` for loopback hosts and with `plain_http`.
+pub(crate) fn default_server(
+    reference: &Reference,
+    options: &RegistryOptions,
+) -> anyhow::Result<Url> {
+    let host = reference.api_host();
+    let plain_http = options.plain_http || is_loopback_host(host);
+    let scheme = if plain_http { "http" } else { "https" };
+    Url::parse(&format!("{scheme}://{host}/"))
+        .map_err(|e| anyhow::anyhow!("invalid registry host {host:?}: {e}"))
 }
 
 fn lock(state: &Mutex<AuthState>) -> std::sync::MutexGuard<'_, AuthState> {

@@ -97,6 +97,12 @@ pub enum RegistryError {
         actual: String,
         source_of_expected: &'static str,
     },
+    #[error("{target}: no host configured for {registry} may {capability}; add \"{capability}\" to the capabilities of a host in its hosts.toml")]
+    NoCapableHost {
+        target: String,
+        registry: String,
+        capability: &'static str,
+    },
     #[error("{last} (gave up after {attempts} attempts)")]
     RetriesExhausted {
         attempts: u32,

@@ -108,7 +108,8 @@ pub struct PlatformSpec {
 }
 
 impl PlatformSpec {
-    fn describe(&self) -> String {
+    /// `OS/ARCH[/VARIANT]`.
+    pub fn describe(&self) -> String {
         match &self.variant {
             Some(variant) => format!("{}/{}/{variant}", self.os, self.architecture),
             None => format!("{}/{}", self.os, self.architecture),

@@ -180,7 +180,10 @@ impl Inner {
             tracing::debug!(layer = %state.index.digest, offset, len, "fetching blob range");
             Stats::add(&self.stats.range_requests, 1);
 
-            let result = match blob.read_range(offset, len).await {
+            let started = std::time::Instant::now();
+            let result = blob.read_range(offset, len).await;
+            self.stats.record_fetch_latency(started.elapsed());
+            let result = match result {
                 Ok(bytes) if bytes.len() as u64 == len => Ok(bytes),
                 Ok(bytes) => Err(format!("the source returned {} bytes for a {len}-byte range at {offset:#x}", bytes.len())),
                 Err(error) => Err(format!("{error:#}")),

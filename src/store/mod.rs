@@ -32,7 +32,7 @@ use crate::source::BlobSource;
 
 pub use cache::WholeLayerWriter;
 pub use error::{ReadError, StoreError};
-pub use stats::StatsSnapshot;
+pub use stats::{LatencyHistogram, StatsSnapshot, FETCH_LATENCY_BOUNDS};
 
 use cache::Presence;
 use fetch::Flight;

@@ -1,6 +1,33 @@
 //! Counters of the chunk store: traffic to the blobs, cache hits and misses, bytes served.
 
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+/// Upper bounds, in seconds, of the fetch latency histogram's buckets; one
+/// more bucket counts the fetches slower than the last bound.
+pub const FETCH_LATENCY_BOUNDS: [f64; 11] = [
+    0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0,
+];
+
+/// Number of histogram buckets, the overflow bucket included.
+const LATENCY_BUCKETS: usize = FETCH_LATENCY_BOUNDS.len() + 1;
+
+/// Durations of blob Range requests, bucketed by [`FETCH_LATENCY_BOUNDS`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct LatencyHistogram {
+    /// Requests per bucket (not cumulative); the last entry counts requests
+    /// slower than the last bound.
+    pub buckets: [u64; LATENCY_BUCKETS],
+    /// Sum of all durations in microseconds.
+    pub sum_micros: u64,
+}
+
+impl LatencyHistogram {
+    /// Number of requests recorded.
+    pub fn count(&self) -> u64 {
+        self.buckets.iter().sum()
+    }
+}
 
 /// A point-in-time copy of the store's counters, all since the store was opened.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
@@ -23,6 +50,8 @@ pub struct StatsSnapshot {
     pub bytes_served: u64,
     /// Chunks whose sha256 differed from the TOC's digest.
     pub verify_failures: u64,
+    /// Durations of Range requests to blob sources, failed ones included.
+    pub fetch_latency: LatencyHistogram,
 }
 
 #[derive(Default)]
@@ -36,11 +65,25 @@ pub(crate) struct Stats {
     pub(crate) cache_misses: AtomicU64,
     pub(crate) bytes_served: AtomicU64,
     pub(crate) verify_failures: AtomicU64,
+    fetch_latency_buckets: [AtomicU64; LATENCY_BUCKETS],
+    fetch_latency_sum_micros: AtomicU64,
 }
 
 impl Stats {
     pub(crate) fn add(counter: &AtomicU64, value: u64) {
         counter.fetch_add(value, Ordering::Relaxed);
+    }
+
+    /// Adds one blob Range request's duration to the latency histogram.
+    pub(crate) fn record_fetch_latency(&self, elapsed: Duration) {
+        let seconds = elapsed.as_secs_f64();
+        let bucket = FETCH_LATENCY_BOUNDS
+            .iter()
+            .position(|&bound| seconds <= bound)
+            .unwrap_or(FETCH_LATENCY_BOUNDS.len());
+        Stats::add(&self.fetch_latency_buckets[bucket], 1);
+        let micros = u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX);
+        Stats::add(&self.fetch_latency_sum_micros, micros);
     }
 
     pub(crate) fn snapshot(&self) -> StatsSnapshot {
@@ -55,6 +98,43 @@ impl Stats {
             cache_misses: load(&self.cache_misses),
             bytes_served: load(&self.bytes_served),
             verify_failures: load(&self.verify_failures),
+            fetch_latency: LatencyHistogram {
+                buckets: std::array::from_fn(|bucket| load(&self.fetch_latency_buckets[bucket])),
+                sum_micros: load(&self.fetch_latency_sum_micros),
+            },
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fetch_latency_buckets_table() {
+        let cases = [
+            (Duration::ZERO, 0),
+            (Duration::from_micros(1000), 0),
+            (Duration::from_micros(1001), 1),
+            (Duration::from_millis(30), 4),
+            (Duration::from_secs(10), 10),
+            (Duration::from_secs(11), 11),
+            (Duration::from_secs(u64::MAX), 11),
+        ];
+        for (elapsed, bucket) in cases {
+            let stats = Stats::default();
+            stats.record_fetch_latency(elapsed);
+            let histogram = stats.snapshot().fetch_latency;
+            assert_eq!(histogram.count(), 1, "{elapsed:?}");
+            assert_eq!(histogram.buckets[bucket], 1, "{elapsed:?}");
+        }
+    }
+
+    #[test]
+    fn fetch_latency_sum_in_micros() {
+        let stats = Stats::default();
+        stats.record_fetch_latency(Duration::from_millis(3));
+        stats.record_fetch_latency(Duration::from_micros(250));
+        assert_eq!(stats.snapshot().fetch_latency.sum_micros, 3250);
     }
 }

@@ -1,0 +1,121 @@
+//! `esgz-nbd inspect` on the reference fixtures: TOC entry counts, digest
+//! checks and prefetch hints against the fixtures' sidecars.
+
+#[path = "support/mod.rs"]
+mod support;
+
+use std::process::Command;
+
+use serde_json::Value;
+
+use support::{esgz_bin, fixture_dir, run};
+
+const FIXTURES: [&str; 5] = ["basic", "links", "xattrs", "large", "multilayer"];
+
+fn expected_layers(fixture: &str) -> Vec<Value> {
+    let path = fixture_dir(fixture).join("expected.json");
+    let text = std::fs::read_to_string(&path).expect("reading expected.json");
+    let sidecar: Value = serde_json::from_str(&text).expect("expected.json is JSON");
+    sidecar["layers"].as_array().expect("layers array").clone()
+}
+
+fn inspect(fixture: &str, extra: &[&str]) -> String {
+    let image = format!("oci:{}:latest", fixture_dir(fixture).join("oci").display());
+    let output = run(Command::new(esgz_bin())
+        .arg("inspect")
+        .arg(&image)
+        .args(extra)
+        .env("RUST_LOG", "warn"));
+    String::from_utf8(output.stdout).expect("UTF-8 output")
+}
+
+#[test]
+fn inspect_json_matches_sidecars() {
+    for fixture in FIXTURES {
+        let report: Value =
+            serde_json::from_str(&inspect(fixture, &["--json"])).expect("--json prints JSON");
+        let layers = report["layers"].as_array().expect("layers array");
+        let expected = expected_layers(fixture);
+        assert_eq!(layers.len(), expected.len(), "{fixture}: layer count");
+
+        for (position, (layer, want)) in layers.iter().zip(&expected).enumerate() {
+            let what = format!("{fixture} layer {}", position + 1);
+            assert_eq!(layer["estargz"], true, "{what}");
+            assert_eq!(layer["digest"], want["blob_digest"], "{what}");
+            assert_eq!(layer["size"], want["blob_size"], "{what}");
+            assert_eq!(layer["toc_entries"], want["toc_entries"], "{what}");
+            assert_eq!(layer["toc_digest"], want["toc_digest"], "{what}");
+            assert_eq!(layer["toc_digest_actual"], want["toc_digest"], "{what}");
+            assert_eq!(layer["toc_verification"], "verified", "{what}");
+            assert_eq!(
+                layer["uncompressed_size"], want["uncompressed_size"],
+                "{what}"
+            );
+
+            let prioritized = want["build"]["prioritized_files"]
+                .as_array()
+                .is_some_and(|files| !files.is_empty());
+            let prefetch = &layer["prefetch"];
+            if prioritized {
+                assert_eq!(prefetch["kind"], "landmark", "{what}: {prefetch}");
+                let bytes = prefetch["bytes"].as_u64().expect("prefetch bytes");
+                let size = layer["size"].as_u64().expect("size");
+                assert!(
+                    bytes > 0 && bytes < size,
+                    "{what}: prefetch {bytes} of {size}"
+                );
+            } else {
+                assert_eq!(prefetch["kind"], "nothing", "{what}: {prefetch}");
+            }
+        }
+
+        let platforms = report["platforms"].as_array().expect("platforms array");
+        assert_eq!(platforms.len(), 1, "{fixture}: {platforms:?}");
+        assert_eq!(platforms[0]["platform"], "linux/amd64", "{fixture}");
+        assert_eq!(platforms[0]["selected"], true, "{fixture}");
+    }
+}
+
+#[test]
+fn inspect_text_lists_each_layer() {
+    for fixture in FIXTURES {
+        let text = inspect(fixture, &[]);
+        let expected = expected_layers(fixture);
+        for want in &expected {
+            let digest = want["blob_digest"].as_str().expect("blob digest");
+            assert!(text.contains(digest), "{fixture}: no {digest} in\n{text}");
+            let toc_digest = want["toc_digest"].as_str().expect("TOC digest");
+            assert!(
+                text.contains(&format!("{toc_digest} verified")),
+                "{fixture}: {toc_digest} not verified in\n{text}"
+            );
+            let entries = format!("TOC entries:  {}", want["toc_entries"]);
+            assert!(
+                text.contains(&entries),
+                "{fixture}: no {entries:?} in\n{text}"
+            );
+        }
+        assert_eq!(
+            text.matches("eStargz:      yes").count(),
+            expected.len(),
+            "{fixture}:\n{text}"
+        );
+    }
+}
+
+#[test]
+fn inspect_reports_toc_digest_mismatch() {
+    let copy = support::copy_layout(&fixture_dir("links").join("oci"));
+    let wrong = format!("sha256:{}", "0".repeat(64));
+    support::set_toc_digest_annotation(copy.path(), 0, &wrong);
+    let image = format!("oci:{}:latest", copy.path().display());
+    let output = run(Command::new(esgz_bin()).args(["inspect", &image, "--json"]));
+    let report: Value = serde_json::from_slice(&output.stdout).expect("JSON");
+    let layer = &report["layers"][0];
+    assert_eq!(layer["toc_verification"], "mismatch", "{layer}");
+    assert_eq!(layer["toc_digest"], wrong.as_str(), "{layer}");
+
+    let text = run(Command::new(esgz_bin()).args(["inspect", &image])).stdout;
+    let text = String::from_utf8_lossy(&text);
+    assert!(text.contains("MISMATCH"), "{text}");
+}
