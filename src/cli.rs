@@ -110,6 +110,21 @@ pub struct ImageArgs {
     #[arg(long, value_name = "PATH")]
     pub auth_file: Option<PathBuf>,
 
+    /// Time limit in seconds for one registry HTTP request, body included; a
+    /// request that takes longer is cancelled and retried.
+    #[arg(long, value_name = "SECONDS", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
+    pub fetch_timeout: u64,
+
+    /// Retries after the first attempt of a registry request that failed for a
+    /// transient reason (timeout, reset, 5xx, 429, short or wrong body).
+    #[arg(long, value_name = "N", default_value_t = 4)]
+    pub retries: u32,
+
+    /// Time limit in seconds for one registry request with all its retries;
+    /// after it a read fails with EIO.
+    #[arg(long, value_name = "SECONDS", default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..))]
+    pub fetch_deadline: u64,
+
     /// How the cache file is read and written.
     #[arg(long, value_enum, default_value_t = IoChoice::Auto)]
     pub io: IoChoice,

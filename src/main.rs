@@ -142,6 +142,9 @@ fn open_options(args: &ImageArgs) -> anyhow::Result<OpenOptions> {
         plain_http: args.plain_http,
         insecure_skip_tls_verify: args.insecure_skip_tls_verify,
         auth_file: args.auth_file.clone(),
+        retries: args.retries,
+        request_timeout: Duration::from_secs(args.fetch_timeout),
+        deadline: Duration::from_secs(args.fetch_deadline),
         ..RegistryOptions::default()
     };
     Ok(OpenOptions {

@@ -45,6 +45,9 @@ pub struct RegistryOptions {
     pub retries: u32,
     /// Limit for one HTTP request, body included.
     pub request_timeout: Duration,
+    /// Limit for one request with all its retries and backoff delays: no retry
+    /// starts that could not finish before it.
+    pub deadline: Duration,
     pub user_agent: String,
 }
 
@@ -56,6 +59,7 @@ impl Default for RegistryOptions {
             auth_file: None,
             retries: 4,
             request_timeout: Duration::from_secs(60),
+            deadline: Duration::from_secs(300),
             user_agent: concat!("esgz-nbd/", env!("CARGO_PKG_VERSION")).to_string(),
         }
     }
