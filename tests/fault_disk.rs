@@ -153,7 +153,7 @@ fn count_matches(log: &str, needle: &str) -> usize {
     log.lines().filter(|line| line.contains(needle)).count()
 }
 
-/// The cache holds 256 KiB of the 1.5 MB the basic fixture's disk needs: the
+/// The cache has room for 256 KiB of the 1.5 MB the basic fixture's disk needs: the
 /// copy still equals the expected disk and the failure is logged once.
 #[test]
 fn full_cache_serves_from_source() {

@@ -46,7 +46,7 @@ const NBD_CMD_WRITE_ZEROES: u16 = 6;
 const EPERM: u32 = 1;
 const EINVAL: u32 = 22;
 
-/// Longest wait for any one reply; a longer wait is a hang.
+/// Maximum wait for one reply; a longer wait counts as a hang.
 const REPLY_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// A raw NBD connection with blocking I/O and timeouts.
@@ -345,7 +345,10 @@ fn bad_options_rejected() {
     client.send_option(NBD_OPT_ABORT, &[]);
     let (kind, _) = client.read_option_reply(NBD_OPT_ABORT);
     assert_eq!(kind, NBD_REP_ACK, "NBD_OPT_ABORT reply");
-    assert!(client.closed_by_server(), "NBD_OPT_ABORT: connection stays open");
+    assert!(
+        client.closed_by_server(),
+        "NBD_OPT_ABORT: connection stays open"
+    );
 
     fixture.assert_still_serves("bad options");
     fixture.assert_fds_back_to(baseline, "bad options");
@@ -415,7 +418,7 @@ fn bad_requests_rejected() {
     let (error, _) = client.read_reply(200, 0);
     assert_eq!(error, EPERM, "write on the read-only export");
 
-    // A zero-length read is answered without data or with EINVAL.
+    // A zero-length read gets a reply without data, or EINVAL.
     client.send_request(NBD_CMD_READ, 201, 0, 0);
     let (error, data) = client.read_reply(201, 0);
     assert!(

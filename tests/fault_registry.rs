@@ -1,7 +1,7 @@
 //! Registry and network faults injected by a proxy in front of a local
-//! docker-registry while `esgz-nbd serve` runs: every fault is retried within
-//! the deadline and the whole disk read over NBD equals the disk exported from
-//! the fixture's OCI layout, whose files equal the fixture's input tar.
+//! docker-registry while `esgz-nbd serve` runs. Every fault is retried within
+//! the deadline, and the whole disk read over NBD equals the disk exported
+//! from the fixture's OCI layout. That disk's files equal the input tar.
 //!
 //! Needs root, loop devices, e2fsprogs, libnbd-bin (nbdcopy), docker-registry
 //! and skopeo.
@@ -60,7 +60,8 @@ impl Setup {
             let mount = LoopMount::new(&image);
             compare_with_tar(mount.path(), &fixture_dir(fixture).join("input.tar"))
         };
-        assert!(files > 0 && bytes > 0, "the fixture has regular files");
+        assert!(files > 0, "the fixture has no regular file");
+        assert!(bytes > 0, "the fixture's files are all empty");
         let expected_disk = fs::read(&image).expect("reading the exported image");
         Setup {
             registry,

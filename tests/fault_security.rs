@@ -186,7 +186,7 @@ fn self_signed_tls_rejected_by_default() {
             out = dir.path().join("out.img").display(),
         )
     };
-    // openssl s_server answers every GET with an HTML status page.
+    // openssl s_server returns an HTML status page for every GET.
     let script = format!(
         "openssl s_server -quiet -www -accept {NAMESPACE_ADDR}:8443 -key {key} -cert {cert} >/dev/null 2>&1 &
          server=$!

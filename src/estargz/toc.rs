@@ -224,8 +224,8 @@ fn read_toc_entry(reader: &mut impl Read, max_toc_size: u64) -> Result<Vec<u8>, 
 ///
 /// The entries are counted in a first pass that keeps none of them, so a TOC
 /// with more than `limits.max_entries` entries fails before any memory is
-/// spent on them: a few hundred megabytes of `{},` would otherwise expand to
-/// tens of gigabytes of entries. NOTE: a TOC near the 4 million entry limit
+/// spent on them. Without it, a few hundred megabytes of `{},` would expand
+/// to tens of gigabytes of entries. NOTE: a TOC near the 4 million entry limit
 /// still needs an estimated 2 GiB (about 500 bytes per entry with its strings)
 /// while it is parsed.
 pub(crate) fn parse_toc_json(toc_json: &[u8], limits: &TocLimits) -> Result<JsonToc, TocError> {

@@ -97,7 +97,7 @@ pub enum RegistryError {
         actual: String,
         source_of_expected: &'static str,
     },
-    #[error("{target}: no answer within the deadline of {deadline:?} ({attempts} attempts). Check the registry, or raise --fetch-deadline")]
+    #[error("{target}: no response within the deadline of {deadline:?} ({attempts} attempts). Check the registry, or raise --fetch-deadline")]
     DeadlineExceeded {
         target: String,
         deadline: Duration,

@@ -131,7 +131,7 @@ impl Inner {
         let end = state.table.members[member_ids[member_ids.len() - 1]].compressed_end;
         let mut results = self.fetch_and_load(layer, &member_ids, start, end).await;
         // A body corrupted on the way (a broken proxy or cache) fails decoding or
-        // verification; one more fetch tells it apart from a corrupt blob. Chunks
+        // verification; one more fetch distinguishes that from a corrupt blob. Chunks
         // loaded by the first fetch are skipped by `load_member`.
         if results.iter().any(|result| {
             matches!(

@@ -1,6 +1,6 @@
-//! An HTTP/1.1 fault proxy on 127.0.0.1 in front of a registry: each request is
-//! forwarded or answered with a fault chosen by a programmable plan, and the
-//! proxy can stop listening for a while or act as a bearer token server.
+//! An HTTP/1.1 fault proxy on 127.0.0.1 in front of a registry. A programmable
+//! plan decides per request whether it is forwarded or gets a fault. The proxy
+//! can also stop listening for a while or act as a bearer token server.
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
@@ -19,9 +19,9 @@ const MAX_HEAD: usize = 64 * 1024;
 /// What the proxy does with one request.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Fault {
-    /// Forward the request and copy the answer back.
+    /// Forward the request and copy the response back.
     Pass,
-    /// Close the connection without an answer.
+    /// Close the connection without a response.
     Drop,
     /// Answer with this status and an empty body.
     Status(u16),
@@ -41,7 +41,7 @@ pub enum Fault {
     FlipByte,
 }
 
-/// What the plan sees of a request.
+/// The parts of a request that a plan can inspect.
 #[derive(Clone, Debug)]
 pub struct RequestInfo {
     /// 1 for the first request the proxy received.
