@@ -420,6 +420,23 @@ pub struct ImageArgs {
     #[arg(long, value_name = "PATH")]
     pub auth_file: Option<PathBuf>,
 
+    /// Time limit in seconds for one registry HTTP request, body included; a
+    /// request that takes longer is cancelled and retried [default: 60, or
+    /// request_timeout_secs from the configuration file].
+    #[arg(long, value_name = "SECONDS", value_parser = clap::value_parser!(u64).range(1..))]
+    pub fetch_timeout: Option<u64>,
+
+    /// Retries after the first attempt of a registry request that failed for a
+    /// transient reason (timeout, reset, 5xx, 429, short or wrong body)
+    /// [default: 4, or retries from the configuration file].
+    #[arg(long, value_name = "N")]
+    pub retries: Option<u32>,
+
+    /// Time limit in seconds for one registry request with all its retries;
+    /// after it a read fails with EIO [default: 300].
+    #[arg(long, value_name = "SECONDS", value_parser = clap::value_parser!(u64).range(1..))]
+    pub fetch_deadline: Option<u64>,
+
     /// How the cache file is read and written.
     #[arg(long, value_enum, default_value_t = IoChoice::Auto)]
     pub io: IoChoice,

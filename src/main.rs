@@ -280,7 +280,7 @@ fn open_options(args: &ImageArgs, settings: &Settings) -> anyhow::Result<OpenOpt
         .or_else(|| file.cache_dir.clone())
         .unwrap_or_else(default_cache_dir);
     create_private_dir(&cache_dir)?;
-    let registry = registry_options(
+    let mut registry = registry_options(
         RegistryArgs {
             plain_http: args.plain_http,
             insecure_skip_tls_verify: args.insecure_skip_tls_verify,
@@ -289,6 +289,15 @@ fn open_options(args: &ImageArgs, settings: &Settings) -> anyhow::Result<OpenOpt
         },
         file,
     );
+    if let Some(retries) = args.retries {
+        registry.retries = retries;
+    }
+    if let Some(seconds) = args.fetch_timeout {
+        registry.request_timeout = Duration::from_secs(seconds);
+    }
+    if let Some(seconds) = args.fetch_deadline {
+        registry.deadline = Duration::from_secs(seconds);
+    }
     let io = match (settings.io_given, file.io) {
         (false, Some(IoSetting::Auto)) => IoChoice::Auto,
         (false, Some(IoSetting::IoUring)) => IoChoice::IoUring,

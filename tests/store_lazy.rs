@@ -400,8 +400,8 @@ async fn corrupt_member_fails_verification() {
         }
         assert_eq!(
             store.stats().verify_failures,
-            2,
-            "nothing was cached, so the second read fetched again"
+            4,
+            "each read fetches the corrupt member twice (one refetch), and nothing was cached"
         );
         assert_eq!(store.stats().chunks_fetched, 0);
 

@@ -222,10 +222,22 @@ fn read_toc_entry(reader: &mut impl Read, max_toc_size: u64) -> Result<Vec<u8>, 
 
 /// Parses the TOC JSON document.
 ///
-/// NOTE: every entry is deserialised before any is processed, so a TOC near
-/// the 4 million entry limit needs an estimated 2 GiB (about 500 bytes per
-/// entry with its strings) while it is parsed.
+/// The entries are counted in a first pass that keeps none of them, so a TOC
+/// with more than `limits.max_entries` entries fails before any memory is
+/// spent on them. Without it, a few hundred megabytes of `{},` would expand
+/// to tens of gigabytes of entries. NOTE: a TOC near the 4 million entry limit
+/// still needs an estimated 2 GiB (about 500 bytes per entry with its strings)
+/// while it is parsed.
 pub(crate) fn parse_toc_json(toc_json: &[u8], limits: &TocLimits) -> Result<JsonToc, TocError> {
+    let counted: EntryCount =
+        serde_json::from_slice(toc_json).map_err(|source| TocError::Json { source })?;
+    if counted.entries.0 > limits.max_entries {
+        return Err(TocError::TooManyEntries {
+            count: counted.entries.0,
+            limit: limits.max_entries,
+        });
+    }
+
     let toc: JsonToc =
         serde_json::from_slice(toc_json).map_err(|source| TocError::Json { source })?;
     if toc.version != TOC_VERSION {
@@ -233,13 +245,45 @@ pub(crate) fn parse_toc_json(toc_json: &[u8], limits: &TocLimits) -> Result<Json
             version: toc.version,
         });
     }
-    if toc.entries.len() > limits.max_entries {
-        return Err(TocError::TooManyEntries {
-            count: toc.entries.len(),
-            limit: limits.max_entries,
-        });
-    }
     Ok(toc)
+}
+
+/// The TOC document with its entries counted, not kept.
+#[derive(Deserialize)]
+struct EntryCount {
+    #[serde(default)]
+    entries: CountedSeq,
+}
+
+/// The length of a JSON array whose elements are skipped.
+#[derive(Default)]
+struct CountedSeq(usize);
+
+impl<'de> Deserialize<'de> for CountedSeq {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Counter;
+
+        impl<'de> serde::de::Visitor<'de> for Counter {
+            type Value = CountedSeq;
+
+            fn expecting(&self, formatter: &mut std::fmt::Formatter) -> std::fmt::Result {
+                formatter.write_str("an array of TOC entries")
+            }
+
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<CountedSeq, A::Error> {
+                let mut count = 0usize;
+                while seq.next_element::<serde::de::IgnoredAny>()?.is_some() {
+                    count += 1;
+                }
+                Ok(CountedSeq(count))
+            }
+        }
+
+        deserializer.deserialize_seq(Counter)
+    }
 }
 
 #[cfg(test)]

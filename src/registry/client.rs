@@ -81,6 +81,7 @@ pub(crate) struct Client {
     plain_http: bool,
     retries: u32,
     request_timeout: Duration,
+    deadline: Duration,
     auth: Mutex<AuthState>,
     /// Serialises token requests, so concurrent 401s fetch one token.
     token_fetch: tokio::sync::Mutex<()>,
@@ -164,6 +165,7 @@ impl Client {
                 options.retries
             },
             request_timeout: options.request_timeout,
+            deadline: options.deadline,
             auth: Mutex::new(AuthState::default()),
             token_fetch: tokio::sync::Mutex::new(()),
         })
@@ -186,8 +188,10 @@ impl Client {
         )
     }
 
-    /// Runs `operation` until it succeeds, fails for good or the retries are
-    /// used up, sleeping with exponential backoff and jitter in between.
+    /// Runs `operation` until it succeeds, fails for good, the retries are
+    /// used up or the deadline passes, sleeping with exponential backoff and
+    /// jitter in between. Each attempt is also cut off at the deadline, so the
+    /// call returns within `deadline` plus a few milliseconds.
     pub async fn with_retries<T, F, Fut>(
         &self,
         target: &str,
@@ -197,16 +201,25 @@ impl Client {
         F: FnMut() -> Fut,
         Fut: std::future::Future<Output = Result<T, RegistryError>>,
     {
+        let started = Instant::now();
         let mut attempt: u32 = 0;
         loop {
-            let error = match operation().await {
-                Ok(value) => return Ok(value),
-                Err(error) => error,
+            let remaining = self.deadline.saturating_sub(started.elapsed());
+            let error = match tokio::time::timeout(remaining, operation()).await {
+                Ok(Ok(value)) => return Ok(value),
+                Ok(Err(error)) => error,
+                Err(_) => RegistryError::DeadlineExceeded {
+                    target: target.to_string(),
+                    deadline: self.deadline,
+                    attempts: attempt + 1,
+                },
             };
             let Some(retry_after) = error.retry_hint() else {
                 return Err(error);
             };
-            if attempt >= self.retries {
+            let delay = backoff_delay(attempt, retry_after);
+            let out_of_time = started.elapsed() + delay >= self.deadline;
+            if attempt >= self.retries || out_of_time {
                 if attempt == 0 {
                     return Err(error);
                 }
@@ -216,7 +229,6 @@ impl Client {
                 });
             }
 
-            let delay = backoff_delay(attempt, retry_after);
             tracing::warn!(
                 target,
                 attempt = attempt + 1,
@@ -707,9 +719,9 @@ impl Client {
     ///
     /// A 206 must carry a Content-Range naming exactly the requested bytes. A
     /// 200 (the server ignored Range) is accepted only when the request covers
-    /// the whole blob; otherwise it fails with `RangeIgnored` and is not
-    /// retried, because reading whole blobs defeats lazy reads and a blob can
-    /// be gigabytes.
+    /// the whole blob; otherwise it fails with `RangeIgnored` before the body
+    /// is read. Both failures are retried, because a proxy in between can
+    /// cause them once, and the last one is returned when the retries run out.
     pub async fn get_blob_range(
         &self,
         digest: &str,

@@ -103,6 +103,12 @@ pub enum RegistryError {
         registry: String,
         capability: &'static str,
     },
+    #[error("{target}: no response within the deadline of {deadline:?} ({attempts} attempts). Check the registry, or raise --fetch-deadline")]
+    DeadlineExceeded {
+        target: String,
+        deadline: Duration,
+        attempts: u32,
+    },
     #[error("{last} (gave up after {attempts} attempts)")]
     RetriesExhausted {
         attempts: u32,
@@ -117,10 +123,13 @@ impl RegistryError {
     pub fn retry_hint(&self) -> Option<Option<Duration>> {
         match self {
             RegistryError::Transport { source, .. } => {
+                // reqwest reports a connection reset while a body is read in
+                // chunks as a decode error.
                 let transient = source.is_timeout()
                     || source.is_connect()
                     || source.is_request()
-                    || source.is_body();
+                    || source.is_body()
+                    || source.is_decode();
                 transient.then_some(None)
             }
             RegistryError::Status {
@@ -129,7 +138,12 @@ impl RegistryError {
                 ..
             } => (*status == 408 || *status == 429 || *status >= 500).then_some(*retry_after),
             RegistryError::Token { transient, .. } => transient.then_some(None),
-            RegistryError::Truncated { .. } => Some(None),
+            // A proxy or cache in between can send a short body, a wrong
+            // range or the whole blob once and be right on the next request.
+            RegistryError::Truncated { .. }
+            | RegistryError::LengthMismatch { .. }
+            | RegistryError::ContentRangeMismatch { .. }
+            | RegistryError::RangeIgnored { .. } => Some(None),
             _ => None,
         }
     }

@@ -52,6 +52,9 @@ pub struct RegistryOptions {
     pub retries: u32,
     /// Limit for one HTTP request, body included.
     pub request_timeout: Duration,
+    /// Limit for one request with all its retries and backoff delays: no retry
+    /// starts that could not finish before it.
+    pub deadline: Duration,
     pub user_agent: String,
     /// Directory of `HOST[:PORT]/hosts.toml` files (containerd's `certs.d`
     /// layout) naming mirrors and TLS settings; `None` reads none.
@@ -69,6 +72,7 @@ impl Default for RegistryOptions {
             auth_file: None,
             retries: 4,
             request_timeout: Duration::from_secs(60),
+            deadline: Duration::from_secs(300),
             user_agent: concat!("esgz-nbd/", env!("CARGO_PKG_VERSION")).to_string(),
             hosts_dir: None,
             max_concurrent_requests: 0,

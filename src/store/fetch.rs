@@ -129,7 +129,38 @@ impl Inner {
 
         let start = state.table.members[member_ids[0]].compressed_offset;
         let end = state.table.members[member_ids[member_ids.len() - 1]].compressed_end;
-        let results: Vec<Result<(), ReadError>> = match self.fetch_range(state, start, end).await {
+        let mut results = self.fetch_and_load(layer, &member_ids, start, end).await;
+        // A body corrupted on the way (a broken proxy or cache) fails decoding or
+        // verification; one more fetch distinguishes that from a corrupt blob. Chunks
+        // loaded by the first fetch are skipped by `load_member`.
+        if results.iter().any(|result| {
+            matches!(
+                result,
+                Err(ReadError::Decompress { .. } | ReadError::DigestMismatch { .. })
+            )
+        }) {
+            tracing::warn!(layer = %state.index.digest, compressed_offset = start, compressed_end = end, "fetched bytes failed decoding or verification; fetching them once more");
+            results = self.fetch_and_load(layer, &member_ids, start, end).await;
+        }
+
+        // Waiters re-check presence when woken, so the entries go before the results.
+        drop(guard);
+        for ((_, sender), result) in group.members.into_iter().zip(results) {
+            let _ = sender.send(result);
+        }
+    }
+
+    /// Downloads `start..end` and loads each member of it into the cache; returns
+    /// each member's result.
+    async fn fetch_and_load(
+        &self,
+        layer: usize,
+        member_ids: &[usize],
+        start: u64,
+        end: u64,
+    ) -> Vec<Result<(), ReadError>> {
+        let state = &self.layers[layer];
+        match self.fetch_range(state, start, end).await {
             Ok(bytes) => {
                 let loads = member_ids.iter().map(|&member| {
                     let info = &state.table.members[member];
@@ -140,18 +171,12 @@ impl Inner {
                 future::join_all(loads).await
             }
             Err(error) => vec![Err(error); member_ids.len()],
-        };
-
-        // Waiters re-check presence when woken, so the entries go before the results.
-        drop(guard);
-        for ((_, sender), result) in group.members.into_iter().zip(results) {
-            let _ = sender.send(result);
         }
     }
 
     /// Downloads `start..end` of the layer's blob in requests of at most
     /// `max_request_size` bytes, each holding a permit of the fetch semaphore.
-    async fn fetch_range(
+    pub(crate) async fn fetch_range(
         &self,
         state: &LayerState,
         start: u64,
@@ -298,7 +323,7 @@ impl Inner {
         let state = &self.layers[layer];
         let record = &state.index.chunks[chunk];
         self.io.write(layer, record.data_offset, bytes).await.map_err(|source| {
-            tracing::error!(layer = %state.index.digest, data_offset = record.data_offset, error = %source, "cache write failed");
+            tracing::debug!(layer = %state.index.digest, data_offset = record.data_offset, error = %source, "cache write failed");
             ReadError::CacheIo {
                 layer: state.index.digest.clone(),
                 op: "write",

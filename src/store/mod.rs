@@ -12,6 +12,7 @@
 
 mod cache;
 pub mod chunk;
+mod direct;
 mod error;
 mod fallback;
 mod fetch;
@@ -183,7 +184,16 @@ impl ChunkStore {
         if len == 0 {
             return Ok(Bytes::new());
         }
-        self.inner.ensure_present(layer as usize, chunks).await?;
+        if let Err(error) = self.inner.ensure_present(layer as usize, chunks).await {
+            if !direct::is_cache_write_failure(&error) {
+                return Err(error);
+            }
+            direct::log_cache_write_failure(&error);
+            return self
+                .inner
+                .read_direct(layer as usize, data_offset, len)
+                .await;
+        }
 
         let cache_error = |source| ReadError::CacheIo {
             layer: state.index.digest.clone(),

@@ -10,6 +10,7 @@
 #![allow(dead_code, unused_imports)]
 
 mod command;
+mod fault_proxy;
 mod layout;
 mod mount;
 mod registry;
@@ -19,6 +20,7 @@ mod tree;
 use std::path::{Path, PathBuf};
 
 pub use command::{run, run_stdout, try_run};
+pub use fault_proxy::{Fault, FaultProxy, Plan, RequestInfo};
 pub use layout::{
     blob_path, copy_layout, edit_manifest, footer, footer_toc_offset, gzip, layer_descriptor,
     layer_digest, member_range, patch_layer_blob, read_layer_blob, read_manifest, read_toc,

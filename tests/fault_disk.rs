@@ -1,0 +1,276 @@
+//! Cache directory faults while `esgz-nbd serve` runs: a full file system and
+//! one remounted read-only keep serving from the image source, a flipped byte
+//! in a cache file is not served after a restart, and the cache is private.
+//!
+//! Needs root (tmpfs and ext4 mounts), loop devices, e2fsprogs and libnbd-bin.
+
+#[path = "support/mod.rs"]
+mod support;
+
+use std::fs;
+use std::os::unix::fs::PermissionsExt as _;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use support::{esgz_bin, fixture_dir, run, run_stdout, Server};
+
+/// The log line that a cache write failure produces the first time.
+const FALLBACK_MESSAGE: &str = "the cache cannot store chunks";
+
+/// A small file system mounted for a test, unmounted on drop.
+struct ScratchMount {
+    path: PathBuf,
+    /// The backing image of an ext4 scratch mount, kept until the unmount.
+    _image: Option<tempfile::NamedTempFile>,
+}
+
+impl ScratchMount {
+    /// Mounts a tmpfs of `size` (such as `256k`).
+    fn tmpfs(path: &Path, size: &str) -> ScratchMount {
+        fs::create_dir_all(path).expect("creating the tmpfs mount point");
+        run(Command::new("mount")
+            .args(["-t", "tmpfs", "-o"])
+            .arg(format!("size={size},mode=0700"))
+            .arg("tmpfs")
+            .arg(path));
+        ScratchMount {
+            path: path.to_path_buf(),
+            _image: None,
+        }
+    }
+
+    /// Mounts a fresh 16 MiB ext4 image through a loop device with
+    /// `errors=remount-ro`.
+    fn ext4(path: &Path) -> ScratchMount {
+        let image = tempfile::NamedTempFile::new().expect("creating the ext4 image file");
+        image
+            .as_file()
+            .set_len(16 << 20)
+            .expect("sizing the ext4 image");
+        run(Command::new("mkfs.ext4").arg("-q").arg(image.path()));
+        fs::create_dir_all(path).expect("creating the ext4 mount point");
+        run(Command::new("mount")
+            .args(["-o", "loop,errors=remount-ro"])
+            .arg(image.path())
+            .arg(path));
+        ScratchMount {
+            path: path.to_path_buf(),
+            _image: Some(image),
+        }
+    }
+
+    /// Makes the kernel report an ext4 error, which turns the file system
+    /// read-only (findmnt then shows `emergency_ro`) even while files are open for writing (a plain `mount -o
+    /// remount,ro` fails with EBUSY then).
+    fn force_read_only(&self) {
+        let source = run_stdout(
+            Command::new("findmnt")
+                .args(["-no", "SOURCE"])
+                .arg(&self.path),
+        );
+        let device = Path::new(source.trim())
+            .file_name()
+            .expect("a device name")
+            .to_owned();
+        let trigger = Path::new("/sys/fs/ext4")
+            .join(device)
+            .join("trigger_fs_error");
+        fs::write(&trigger, "esgz-nbd fault test\n")
+            .unwrap_or_else(|error| panic!("writing {}: {error}", trigger.display()));
+        let options = run_stdout(
+            Command::new("findmnt")
+                .args(["-no", "OPTIONS"])
+                .arg(&self.path),
+        );
+        assert!(
+            options.starts_with("ro") || options.contains("emergency_ro"),
+            "the file system is still writable: {options}"
+        );
+    }
+}
+
+impl Drop for ScratchMount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.path).status();
+    }
+}
+
+fn layout_image(fixture: &str) -> String {
+    format!("oci:{}:latest", fixture_dir(fixture).join("oci").display())
+}
+
+/// Exports the fixture's disk with a roomy cache, as the expected bytes.
+fn expected_disk(fixture: &str) -> Vec<u8> {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let image = dir.path().join("expected.img");
+    run(Command::new(esgz_bin())
+        .arg("export")
+        .arg(layout_image(fixture))
+        .arg("--cache-dir")
+        .arg(dir.path().join("cache"))
+        .arg("--output")
+        .arg(&image));
+    fs::read(&image).expect("reading the exported image")
+}
+
+fn copy_disk(server: &Server) -> Vec<u8> {
+    let output = server.dir().join("copy.img");
+    let _ = fs::remove_file(&output);
+    let result = Command::new("timeout")
+        .arg("120")
+        .arg("nbdcopy")
+        .arg(server.uri())
+        .arg(&output)
+        .output()
+        .expect("starting nbdcopy (apt-get install libnbd-bin)");
+    assert!(
+        result.status.success(),
+        "nbdcopy failed: {}\nserver log:\n{}",
+        String::from_utf8_lossy(&result.stderr),
+        server.log()
+    );
+    fs::read(&output).expect("reading the copied disk")
+}
+
+fn assert_same_disk(actual: &[u8], expected: &[u8], what: &str) {
+    assert_eq!(actual.len(), expected.len(), "{what}: disk size");
+    if let Some(offset) = actual.iter().zip(expected).position(|(a, b)| a != b) {
+        panic!("{what}: wrong byte at disk offset {offset:#x}");
+    }
+}
+
+/// Returns a server folder whose `cache/` is a scratch mount made by `mount`.
+fn server_dir_with(mount: impl FnOnce(&Path) -> ScratchMount) -> (tempfile::TempDir, ScratchMount) {
+    let dir = tempfile::Builder::new()
+        .prefix("esgz-fault-disk-")
+        .tempdir()
+        .expect("temp dir");
+    let mounted = mount(&dir.path().join("cache"));
+    (dir, mounted)
+}
+
+fn count_matches(log: &str, needle: &str) -> usize {
+    log.lines().filter(|line| line.contains(needle)).count()
+}
+
+/// The cache has room for 256 KiB of the 1.5 MB the basic fixture's disk needs: the
+/// copy still equals the expected disk and the failure is logged once.
+#[test]
+fn full_cache_serves_from_source() {
+    let expected = expected_disk("basic");
+    let (dir, _tmpfs) = server_dir_with(|path| ScratchMount::tmpfs(path, "256k"));
+    let server = Server::start_in(&layout_image("basic"), &["--io", "std"], dir);
+
+    let first = copy_disk(&server);
+    assert_same_disk(&first, &expected, "copy with a full cache");
+    let second = copy_disk(&server);
+    assert_same_disk(&second, &expected, "second copy with a full cache");
+
+    let log = server.log();
+    assert_eq!(
+        count_matches(&log, FALLBACK_MESSAGE),
+        1,
+        "the full cache is not logged exactly once:\n{log}"
+    );
+    assert!(
+        log.contains("Full"),
+        "the log does not say the cache is full:\n{log}"
+    );
+}
+
+/// The cache file system turns read-only while the server runs: reads go on
+/// from the source and the condition is logged once.
+#[test]
+fn read_only_cache_serves_from_source() {
+    let expected = expected_disk("basic");
+    let (dir, scratch) = server_dir_with(ScratchMount::ext4);
+    let server = Server::start_in(&layout_image("basic"), &[], dir);
+
+    scratch.force_read_only();
+    let disk = copy_disk(&server);
+    assert_same_disk(&disk, &expected, "copy with a read-only cache");
+
+    let log = server.log();
+    assert_eq!(
+        count_matches(&log, FALLBACK_MESSAGE),
+        1,
+        "the read-only cache is not logged exactly once:\n{log}"
+    );
+    assert!(
+        log.contains("ReadOnly"),
+        "the log does not say the cache is read-only:\n{log}"
+    );
+}
+
+/// A byte flipped in a cache file between two runs is not served: chunk
+/// presence is kept in memory only, so a new run fetches every chunk again.
+// TODO: once the cache stores a crc32 per chunk, add the same check for a
+// byte flipped while the server runs: the read must refetch the chunk and
+// return the original bytes. Today such a byte would be served.
+#[test]
+fn flipped_cache_byte_not_served_after_restart() {
+    let expected = expected_disk("basic");
+    let image = layout_image("basic");
+    let server = Server::start(&image, &[]);
+    assert_same_disk(&copy_disk(&server), &expected, "first run");
+    let (dir, _) = server.stop();
+
+    let layers = dir.path().join("cache/layers");
+    let mut flipped = 0;
+    for entry in fs::read_dir(&layers).expect("listing the cache files") {
+        let path = entry.expect("a cache entry").path();
+        let mut bytes = fs::read(&path).expect("reading a cache file");
+        if let Some(byte) = bytes.iter_mut().find(|byte| **byte != 0) {
+            *byte ^= 0xff;
+            flipped += 1;
+        }
+        fs::write(&path, &bytes).expect("writing the damaged cache file");
+    }
+    assert!(flipped > 0, "no cache file had data to damage");
+
+    let server = Server::start_in(&image, &[], dir);
+    assert_same_disk(&copy_disk(&server), &expected, "run after the damage");
+}
+
+/// The cache folders are 0700 and the cache files 0600, also under a umask
+/// that would allow more.
+#[test]
+fn cache_files_private() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let cache = dir.path().join("new-cache");
+    let output = Command::new("sh")
+        .arg("-c")
+        .arg("umask 000 && exec \"$@\"")
+        .arg("sh")
+        .arg(esgz_bin())
+        .arg("export")
+        .arg(layout_image("links"))
+        .arg("--cache-dir")
+        .arg(&cache)
+        .arg("--output")
+        .arg(dir.path().join("out.img"))
+        .output()
+        .expect("running esgz-nbd export");
+    assert!(
+        output.status.success(),
+        "export failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+
+    let mode = |path: &Path| {
+        fs::metadata(path)
+            .unwrap_or_else(|error| panic!("{}: {error}", path.display()))
+            .permissions()
+            .mode()
+            & 0o777
+    };
+    assert_eq!(mode(&cache), 0o700, "cache folder mode");
+    assert_eq!(mode(&cache.join("layers")), 0o700, "layers folder mode");
+    let mut files = 0;
+    for entry in fs::read_dir(cache.join("layers")).expect("listing the cache files") {
+        let path = entry.expect("a cache entry").path();
+        assert_eq!(mode(&path), 0o600, "{} mode", path.display());
+        files += 1;
+    }
+    assert!(files > 0, "the export wrote no cache file");
+}
