@@ -11,6 +11,7 @@ pub mod image;
 pub mod layer;
 pub mod nbd;
 pub mod oci_layout;
+pub mod prefetch;
 pub mod reference;
 pub mod registry;
 pub mod source;

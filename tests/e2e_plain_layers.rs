@@ -143,7 +143,10 @@ fn check_layout(layout: &Path, expected: &Path, non_lazy_layers: usize) {
         .arg("--cache-dir")
         .arg(dir.path().join("cache")));
     let stderr = String::from_utf8_lossy(&output.stderr);
-    let warnings = stderr.lines().filter(|line| line.contains("not lazy")).count();
+    let warnings = stderr
+        .lines()
+        .filter(|line| line.contains("not lazy"))
+        .count();
     assert_eq!(
         warnings, non_lazy_layers,
         "expected one 'not lazy' line per plain layer; stderr:\n{stderr}"
@@ -225,7 +228,9 @@ fn plain_layer_digest_mismatch_is_rejected() {
 
     // Flip one byte of the stored blob without renaming it.
     let manifest = support::read_manifest(&layout);
-    let digest = manifest["layers"][0]["digest"].as_str().expect("layer digest");
+    let digest = manifest["layers"][0]["digest"]
+        .as_str()
+        .expect("layer digest");
     let blob_path = support::blob_path(&layout, digest);
     let mut blob = fs::read(&blob_path).expect("reading the blob");
     blob[600] ^= 0x01;
@@ -243,7 +248,10 @@ fn plain_layer_digest_mismatch_is_rejected() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(!output.status.success(), "export accepted a corrupt layer");
     assert!(!stderr.contains("panicked"), "export panicked:\n{stderr}");
-    assert!(stderr.contains(digest), "error does not name the layer:\n{stderr}");
+    assert!(
+        stderr.contains(digest),
+        "error does not name the layer:\n{stderr}"
+    );
     assert!(
         stderr.contains("does not match its digest"),
         "error does not say what is wrong:\n{stderr}"
