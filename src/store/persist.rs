@@ -112,7 +112,6 @@ pub(crate) fn fingerprint(index: &LayerIndex) -> u64 {
 pub(crate) struct Loaded {
     /// `Some(crc)` for each chunk marked present, by chunk index.
     pub(crate) records: Vec<Option<u32>>,
-    pub(crate) complete: bool,
 }
 
 /// An open index file, locked shared while the store uses the layer so that pruning
@@ -180,13 +179,11 @@ impl IndexFile {
             index_file.reset(&expected, records_len)?;
             let loaded = Loaded {
                 records: vec![None; index.chunks.len()],
-                complete: false,
             };
             return Ok((index_file, loaded));
         }
 
-        let flags = previous.map_or(0, |header| header.flags);
-        let loaded = index_file.load_records(index.chunks.len(), flags)?;
+        let loaded = index_file.load_records(index.chunks.len())?;
         index_file.touch()?;
         Ok((index_file, loaded))
     }
@@ -204,7 +201,7 @@ impl IndexFile {
             .map_err(write_error)
     }
 
-    fn load_records(&self, chunks: usize, flags: u64) -> Result<Loaded, StoreError> {
+    fn load_records(&self, chunks: usize) -> Result<Loaded, StoreError> {
         let mut raw = vec![0u8; chunks * RECORD_LEN as usize];
         self.file
             .read_exact_at(&mut raw, HEADER_LEN)
@@ -219,10 +216,7 @@ impl IndexFile {
                 (record[4] == 1).then_some(crc)
             })
             .collect();
-        Ok(Loaded {
-            records,
-            complete: flags & FLAG_COMPLETE != 0,
-        })
+        Ok(Loaded { records })
     }
 
     /// Records that chunk `chunk` is in the data file with checksum `crc`.
@@ -325,9 +319,10 @@ mod tests {
         file.set_complete(true).expect("flag");
         drop(file);
 
+        let header = Header::decode(&std::fs::read(&path).expect("read index")).expect("header");
+        assert_eq!(header.flags, FLAG_COMPLETE);
         let (_, loaded) = IndexFile::open(&path, &index).expect("reopen");
         assert_eq!(loaded.records, vec![None, Some(0x1234_5678), None]);
-        assert!(loaded.complete);
     }
 
     #[test]

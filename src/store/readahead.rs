@@ -69,10 +69,13 @@ mod tests {
 
     const MIB: u64 = 1024 * 1024;
 
+    /// One read: step name, offset, length and the read-ahead range it should start.
+    type Step = (&'static str, u64, u64, Option<(u64, u64)>);
+
     #[test]
     fn read_ahead_sequences() {
         // (offset, len, expected range) in order, on a 100 MiB layer, 4 MiB max window.
-        let steps: &[(&str, u64, u64, Option<(u64, u64)>)] = &[
+        let steps: &[Step] = &[
             ("first read", 0, 128 * 1024, None),
             (
                 "second read starts the window",
