@@ -9,6 +9,9 @@ use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 
 /// Limit on the resident set of a server attaching a one-million-entry image.
+// NOTE: the server peaks at about 1.7 GiB on this image, so this test fails: the whole
+// 211 MB TOC JSON, its compressed member and every deserialised entry (several heap
+// strings each) are in memory at once. It passes only once TOC parsing streams.
 const MAX_PEAK_BYTES: u64 = 300 * 1024 * 1024;
 
 fn peak_resident_bytes(pid: u32) -> u64 {
