@@ -70,6 +70,8 @@ pub enum Command {
     Convert(ConvertArgs),
     /// Build a single-layer eStargz image from a directory tree or a tar.
     Build(BuildArgs),
+    /// List or prune the chunk cache.
+    Cache(CacheArgs),
 }
 
 #[derive(Args, Debug)]
@@ -347,33 +349,98 @@ pub struct ServeArgs {
     /// file, removed at exit].
     #[arg(long, value_name = "PATH", requires = "writable")]
     pub overlay: Option<PathBuf>,
+
+    /// Do not fetch the files before each layer's .prefetch.landmark at start.
+    #[arg(long)]
+    pub no_prefetch: bool,
+
+    /// After the start-up prefetch, fetch the rest of every layer in the background,
+    /// pausing while reads wait for data.
+    #[arg(long)]
+    pub background_fetch: bool,
+
+    /// Rate limit of --background-fetch in compressed bytes per second (suffix K, M or G
+    /// for powers of 1024); 0 means unlimited.
+    #[arg(long, value_name = "BYTES/s", value_parser = parse_size, default_value = "0")]
+    pub background_rate: u64,
+
+    /// Size limit of the chunk cache on disk (suffix K, M, G or T for powers of 1024).
+    /// At start, least recently used layers that no server uses are removed to fit;
+    /// 0 turns the limit off.
+    #[arg(long, value_name = "BYTES", value_parser = parse_size, default_value = "10G")]
+    pub cache_max_size: u64,
 }
 
-/// Parses a byte count such as `4096`, `512M`, `1G` or `2TiB` (binary units).
+#[derive(Args, Debug)]
+pub struct CacheArgs {
+    #[command(subcommand)]
+    pub command: CacheCommand,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum CacheCommand {
+    /// List cached layers with their size on disk and last use, least recently used first.
+    List(CacheListArgs),
+    /// Remove cached layers that no running server uses: all of them, or with
+    /// --max-size the least recently used until the cache fits.
+    Prune(CachePruneArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct CacheListArgs {
+    /// Directory of the chunk cache [default: as for serve].
+    #[arg(long, env = "ESGZ_NBD_CACHE_DIR", value_name = "DIR")]
+    pub cache_dir: Option<PathBuf>,
+
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct CachePruneArgs {
+    /// Directory of the chunk cache [default: as for serve].
+    #[arg(long, env = "ESGZ_NBD_CACHE_DIR", value_name = "DIR")]
+    pub cache_dir: Option<PathBuf>,
+
+    /// Remove least recently used layers until the cache takes at most this many bytes
+    /// on disk (suffix K, M, G or T for powers of 1024).
+    #[arg(long, value_name = "BYTES", value_parser = parse_size)]
+    pub max_size: Option<u64>,
+}
+
+/// Parses a byte count with an optional binary suffix: `512`, `64K`, `10G`, `1.5M`.
 pub fn parse_size(text: &str) -> Result<u64, String> {
     let trimmed = text.trim();
     let split = trimmed
-        .find(|c: char| !c.is_ascii_digit())
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
         .unwrap_or(trimmed.len());
-    let (digits, unit) = trimmed.split_at(split);
-    let number: u64 = digits.parse().map_err(|_| {
-        format!("invalid size {text:?}: expected a number with an optional K, M, G or T suffix")
-    })?;
-    let shift = match unit.to_ascii_uppercase().as_str() {
-        "" | "B" => 0,
-        "K" | "KB" | "KIB" => 10,
-        "M" | "MB" | "MIB" => 20,
-        "G" | "GB" | "GIB" => 30,
-        "T" | "TB" | "TIB" => 40,
+    let (number, suffix) = trimmed.split_at(split);
+    let shift = match suffix
+        .trim()
+        .to_ascii_uppercase()
+        .trim_end_matches("IB")
+        .trim_end_matches('B')
+    {
+        "" => 0,
+        "K" => 10,
+        "M" => 20,
+        "G" => 30,
+        "T" => 40,
         _ => {
             return Err(format!(
-                "invalid size {text:?}: unknown unit {unit:?}; use K, M, G or T"
+                "invalid size {text:?}: expected a number with an optional K, M, G or T suffix"
             ))
         }
     };
-    number
-        .checked_mul(1u64 << shift)
-        .ok_or_else(|| format!("invalid size {text:?}: larger than 2^64 bytes"))
+    let value: f64 = number.parse().map_err(|_| {
+        format!("invalid size {text:?}: expected a number with an optional K, M, G or T suffix")
+    })?;
+    let bytes = value * (1u64 << shift) as f64;
+    if !bytes.is_finite() || bytes < 0.0 || bytes >= u64::MAX as f64 {
+        return Err(format!("size {text:?} is out of range"));
+    }
+    Ok(bytes as u64)
 }
 
 #[derive(Args, Debug)]
@@ -462,20 +529,20 @@ mod tests {
     use super::parse_size;
 
     #[test]
-    fn sizes_parse_with_binary_units() {
+    fn parse_size_cases() {
         let cases: &[(&str, Option<u64>)] = &[
             ("0", Some(0)),
-            ("4096", Some(4096)),
-            ("512M", Some(512 << 20)),
-            ("1G", Some(1 << 30)),
-            ("2GiB", Some(2 << 30)),
-            ("3t", Some(3 << 40)),
-            ("10k", Some(10 << 10)),
+            ("512", Some(512)),
+            ("64K", Some(64 << 10)),
+            ("10G", Some(10 << 30)),
+            ("10GiB", Some(10 << 30)),
+            ("1.5M", Some(3 << 19)),
+            ("2t", Some(2 << 40)),
             ("", None),
             ("G", None),
-            ("1.5G", None),
-            ("1X", None),
-            ("99999999999T", None),
+            ("12X", None),
+            ("-1", None),
+            ("99999999999999T", None),
         ];
         for (text, expected) in cases {
             assert_eq!(parse_size(text).ok(), *expected, "size {text:?}");

@@ -18,6 +18,7 @@ pub mod nbd;
 pub mod oci_dir;
 pub mod oci_layout;
 pub mod overlay;
+pub mod prefetch;
 pub mod progress;
 pub mod reference;
 pub mod registry;

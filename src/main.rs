@@ -14,9 +14,9 @@ use tracing_subscriber::EnvFilter;
 
 use esgz_nbd::attach::{self, state::RuntimeDir, AttachSettings, InterfaceChoice};
 use esgz_nbd::cli::{
-    AttachArgs, BuildArgs, Cli, Command, ConvertArgs, DetachArgs, ExportArgs, ImageArgs,
-    InspectArgs, IoChoice, LayerWriterArgs, ListArgs, LogFormat, NbdInterface, ServeArgs,
-    TreeManifestArgs, WriterRegistryArgs,
+    AttachArgs, BuildArgs, CacheArgs, CacheCommand, Cli, Command, ConvertArgs, DetachArgs,
+    ExportArgs, ImageArgs, InspectArgs, IoChoice, LayerWriterArgs, ListArgs, LogFormat,
+    NbdInterface, ServeArgs, TreeManifestArgs, WriterRegistryArgs,
 };
 use esgz_nbd::config::{self, FileConfig, IoSetting};
 use esgz_nbd::convert::{self, BuildOptions, ConvertOptions};
@@ -29,11 +29,12 @@ use esgz_nbd::inspect::{inspect_image, render_text};
 use esgz_nbd::metrics::{self, MetricsLabels, MetricsSnapshot};
 use esgz_nbd::nbd::{self, ServerOptions};
 use esgz_nbd::overlay::{Identity, Overlay, OverlayDisk};
+use esgz_nbd::prefetch::{self, PrefetchOptions};
 use esgz_nbd::progress::{self, BarWriter, ProgressDevice};
 use esgz_nbd::registry::hosts::CONTAINERD_HOSTS_DIR;
 use esgz_nbd::registry::RegistryOptions;
 use esgz_nbd::source::Platform;
-use esgz_nbd::store::{ChunkStore, IoBackendChoice};
+use esgz_nbd::store::{self as chunk_store, ChunkStore, IoBackendChoice, PruneOptions};
 use esgz_nbd::writer::WriterOptions;
 
 /// Settings that come from outside the command's own arguments.
@@ -103,6 +104,7 @@ fn main() -> ExitCode {
             Command::TreeManifest(args) => tree_manifest_command(args),
             Command::Convert(args) => convert_command(args, !cli.quiet, &settings).await,
             Command::Build(args) => build_command(args, !cli.quiet, &settings).await,
+            Command::Cache(args) => cache(args),
         }
     });
     match result {
@@ -331,15 +333,36 @@ fn parse_listen(text: &str) -> anyhow::Result<SocketAddr> {
 async fn serve(args: ServeArgs, settings: &Settings) -> anyhow::Result<()> {
     let options = open_options(&args.image, settings)?;
     let image = open_image(&args.image.image, &options).await?;
+    if args.cache_max_size > 0 {
+        enforce_cache_limit(&options.cache_dir, args.cache_max_size).await;
+    }
+    let prefetch_options = PrefetchOptions {
+        landmark: !args.no_prefetch,
+        background: args.background_fetch,
+        background_rate: (args.background_rate > 0).then_some(args.background_rate),
+    };
+    let prefetch_task =
+        prefetch::spawn(image.store.clone(), image.layers.clone(), prefetch_options);
+    let result = serve_disk(&args, settings, &image).await;
+    prefetch_task.abort();
+    result
+}
+
+/// Serves the image read-only, or writable through an overlay.
+async fn serve_disk(
+    args: &ServeArgs,
+    settings: &Settings,
+    image: &OpenedImage,
+) -> anyhow::Result<()> {
     if !args.writable {
         let disk = Arc::new(ImageDisk::new(&image));
         let store = disk.store().clone();
-        return run_server(&args, settings, &image, disk, store).await;
+        return run_server(args, settings, image, disk, store).await;
     }
 
-    let disk = Arc::new(open_writable_disk(&args, &image)?);
+    let disk = Arc::new(open_writable_disk(args, image)?);
     let store = disk.base().store().clone();
-    let result = run_server(&args, settings, &image, disk.clone(), store).await;
+    let result = run_server(args, settings, image, disk.clone(), store).await;
     let flushed = disk.flush().await.with_context(|| {
         format!(
             "failed to flush the overlay {}",
@@ -779,4 +802,141 @@ async fn build_command(args: BuildArgs, progress: bool, settings: &Settings) -> 
     let digest = convert::build(&args.input, &args.destination, &options).await?;
     println!("{digest}");
     Ok(())
+}
+
+/// Removes least recently used layers that no server uses until the cache fits in
+/// `max_size` bytes; the image just opened holds its layers, so they stay.
+async fn enforce_cache_limit(cache_dir: &Path, max_size: u64) {
+    let dir = cache_dir.to_path_buf();
+    let options = PruneOptions {
+        max_size: Some(max_size),
+        remove_unused: false,
+    };
+    let result = tokio::task::spawn_blocking(move || chunk_store::prune(&dir, &options)).await;
+    match result {
+        Ok(Ok(report)) => {
+            if !report.removed.is_empty() {
+                info!(
+                    removed = report.removed.len(),
+                    freed_bytes = report.freed_bytes,
+                    remaining_bytes = report.remaining_bytes,
+                    "pruned the chunk cache to its size limit"
+                );
+            }
+            if report.remaining_bytes > max_size {
+                warn!(
+                    remaining_bytes = report.remaining_bytes,
+                    max_size, "the chunk cache is over its size limit, but the rest is in use"
+                );
+            }
+        }
+        Ok(Err(error)) => warn!(%error, "failed to prune the chunk cache"),
+        Err(error) => warn!(%error, "the cache pruning task failed"),
+    }
+}
+
+fn cache(args: CacheArgs) -> anyhow::Result<()> {
+    match args.command {
+        CacheCommand::List(list) => {
+            let dir = list.cache_dir.unwrap_or_else(default_cache_dir);
+            let layers = chunk_store::list_layers(&dir)?;
+            if list.json {
+                println!("{}", serde_json::to_string_pretty(&layers)?);
+                return Ok(());
+            }
+            println!(
+                "{:<71}  {:>10}  {:>15}  {:<20}  STATE",
+                "LAYER", "DISK", "CHUNKS", "LAST USE"
+            );
+            let mut total = 0;
+            for layer in &layers {
+                total += layer.disk_bytes;
+                let chunks = match (layer.chunks_cached, layer.chunk_count, layer.complete) {
+                    (_, _, true) => "whole".to_string(),
+                    (Some(cached), Some(count), false) => format!("{cached}/{count}"),
+                    _ => "-".to_string(),
+                };
+                let state = if layer.in_use { "in use" } else { "idle" };
+                println!(
+                    "{:<71}  {:>10}  {:>15}  {:<20}  {state}",
+                    layer.digest,
+                    format_bytes(layer.disk_bytes),
+                    chunks,
+                    format_utc(layer.last_use),
+                );
+            }
+            println!(
+                "{} layers, {} on disk in {}",
+                layers.len(),
+                format_bytes(total),
+                dir.display()
+            );
+            Ok(())
+        }
+        CacheCommand::Prune(prune) => {
+            let dir = prune.cache_dir.unwrap_or_else(default_cache_dir);
+            let options = PruneOptions {
+                max_size: prune.max_size,
+                remove_unused: prune.max_size.is_none(),
+            };
+            let report = chunk_store::prune(&dir, &options)?;
+            for layer in &report.removed {
+                println!(
+                    "removed {} ({})",
+                    layer.digest,
+                    format_bytes(layer.disk_bytes)
+                );
+            }
+            println!(
+                "freed {}, {} remain in {}",
+                format_bytes(report.freed_bytes),
+                format_bytes(report.remaining_bytes),
+                dir.display()
+            );
+            Ok(())
+        }
+    }
+}
+
+/// Formats a byte count with a binary unit, such as `12.5 MiB`.
+fn format_bytes(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut value = bytes as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{value:.1} {}", UNITS[unit])
+    }
+}
+
+/// Formats seconds since the Unix epoch as `YYYY-MM-DDTHH:MM:SSZ` (proleptic Gregorian
+/// calendar, days to civil date as in Howard Hinnant's `civil_from_days`).
+fn format_utc(seconds: u64) -> String {
+    let days = (seconds / 86_400) as i64;
+    let time = seconds % 86_400;
+    let shifted = days + 719_468;
+    let era = shifted.div_euclid(146_097);
+    let day_of_era = shifted.rem_euclid(146_097);
+    let year_of_era =
+        (day_of_era - day_of_era / 1460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
+    let day_of_year = day_of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
+    let month_index = (5 * day_of_year + 2) / 153;
+    let day = day_of_year - (153 * month_index + 2) / 5 + 1;
+    let month = if month_index < 10 {
+        month_index + 3
+    } else {
+        month_index - 9
+    };
+    let year = year_of_era + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
+        time / 3600,
+        time / 60 % 60,
+        time % 60
+    )
 }

@@ -365,7 +365,9 @@ fn registry_serve_is_lazy() {
         .expect("layer size");
     let (toc, toc_offset) = read_toc(&layout, 0);
 
-    let server = Server::start(&reference, &[]);
+    // The basic fixture has a .prefetch.landmark: without --no-prefetch the server
+    // fetches its prioritized files right after start.
+    let server = Server::start(&reference, &["--no-prefetch"]);
     let stats = server.stats();
     let startup_bytes = stat(&stats, "startup", "bytes_fetched");
     let startup_requests = stat(&stats, "startup", "range_requests");

@@ -47,9 +47,12 @@ fn sample_blob() -> TestBlob {
     )
 }
 
+/// Options with read-ahead off: these tests count the requests each read sends, and
+/// read-ahead after sequential reads is tested on its own.
 fn options(dir: &std::path::Path, io: IoBackendChoice) -> StoreOptions {
     StoreOptions {
         io,
+        max_readahead: 0,
         ..StoreOptions::new(dir)
     }
 }

@@ -106,10 +106,11 @@ pub(crate) fn open_whole(path: &Path, layer: &str, data_size: u64) -> Result<Fil
     Ok(file)
 }
 
-/// One bit per chunk of a layer: set once the chunk's verified bytes were written to the
-/// cache file by this process, never cleared.
-// NOTE: presence lives in memory only, so a restart fetches every lazy chunk again. Keeping
-// it across runs needs a persisted bitmap with crc32fast checksums of the written chunks.
+/// One bit per chunk of a layer.
+///
+/// The store keeps two: chunks whose bytes in the cache file are known good in this
+/// process (set once, never cleared), and chunks an earlier run recorded in the index
+/// file whose checksum was not checked yet (cleared when checked).
 pub(crate) struct Presence {
     words: Vec<AtomicU64>,
 }
@@ -133,6 +134,20 @@ impl Presence {
         if let Some(word) = self.words.get(chunk / 64) {
             word.fetch_or(1 << (chunk % 64), Ordering::Release);
         }
+    }
+
+    pub(crate) fn remove(&self, chunk: usize) {
+        if let Some(word) = self.words.get(chunk / 64) {
+            word.fetch_and(!(1 << (chunk % 64)), Ordering::Release);
+        }
+    }
+
+    /// Number of chunks set.
+    pub(crate) fn count(&self) -> usize {
+        self.words
+            .iter()
+            .map(|word| word.load(Ordering::Acquire).count_ones() as usize)
+            .sum()
     }
 }
 

@@ -39,6 +39,20 @@ pub enum StoreError {
         data_size: u64,
     },
 
+    #[error(
+        "failed to open cache index {path}: {source}; delete it to start the layer's cache afresh"
+    )]
+    OpenIndexFile { path: PathBuf, source: io::Error },
+
+    #[error("failed to write cache index {path}: {source}; check free disk space")]
+    WriteIndexFile { path: PathBuf, source: io::Error },
+
+    #[error("failed to list the chunk cache in {path}: {source}")]
+    ListCache { path: PathBuf, source: io::Error },
+
+    #[error("failed to remove cache file {path}: {source}")]
+    RemoveCacheFile { path: PathBuf, source: io::Error },
+
     #[error("failed to finish cache file {path}: {source}")]
     FinishCacheFile { path: PathBuf, source: io::Error },
 

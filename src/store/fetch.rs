@@ -3,7 +3,7 @@
 //! cache file before anyone may read them.
 
 use std::collections::BTreeSet;
-use std::ops::Range;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, PoisonError};
 
 use bytes::{Bytes, BytesMut};
@@ -15,28 +15,62 @@ use super::error::ReadError;
 use super::stats::Stats;
 use super::{Inner, LayerState};
 
-/// The result of one member's fetch, awaited by every reader that needs the member.
-pub(crate) type Flight = Shared<BoxFuture<'static, Result<(), ReadError>>>;
+/// Chunks a member fetch decoded and cached, as `(chunk index, bytes)` in chunk order.
+pub(crate) type Decoded = Arc<Vec<(usize, Bytes)>>;
 
-type FlightSender = oneshot::Sender<Result<(), ReadError>>;
+/// The result of one member's fetch, awaited by every reader that needs the member.
+pub(crate) type Flight = Shared<BoxFuture<'static, Result<Decoded, ReadError>>>;
+
+type FlightSender = oneshot::Sender<Result<Decoded, ReadError>>;
 
 /// Members fetched with one Range request, in compressed order.
 struct Group {
     members: Vec<(usize, FlightSender)>,
 }
 
+/// Whether a reader is waiting for a fetch. Background fetching pauses while any
+/// [`Priority::High`] fetch waits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Priority {
+    /// A read, or the landmark prefetch at start-up.
+    High,
+    /// Read-ahead and background fetching.
+    Low,
+}
+
+/// Counts a high-priority wait for as long as it lives.
+struct WaitingGuard<'a>(&'a AtomicUsize);
+
+impl<'a> WaitingGuard<'a> {
+    fn new(counter: &'a AtomicUsize) -> Self {
+        counter.fetch_add(1, Ordering::SeqCst);
+        WaitingGuard(counter)
+    }
+}
+
+impl Drop for WaitingGuard<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 impl Inner {
-    /// Makes sure every chunk in `chunks` of layer `layer` is in the cache.
+    /// Makes sure every chunk in `chunks` of layer `layer` is in the cache, and returns
+    /// what the fetches this call waited for decoded (so a reader can serve from memory).
     ///
-    /// Each missing chunk's member is either joined (another reader fetches it already)
-    /// or fetched by a task spawned here. Afterwards the chunks are checked again: a
-    /// chunk still missing means its member's fetch failed, and that error is returned.
+    /// Chunks an earlier run recorded are checked against their crc32 first. Each missing
+    /// chunk's member is either joined (another reader fetches it already) or fetched by a
+    /// task spawned here. Afterwards the chunks are checked again: a chunk still missing
+    /// means its member's fetch failed, and that error is returned.
     pub(crate) async fn ensure_present(
         self: &Arc<Self>,
         layer: usize,
-        chunks: Range<usize>,
-    ) -> Result<(), ReadError> {
+        chunks: impl Iterator<Item = usize> + Clone,
+        priority: Priority,
+    ) -> Result<Vec<Decoded>, ReadError> {
         let state = &self.layers[layer];
+        self.check_persisted(layer, chunks.clone()).await;
+
         let mut waits = Vec::new();
         let mut owned = Vec::new();
         {
@@ -72,11 +106,17 @@ impl Inner {
                 owned.push((member, sender));
             }
         }
+        let counted = priority == Priority::High;
         if waits.is_empty() {
-            Stats::add(&self.stats.cache_hits, 1);
-            return Ok(());
+            if counted {
+                Stats::add(&self.stats.cache_hits, 1);
+            }
+            return Ok(Vec::new());
         }
-        Stats::add(&self.stats.cache_misses, 1);
+        if counted {
+            Stats::add(&self.stats.cache_misses, 1);
+        }
+        let _waiting = (priority == Priority::High).then(|| WaitingGuard::new(&self.high_waiting));
 
         for group in self.coalesce(state, owned) {
             tokio::spawn(Arc::clone(self).fetch_group(layer, group));
@@ -84,13 +124,62 @@ impl Inner {
         let results = future::join_all(waits).await;
 
         if chunks.clone().all(|chunk| state.presence.contains(chunk)) {
-            return Ok(());
+            return Ok(results.into_iter().filter_map(Result::ok).collect());
         }
         let first_error = results.into_iter().find_map(Result::err);
         Err(first_error.unwrap_or_else(|| ReadError::TaskFailed {
             layer: state.index.digest.clone(),
             detail: "a member fetch succeeded without caching its chunks".into(),
         }))
+    }
+
+    /// Checks the chunks an earlier run recorded against their crc32: a good chunk becomes
+    /// present, a bad one is forgotten so it is fetched again.
+    async fn check_persisted(&self, layer: usize, chunks: impl Iterator<Item = usize>) {
+        let state = &self.layers[layer];
+        let candidates: Vec<usize> = chunks
+            .filter(|&chunk| !state.presence.contains(chunk) && state.persisted.contains(chunk))
+            .collect();
+        if candidates.is_empty() {
+            return;
+        }
+        let checks = candidates
+            .into_iter()
+            .map(|chunk| self.check_persisted_chunk(layer, chunk));
+        future::join_all(checks).await;
+    }
+
+    async fn check_persisted_chunk(&self, layer: usize, chunk: usize) {
+        let state = &self.layers[layer];
+        let record = &state.index.chunks[chunk];
+        let Ok(len) = usize::try_from(record.size) else {
+            state.persisted.remove(chunk);
+            return;
+        };
+        let expected = state.persisted_crc.get(chunk).copied().unwrap_or_default();
+        let outcome = self.io.read(layer, record.data_offset, len).await;
+        let failure = match outcome {
+            Ok(bytes) if crc32fast::hash(&bytes) == expected => {
+                // Present before no longer persisted, so a concurrent reader never sees
+                // neither bit and fetches a good chunk again.
+                state.presence.insert(chunk);
+                state.persisted.remove(chunk);
+                Stats::add(&self.stats.chunks_reused, 1);
+                return;
+            }
+            Ok(bytes) => format!(
+                "crc32 {:#010x}, expected {expected:#010x}",
+                crc32fast::hash(&bytes)
+            ),
+            Err(error) => error.to_string(),
+        };
+
+        state.persisted.remove(chunk);
+        Stats::add(&self.stats.cache_checksum_failures, 1);
+        tracing::warn!(layer = %state.index.digest, chunk, data_offset = record.data_offset, len = record.size, %failure, "cached chunk failed its check, fetching it again");
+        if let Err(error) = state.index_file.mark_missing(chunk) {
+            tracing::warn!(layer = %state.index.digest, chunk, %error, "failed to clear the chunk in the cache index");
+        }
     }
 
     /// Splits members (sorted by compressed offset) into Range requests: a member joins
@@ -158,7 +247,7 @@ impl Inner {
         member_ids: &[usize],
         start: u64,
         end: u64,
-    ) -> Vec<Result<(), ReadError>> {
+    ) -> Vec<Result<Decoded, ReadError>> {
         let state = &self.layers[layer];
         match self.fetch_range(state, start, end).await {
             Ok(bytes) => {
@@ -238,13 +327,13 @@ impl Inner {
     }
 
     /// Decodes one member's still-missing chunks, writes the good ones to the cache and
-    /// marks them present; returns the first digest mismatch, if any.
+    /// marks them present; returns them, or the first digest mismatch.
     async fn load_member(
         &self,
         layer: usize,
         member: usize,
         bytes: Bytes,
-    ) -> Result<(), ReadError> {
+    ) -> Result<Decoded, ReadError> {
         let state = &self.layers[layer];
         let info = &state.table.members[member];
         let slices: Vec<_> = info
@@ -254,7 +343,7 @@ impl Inner {
             .cloned()
             .collect();
         let Some(first) = slices.first() else {
-            return Ok(());
+            return Ok(Decoded::default());
         };
         let first_record = &state.index.chunks[first.chunk];
 
@@ -285,10 +374,12 @@ impl Inner {
 
         let mut first_error = None;
         let mut writes = Vec::new();
+        let mut ready = Vec::new();
         for outcome in outcomes {
             match outcome {
                 ChunkOutcome::Ready { chunk, bytes } => {
-                    writes.push(self.store_chunk(layer, chunk, bytes))
+                    ready.push((chunk, bytes.clone()));
+                    writes.push(self.store_chunk(layer, chunk, bytes));
                 }
                 ChunkOutcome::Mismatch {
                     chunk,
@@ -315,13 +406,15 @@ impl Inner {
                 first_error.get_or_insert(error);
             }
         }
-        first_error.map_or(Ok(()), Err)
+        first_error.map_or(Ok(Arc::new(ready)), Err)
     }
 
-    /// Writes one verified chunk to the cache file, then marks it present.
+    /// Writes one verified chunk to the cache file, marks it present, then records it
+    /// with its crc32 in the index file.
     async fn store_chunk(&self, layer: usize, chunk: usize, bytes: Bytes) -> Result<(), ReadError> {
         let state = &self.layers[layer];
         let record = &state.index.chunks[chunk];
+        let crc = crc32fast::hash(&bytes);
         self.io.write(layer, record.data_offset, bytes).await.map_err(|source| {
             tracing::debug!(layer = %state.index.digest, data_offset = record.data_offset, error = %source, "cache write failed");
             ReadError::CacheIo {
@@ -334,6 +427,12 @@ impl Inner {
         })?;
         state.presence.insert(chunk);
         Stats::add(&self.stats.chunks_fetched, 1);
+
+        // The record comes after the data write, and readers check the crc32 of every
+        // recorded chunk, so a record never leads to serving bytes that were not written.
+        if let Err(error) = state.index_file.mark_present(chunk, crc) {
+            tracing::warn!(layer = %state.index.digest, chunk, %error, "failed to record the chunk in the cache index; the next run fetches it again");
+        }
         Ok(())
     }
 }

@@ -6,24 +6,35 @@
 //! directory, indexed by data offset. A read finds the chunks covering its range. Chunks
 //! not yet cached are fetched with HTTP Range requests, with neighbouring gzip members
 //! merged into one request. They are gunzipped on the blocking thread pool, checked
-//! against their TOC digests and written to the cache file, and only then is the range
-//! read back from the file. Cache file I/O goes through io_uring when the kernel allows
-//! it, else through `pread`/`pwrite`.
+//! against their TOC digests and written to the cache file; the read that waited is
+//! served from the decoded bytes. Cache file I/O goes through io_uring when the kernel
+//! allows it, else through `pread`/`pwrite`.
+//!
+//! Beside each data file, `layers/sha256-<hex>.index` records the chunks written and
+//! their crc32, so a later run (of this image or another sharing the layer) reuses them
+//! after checking each one's checksum. Sequential reads of a layer trigger read-ahead.
 
 mod cache;
 pub mod chunk;
 mod direct;
 mod error;
+mod evict;
 mod fallback;
 mod fetch;
 mod io;
+mod persist;
+mod readahead;
 mod stats;
 mod table;
 mod uring;
 
 use std::collections::HashMap;
+use std::ops::Range;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+
+use bytes::BytesMut;
 
 use bytes::Bytes;
 use tokio::sync::Semaphore;
@@ -33,11 +44,15 @@ use crate::source::BlobSource;
 
 pub use cache::WholeLayerWriter;
 pub use error::{ReadError, StoreError};
+pub use evict::{list_layers, prune, CachedLayer, PruneOptions, PruneReport};
+pub use fetch::Priority;
 pub use stats::{LatencyHistogram, StatsSnapshot, FETCH_LATENCY_BOUNDS};
 
 use cache::Presence;
-use fetch::Flight;
+use fetch::{Decoded, Flight};
 use io::CacheIo;
+use persist::IndexFile;
+use readahead::ReadAhead;
 use stats::Stats;
 use table::MemberTable;
 
@@ -68,11 +83,13 @@ pub struct StoreOptions {
     pub max_request_size: u64,
     /// Maximum number of Range requests in flight across all layers (0 counts as 1).
     pub max_concurrent_fetches: usize,
+    /// Largest read-ahead window in bytes of a layer's data space; 0 turns read-ahead off.
+    pub max_readahead: u64,
 }
 
 impl StoreOptions {
     /// Options with verification on, the Auto backend, 256 KiB coalescing gap, 16 MiB
-    /// requests and 16 concurrent fetches.
+    /// requests, 16 concurrent fetches and a 32 MiB read-ahead window.
     pub fn new(cache_dir: impl Into<PathBuf>) -> StoreOptions {
         StoreOptions {
             cache_dir: cache_dir.into(),
@@ -81,6 +98,7 @@ impl StoreOptions {
             max_coalesce_gap: 256 * 1024,
             max_request_size: 16 * 1024 * 1024,
             max_concurrent_fetches: 16,
+            max_readahead: 32 * 1024 * 1024,
         }
     }
 }
@@ -106,6 +124,10 @@ pub(crate) struct Inner {
     max_coalesce_gap: u64,
     max_request_size: u64,
     fetch_permits: Semaphore,
+    max_readahead: u64,
+    /// High-priority fetches being waited for; background fetching pauses while it is
+    /// above zero.
+    high_waiting: AtomicUsize,
     stats: Stats,
 }
 
@@ -118,6 +140,12 @@ pub(crate) struct LayerState {
     /// chunks were marked present (or the fetch failed), so no member is fetched twice at
     /// the same time.
     flights: Mutex<HashMap<usize, Flight>>,
+    /// Chunks an earlier run recorded in the index file, not yet checked in this run.
+    persisted: Presence,
+    /// crc32 of each chunk recorded in the index file (0 where none is).
+    persisted_crc: Vec<u32>,
+    index_file: IndexFile,
+    readahead: Mutex<ReadAhead>,
 }
 
 impl ChunkStore {
@@ -147,6 +175,29 @@ impl ChunkStore {
                 cache::open_lazy(&path, index.data_size)?
             };
 
+            let (index_file, loaded) = IndexFile::open(&persist::index_path(&path), &index)?;
+            let persisted = Presence::new(index.chunks.len());
+            let mut persisted_crc = vec![0u32; index.chunks.len()];
+            if has_local {
+                index_file
+                    .set_complete(true)
+                    .map_err(|source| StoreError::WriteIndexFile {
+                        path: persist::index_path(&path),
+                        source,
+                    })?;
+            } else {
+                for (position, record) in loaded.records.iter().enumerate() {
+                    if let Some(crc) = record {
+                        persisted.insert(position);
+                        persisted_crc[position] = *crc;
+                    }
+                }
+            }
+            let reusable = persisted.count();
+            if reusable > 0 {
+                tracing::info!(layer = %index.digest, chunks = reusable, "reusing chunks cached by an earlier run");
+            }
+
             files.push(file);
             states.push(LayerState {
                 index,
@@ -154,6 +205,10 @@ impl ChunkStore {
                 table,
                 presence,
                 flights: Mutex::new(HashMap::new()),
+                persisted,
+                persisted_crc,
+                index_file,
+                readahead: Mutex::new(ReadAhead::default()),
             });
         }
 
@@ -167,6 +222,8 @@ impl ChunkStore {
             max_coalesce_gap: options.max_coalesce_gap,
             max_request_size: options.max_request_size.max(1),
             fetch_permits: Semaphore::new(options.max_concurrent_fetches.max(1)),
+            max_readahead: options.max_readahead,
+            high_waiting: AtomicUsize::new(0),
             stats: Stats::default(),
         };
         Ok(ChunkStore {
@@ -184,15 +241,27 @@ impl ChunkStore {
         if len == 0 {
             return Ok(Bytes::new());
         }
-        if let Err(error) = self.inner.ensure_present(layer as usize, chunks).await {
-            if !direct::is_cache_write_failure(&error) {
-                return Err(error);
+        self.inner.read_ahead(layer as usize, data_offset, len);
+        let decoded = match self
+            .inner
+            .ensure_present(layer as usize, chunks.clone(), Priority::High)
+            .await
+        {
+            Ok(decoded) => decoded,
+            Err(error) if direct::is_cache_write_failure(&error) => {
+                direct::log_cache_write_failure(&error);
+                return self
+                    .inner
+                    .read_direct(layer as usize, data_offset, len)
+                    .await;
             }
-            direct::log_cache_write_failure(&error);
-            return self
-                .inner
-                .read_direct(layer as usize, data_offset, len)
-                .await;
+            Err(error) => return Err(error),
+        };
+
+        if let Some(bytes) = assemble(&state.index.chunks, &decoded, chunks, data_offset, len) {
+            Stats::add(&self.inner.stats.reads_from_decoded, 1);
+            Stats::add(&self.inner.stats.bytes_served, len);
+            return Ok(bytes);
         }
 
         let cache_error = |source| ReadError::CacheIo {
@@ -222,7 +291,95 @@ impl ChunkStore {
         if len == 0 {
             return Ok(());
         }
-        self.inner.ensure_present(layer as usize, chunks).await
+        self.inner
+            .ensure_present(layer as usize, chunks, Priority::High)
+            .await
+            .map(drop)
+    }
+
+    /// Number of layers in the store.
+    pub fn layer_count(&self) -> usize {
+        self.inner.layers.len()
+    }
+
+    /// Number of gzip members of a layer's blob (0 for an unknown or whole layer).
+    pub fn member_count(&self, layer: u32) -> usize {
+        self.inner
+            .layers
+            .get(layer as usize)
+            .map_or(0, |state| state.table.members.len())
+    }
+
+    /// The members whose compressed offset is below `compressed_offset`: the files before
+    /// a `.prefetch.landmark`. Members are sorted by offset, so this is a prefix.
+    pub fn members_before(&self, layer: u32, compressed_offset: u64) -> Range<usize> {
+        let Some(state) = self.inner.layers.get(layer as usize) else {
+            return 0..0;
+        };
+        0..state
+            .table
+            .members
+            .partition_point(|member| member.compressed_offset < compressed_offset)
+    }
+
+    /// Compressed byte range of a member in the blob.
+    pub fn member_span(&self, layer: u32, member: usize) -> Option<Range<u64>> {
+        let state = self.inner.layers.get(layer as usize)?;
+        let info = state.table.members.get(member)?;
+        Some(info.compressed_offset..info.compressed_end)
+    }
+
+    /// Whether every chunk of a member is present (an unknown member counts as present).
+    pub fn member_cached(&self, layer: u32, member: usize) -> bool {
+        let Some(state) = self.inner.layers.get(layer as usize) else {
+            return true;
+        };
+        state.table.members.get(member).is_none_or(|info| {
+            info.slices.iter().all(|slice| {
+                state.presence.contains(slice.chunk) || state.persisted.contains(slice.chunk)
+            })
+        })
+    }
+
+    /// Fetches the given members of a layer into the cache (coalesced into as few Range
+    /// requests as their layout allows). Chunks recorded by an earlier run are checked
+    /// instead of fetched.
+    pub async fn fetch_members(
+        &self,
+        layer: u32,
+        members: Range<usize>,
+        priority: Priority,
+    ) -> Result<(), ReadError> {
+        let state = self
+            .inner
+            .layers
+            .get(layer as usize)
+            .ok_or(ReadError::UnknownLayer {
+                layer,
+                count: self.inner.layers.len(),
+            })?;
+        let end = members.end.min(state.table.members.len());
+        let chunks: Vec<usize> = state.table.members[members.start.min(end)..end]
+            .iter()
+            .flat_map(|member| member.slices.iter().map(|slice| slice.chunk))
+            .collect();
+        self.inner
+            .ensure_present(layer as usize, chunks.iter().copied(), priority)
+            .await
+            .map(drop)
+    }
+
+    /// Number of high-priority fetches (reads, landmark prefetch) being waited for now.
+    pub fn high_priority_waiting(&self) -> usize {
+        self.inner.high_waiting.load(Ordering::SeqCst)
+    }
+
+    /// Number of chunks of a layer that are known good in the cache in this run.
+    pub fn cached_chunks(&self, layer: u32) -> usize {
+        self.inner
+            .layers
+            .get(layer as usize)
+            .map_or(0, |state| state.presence.count())
     }
 
     pub fn stats(&self) -> StatsSnapshot {
@@ -235,7 +392,81 @@ impl ChunkStore {
     }
 }
 
+/// Cuts `data_offset..data_offset + len` out of decoded chunks, when they hold all of
+/// `chunks`; `None` sends the caller to the cache file.
+fn assemble(
+    records: &[crate::layer::ChunkRecord],
+    decoded: &[Decoded],
+    chunks: Range<usize>,
+    data_offset: u64,
+    len: u64,
+) -> Option<Bytes> {
+    if decoded.is_empty() {
+        return None;
+    }
+    let find = |chunk: usize| {
+        decoded.iter().find_map(|member| {
+            let position = member
+                .binary_search_by_key(&chunk, |(index, _)| *index)
+                .ok()?;
+            member.get(position).map(|(_, bytes)| bytes)
+        })
+    };
+
+    let end = data_offset.checked_add(len)?;
+    let mut parts = Vec::with_capacity(chunks.len());
+    for chunk in chunks {
+        let bytes = find(chunk)?;
+        let record = records.get(chunk)?;
+        let from =
+            usize::try_from(data_offset.max(record.data_offset) - record.data_offset).ok()?;
+        let to =
+            usize::try_from(end.min(record.data_offset + record.size) - record.data_offset).ok()?;
+        if from > to || to > bytes.len() {
+            return None;
+        }
+        parts.push(bytes.slice(from..to));
+    }
+    if parts.len() == 1 {
+        return parts.pop();
+    }
+    let mut joined = BytesMut::with_capacity(usize::try_from(len).ok()?);
+    for part in parts {
+        joined.extend_from_slice(&part);
+    }
+    Some(joined.freeze())
+}
+
 impl Inner {
+    /// Starts read-ahead when this read continues the layer's previous one.
+    fn read_ahead(self: &Arc<Self>, layer: usize, data_offset: u64, len: u64) {
+        if self.max_readahead == 0 {
+            return;
+        }
+        let state = &self.layers[layer];
+        let planned = state
+            .readahead
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .next(data_offset, len, state.index.data_size, self.max_readahead);
+        let Some((start, ahead)) = planned else {
+            return;
+        };
+        let chunks = table::chunks_covering(&state.index, start, ahead);
+        if chunks.clone().all(|chunk| state.presence.contains(chunk)) {
+            return;
+        }
+
+        Stats::add(&self.stats.readaheads, 1);
+        tracing::trace!(layer = %state.index.digest, start, len = ahead, "read-ahead");
+        let inner = Arc::clone(self);
+        tokio::spawn(async move {
+            if let Err(error) = inner.ensure_present(layer, chunks, Priority::Low).await {
+                tracing::debug!(%error, "read-ahead failed; the read that needs the data fetches it again");
+            }
+        });
+    }
+
     /// Checks the layer number and range and returns the layer and its covering chunks.
     fn locate(
         &self,
@@ -266,5 +497,16 @@ impl Inner {
             table::chunks_covering(&state.index, data_offset, len)
         };
         Ok((state, chunks))
+    }
+}
+
+impl Drop for Inner {
+    /// Records the last use of every layer, which eviction orders by.
+    fn drop(&mut self) {
+        for state in &self.layers {
+            if let Err(error) = state.index_file.touch() {
+                tracing::debug!(layer = %state.index.digest, %error, "failed to record the layer's last use");
+            }
+        }
     }
 }

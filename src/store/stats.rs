@@ -42,9 +42,9 @@ pub struct StatsSnapshot {
     pub members_decompressed: u64,
     /// Chunks verified (or accepted without a digest) and written to the cache.
     pub chunks_fetched: u64,
-    /// Reads and prefetches whose chunks were all in the cache already.
+    /// Reads and high-priority prefetches whose chunks were all in the cache already.
     pub cache_hits: u64,
-    /// Reads and prefetches that waited for at least one chunk to be fetched.
+    /// Reads and high-priority prefetches that waited for at least one chunk to be fetched.
     pub cache_misses: u64,
     /// Bytes returned by reads.
     pub bytes_served: u64,
@@ -52,6 +52,14 @@ pub struct StatsSnapshot {
     pub verify_failures: u64,
     /// Durations of Range requests to blob sources, failed ones included.
     pub fetch_latency: LatencyHistogram,
+    /// Chunks written by an earlier run whose crc32 matched, so they were not fetched.
+    pub chunks_reused: u64,
+    /// Chunks written by an earlier run whose crc32 did not match (fetched again).
+    pub cache_checksum_failures: u64,
+    /// Read-ahead fetches started after sequential reads.
+    pub readaheads: u64,
+    /// Reads served from freshly decoded chunks instead of the cache file.
+    pub reads_from_decoded: u64,
 }
 
 #[derive(Default)]
@@ -67,6 +75,10 @@ pub(crate) struct Stats {
     pub(crate) verify_failures: AtomicU64,
     fetch_latency_buckets: [AtomicU64; LATENCY_BUCKETS],
     fetch_latency_sum_micros: AtomicU64,
+    pub(crate) chunks_reused: AtomicU64,
+    pub(crate) cache_checksum_failures: AtomicU64,
+    pub(crate) readaheads: AtomicU64,
+    pub(crate) reads_from_decoded: AtomicU64,
 }
 
 impl Stats {
@@ -102,6 +114,10 @@ impl Stats {
                 buckets: std::array::from_fn(|bucket| load(&self.fetch_latency_buckets[bucket])),
                 sum_micros: load(&self.fetch_latency_sum_micros),
             },
+            chunks_reused: load(&self.chunks_reused),
+            cache_checksum_failures: load(&self.cache_checksum_failures),
+            readaheads: load(&self.readaheads),
+            reads_from_decoded: load(&self.reads_from_decoded),
         }
     }
 }

@@ -1,0 +1,345 @@
+//! The persistent chunk index of a layer's cache file, `layers/sha256-<hex>.index`: which
+//! chunks a previous run wrote, each with the crc32 (IEEE, `crc32fast`) of its bytes, and
+//! when the layer was last used.
+//!
+//! Layout, all integers little-endian:
+//!
+//! ```text
+//! 0   8  magic "ESGZIDX1"
+//! 8   8  chunk count
+//! 16  8  data size of the layer
+//! 24  8  fingerprint of the chunk table (first 8 bytes of a sha256 of every chunk's
+//!        data offset and size), so a table computed differently is never trusted
+//! 32  8  last use, seconds since the Unix epoch
+//! 40  8  flags: bit 0 means the data file is complete (a whole, non-lazy layer)
+//! 48 16  reserved, zero
+//! 64     one 8-byte record per chunk: crc32 (4), present flag (1), reserved (3)
+//! ```
+//!
+//! A record is written only after the chunk's bytes were written to the data file. The
+//! data file is not synced first, so after a crash a record may describe bytes that never
+//! reached the disk: readers therefore check every persisted chunk against its crc32 before
+//! serving it, and refetch it on a mismatch.
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use sha2::{Digest, Sha256};
+
+use crate::layer::LayerIndex;
+
+use super::error::StoreError;
+
+pub(crate) const MAGIC: &[u8; 8] = b"ESGZIDX1";
+pub(crate) const HEADER_LEN: u64 = 64;
+pub(crate) const RECORD_LEN: u64 = 8;
+const LAST_USE_OFFSET: u64 = 32;
+const FLAGS_OFFSET: u64 = 40;
+pub(crate) const FLAG_COMPLETE: u64 = 1;
+const FILE_MODE: u32 = 0o600;
+
+/// The header fields of an index file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Header {
+    pub(crate) chunk_count: u64,
+    pub(crate) data_size: u64,
+    pub(crate) fingerprint: u64,
+    pub(crate) last_use: u64,
+    pub(crate) flags: u64,
+}
+
+impl Header {
+    pub(crate) fn encode(&self) -> [u8; HEADER_LEN as usize] {
+        let mut bytes = [0u8; HEADER_LEN as usize];
+        bytes[0..8].copy_from_slice(MAGIC);
+        bytes[8..16].copy_from_slice(&self.chunk_count.to_le_bytes());
+        bytes[16..24].copy_from_slice(&self.data_size.to_le_bytes());
+        bytes[24..32].copy_from_slice(&self.fingerprint.to_le_bytes());
+        bytes[32..40].copy_from_slice(&self.last_use.to_le_bytes());
+        bytes[40..48].copy_from_slice(&self.flags.to_le_bytes());
+        bytes
+    }
+
+    /// Decodes a header; `None` when the magic is wrong or the bytes are too short.
+    pub(crate) fn decode(bytes: &[u8]) -> Option<Header> {
+        let field = |at: usize| -> Option<u64> {
+            let raw: [u8; 8] = bytes.get(at..at + 8)?.try_into().ok()?;
+            Some(u64::from_le_bytes(raw))
+        };
+        if bytes.get(0..8)? != MAGIC {
+            return None;
+        }
+        Some(Header {
+            chunk_count: field(8)?,
+            data_size: field(16)?,
+            fingerprint: field(24)?,
+            last_use: field(32)?,
+            flags: field(40)?,
+        })
+    }
+}
+
+/// Seconds since the Unix epoch (0 if the clock is before it).
+pub(crate) fn now_seconds() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |elapsed| elapsed.as_secs())
+}
+
+/// Path of a layer's index file, beside its data file.
+pub(crate) fn index_path(data_path: &Path) -> PathBuf {
+    data_path.with_extension("index")
+}
+
+/// Fingerprint of the chunk table: the index is only reused for the same table.
+pub(crate) fn fingerprint(index: &LayerIndex) -> u64 {
+    let mut hasher = Sha256::new();
+    for chunk in &index.chunks {
+        hasher.update(chunk.data_offset.to_le_bytes());
+        hasher.update(chunk.size.to_le_bytes());
+    }
+    let digest = hasher.finalize();
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&digest[..8]);
+    u64::from_le_bytes(first)
+}
+
+/// What an earlier run left in the index: the crc32 of each chunk it marked present.
+pub(crate) struct Loaded {
+    /// `Some(crc)` for each chunk marked present, by chunk index.
+    pub(crate) records: Vec<Option<u32>>,
+}
+
+/// An open index file, locked shared while the store uses the layer so that pruning
+/// (which takes an exclusive lock) skips it.
+pub(crate) struct IndexFile {
+    file: File,
+    path: PathBuf,
+}
+
+impl IndexFile {
+    /// Opens or creates the index of a layer and returns what a previous run recorded.
+    ///
+    /// An index with a different chunk count, data size or chunk table fingerprint is
+    /// reset to empty, because its records describe other chunks.
+    pub(crate) fn open(path: &Path, index: &LayerIndex) -> Result<(IndexFile, Loaded), StoreError> {
+        let open_error = |source| StoreError::OpenIndexFile {
+            path: path.to_path_buf(),
+            source,
+        };
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(FILE_MODE)
+            .open(path)
+            .map_err(open_error)?;
+        lock(&file, libc::LOCK_SH).map_err(open_error)?;
+
+        let chunk_count = index.chunks.len() as u64;
+        let expected = Header {
+            chunk_count,
+            data_size: index.data_size,
+            fingerprint: fingerprint(index),
+            last_use: now_seconds(),
+            flags: 0,
+        };
+        let records_len = chunk_count
+            .checked_mul(RECORD_LEN)
+            .and_then(|len| len.checked_add(HEADER_LEN))
+            .ok_or_else(|| open_error(io::Error::other("the chunk count is too large")))?;
+
+        let mut header_bytes = [0u8; HEADER_LEN as usize];
+        let previous = match file.read_exact_at(&mut header_bytes, 0) {
+            Ok(()) => Header::decode(&header_bytes),
+            Err(error) if error.kind() == io::ErrorKind::UnexpectedEof => None,
+            Err(error) => return Err(open_error(error)),
+        };
+        let file_len = file.metadata().map_err(open_error)?.len();
+        let reusable = previous.is_some_and(|header| {
+            header.chunk_count == expected.chunk_count
+                && header.data_size == expected.data_size
+                && header.fingerprint == expected.fingerprint
+                && file_len == records_len
+        });
+
+        let index_file = IndexFile {
+            file,
+            path: path.to_path_buf(),
+        };
+        if !reusable {
+            if previous.is_some() {
+                tracing::info!(index = %path.display(), "cache index does not match the layer's chunk table, starting empty");
+            }
+            index_file.reset(&expected, records_len)?;
+            let loaded = Loaded {
+                records: vec![None; index.chunks.len()],
+            };
+            return Ok((index_file, loaded));
+        }
+
+        let loaded = index_file.load_records(index.chunks.len())?;
+        index_file.touch()?;
+        Ok((index_file, loaded))
+    }
+
+    fn reset(&self, header: &Header, records_len: u64) -> Result<(), StoreError> {
+        let write_error = |source| StoreError::WriteIndexFile {
+            path: self.path.clone(),
+            source,
+        };
+        // Truncating to the header first zeroes every old record.
+        self.file.set_len(0).map_err(write_error)?;
+        self.file.set_len(records_len).map_err(write_error)?;
+        self.file
+            .write_all_at(&header.encode(), 0)
+            .map_err(write_error)
+    }
+
+    fn load_records(&self, chunks: usize) -> Result<Loaded, StoreError> {
+        let mut raw = vec![0u8; chunks * RECORD_LEN as usize];
+        self.file
+            .read_exact_at(&mut raw, HEADER_LEN)
+            .map_err(|source| StoreError::OpenIndexFile {
+                path: self.path.clone(),
+                source,
+            })?;
+        let records = raw
+            .chunks_exact(RECORD_LEN as usize)
+            .map(|record| {
+                let crc = u32::from_le_bytes([record[0], record[1], record[2], record[3]]);
+                (record[4] == 1).then_some(crc)
+            })
+            .collect();
+        Ok(Loaded { records })
+    }
+
+    /// Records that chunk `chunk` is in the data file with checksum `crc`.
+    pub(crate) fn mark_present(&self, chunk: usize, crc: u32) -> io::Result<()> {
+        let mut record = [0u8; RECORD_LEN as usize];
+        record[0..4].copy_from_slice(&crc.to_le_bytes());
+        record[4] = 1;
+        self.file
+            .write_all_at(&record, HEADER_LEN + chunk as u64 * RECORD_LEN)
+    }
+
+    /// Clears a chunk's record after its bytes failed their checksum.
+    pub(crate) fn mark_missing(&self, chunk: usize) -> io::Result<()> {
+        self.file.write_all_at(
+            &[0u8; RECORD_LEN as usize],
+            HEADER_LEN + chunk as u64 * RECORD_LEN,
+        )
+    }
+
+    /// Sets or clears the complete flag.
+    pub(crate) fn set_complete(&self, complete: bool) -> io::Result<()> {
+        let flags = if complete { FLAG_COMPLETE } else { 0 };
+        self.file.write_all_at(&flags.to_le_bytes(), FLAGS_OFFSET)
+    }
+
+    /// Stores the current time as the layer's last use.
+    pub(crate) fn touch(&self) -> Result<(), StoreError> {
+        self.file
+            .write_all_at(&now_seconds().to_le_bytes(), LAST_USE_OFFSET)
+            .map_err(|source| StoreError::WriteIndexFile {
+                path: self.path.clone(),
+                source,
+            })
+    }
+}
+
+/// `flock(2)` on `file` with `operation` (`LOCK_SH`, `LOCK_EX`, optionally `| LOCK_NB`).
+pub(crate) fn lock(file: &File, operation: libc::c_int) -> io::Result<()> {
+    // SAFETY: the descriptor belongs to `file`, which is open for the whole call, and
+    // flock takes no pointers.
+    let result = unsafe { libc::flock(file.as_raw_fd(), operation) };
+    if result == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::layer::{ChunkRecord, ChunkSource};
+
+    fn layer(sizes: &[u64]) -> LayerIndex {
+        let mut chunks = Vec::new();
+        let mut offset = 0;
+        for &size in sizes {
+            chunks.push(ChunkRecord {
+                data_offset: offset,
+                size,
+                source: ChunkSource::Local,
+                digest: None,
+                name: "f".into(),
+            });
+            offset += size;
+        }
+        LayerIndex {
+            digest: "sha256:test".into(),
+            chunks,
+            data_size: offset,
+            ..LayerIndex::default()
+        }
+    }
+
+    #[test]
+    fn header_round_trip() {
+        let header = Header {
+            chunk_count: 3,
+            data_size: 99,
+            fingerprint: 0xdead_beef,
+            last_use: 1_700_000_000,
+            flags: FLAG_COMPLETE,
+        };
+        assert_eq!(Header::decode(&header.encode()), Some(header));
+        assert_eq!(Header::decode(b"ESGZIDX1short"), None);
+        assert_eq!(Header::decode(&[0u8; 64]), None);
+    }
+
+    #[test]
+    fn records_survive_reopen() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("x.index");
+        let index = layer(&[10, 20, 30]);
+
+        let (file, loaded) = IndexFile::open(&path, &index).expect("create");
+        assert_eq!(loaded.records, vec![None, None, None]);
+        file.mark_present(1, 0x1234_5678).expect("mark");
+        file.mark_present(2, 7).expect("mark");
+        file.mark_missing(2).expect("clear");
+        file.set_complete(true).expect("flag");
+        drop(file);
+
+        let header = Header::decode(&std::fs::read(&path).expect("read index")).expect("header");
+        assert_eq!(header.flags, FLAG_COMPLETE);
+        let (_, loaded) = IndexFile::open(&path, &index).expect("reopen");
+        assert_eq!(loaded.records, vec![None, Some(0x1234_5678), None]);
+    }
+
+    #[test]
+    fn other_table_resets_records() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("x.index");
+        let (file, _) = IndexFile::open(&path, &layer(&[10, 20])).expect("create");
+        file.mark_present(0, 1).expect("mark");
+        drop(file);
+
+        let cases = [
+            ("same count, other sizes", layer(&[15, 15])),
+            ("more chunks", layer(&[10, 20, 1])),
+        ];
+        for (name, index) in cases {
+            let (_, loaded) = IndexFile::open(&path, &index).expect("reopen");
+            assert!(loaded.records.iter().all(Option::is_none), "case {name}");
+        }
+    }
+}
