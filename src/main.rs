@@ -355,7 +355,7 @@ async fn serve_disk(
     image: &OpenedImage,
 ) -> anyhow::Result<()> {
     if !args.writable {
-        let disk = Arc::new(ImageDisk::new(&image));
+        let disk = Arc::new(ImageDisk::new(image));
         let store = disk.store().clone();
         return run_server(args, settings, image, disk, store).await;
     }
