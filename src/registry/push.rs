@@ -186,7 +186,7 @@ impl Repository {
     ) -> Result<(), PushError> {
         let target = self.target(&format!("blob {digest}"));
         let spec = RequestSpec {
-            path: format!("/v2/{}/blobs/{digest}", self.repository),
+            path: format!("{}/blobs/{digest}", self.repository),
             accept: None,
             range: None,
             target: &target,
