@@ -65,6 +65,98 @@ pub enum Command {
     Completions(CompletionsArgs),
     /// Print the manual page (roff) to standard output.
     Man,
+    /// Convert every layer of an image to eStargz and store the result in a
+    /// registry or an OCI image layout.
+    Convert(ConvertArgs),
+    /// Build a single-layer eStargz image from a directory tree or a tar.
+    Build(BuildArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct ConvertArgs {
+    /// Source image: a registry reference or oci:DIR[:TAG].
+    pub source: String,
+
+    /// Destination image: a registry reference or oci:DIR[:TAG].
+    pub destination: String,
+
+    /// Platform to convert from a multi-platform image, OS/ARCH[/VARIANT]
+    /// [default: the host's].
+    #[arg(long, value_name = "OS/ARCH", conflicts_with = "all_platforms")]
+    pub platform: Option<String>,
+
+    /// Convert every platform of a multi-platform image and write an index.
+    #[arg(long)]
+    pub all_platforms: bool,
+
+    /// Rewrite layers that are already eStargz instead of copying them.
+    #[arg(long)]
+    pub force: bool,
+
+    #[command(flatten)]
+    pub layer: LayerWriterArgs,
+
+    #[command(flatten)]
+    pub registry: WriterRegistryArgs,
+}
+
+#[derive(Args, Debug)]
+pub struct BuildArgs {
+    /// Root filesystem directory, or a tar file (plain or gzip).
+    pub input: PathBuf,
+
+    /// Destination image: a registry reference or oci:DIR[:TAG].
+    pub destination: String,
+
+    #[command(flatten)]
+    pub layer: LayerWriterArgs,
+
+    #[command(flatten)]
+    pub registry: WriterRegistryArgs,
+}
+
+/// How eStargz layers are written.
+#[derive(Args, Debug)]
+pub struct LayerWriterArgs {
+    /// Bytes per chunk: larger files are split into chunks of this size,
+    /// each fetched on its own.
+    #[arg(long, value_name = "BYTES", default_value_t = 4 << 20)]
+    pub chunk_size: u64,
+
+    /// gzip compression level, 0 (none) to 9 (smallest, slowest).
+    #[arg(long, value_name = "LEVEL", default_value_t = 9)]
+    pub compression_level: u32,
+
+    /// File listing paths (one per line) to put first in each layer and
+    /// prefetch; without it, layers are marked to prefetch nothing.
+    #[arg(long, value_name = "FILE")]
+    pub prioritize: Option<PathBuf>,
+
+    /// Pack small files into shared gzip members of at least this many
+    /// uncompressed bytes (TOC innerOffset; older readers do not support it).
+    #[arg(long, value_name = "BYTES", default_value_t = 0)]
+    pub min_chunk_size: u64,
+
+    /// Compression threads [default: one per core].
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub threads: usize,
+}
+
+/// How registries are reached when writing images.
+#[derive(Args, Debug)]
+pub struct WriterRegistryArgs {
+    /// Use plain HTTP for the registry (always used for loopback hosts).
+    #[arg(long)]
+    pub plain_http: bool,
+
+    /// Do not verify the registry's TLS certificate.
+    #[arg(long)]
+    pub insecure_skip_tls_verify: bool,
+
+    /// Docker-style credentials file [default: $REGISTRY_AUTH_FILE, else
+    /// $DOCKER_CONFIG/config.json or ~/.docker/config.json].
+    #[arg(long, value_name = "PATH")]
+    pub auth_file: Option<PathBuf>,
 }
 
 #[derive(Args, Debug)]
@@ -239,6 +331,49 @@ pub struct ServeArgs {
     /// binds 127.0.0.1; any other address must be written out.
     #[arg(long, value_name = "[ADDR:]PORT")]
     pub metrics_addr: Option<String>,
+
+    /// Accept writes. They go to a copy-on-write overlay file, never to the
+    /// chunk cache; the filesystem gets a journal and room for new files.
+    #[arg(long)]
+    pub writable: bool,
+
+    /// Free space added to the filesystem for new data, in bytes or with a
+    /// K, M, G or T suffix (powers of 1024) [default: 1G].
+    #[arg(long, value_name = "SIZE", requires = "writable", value_parser = parse_size)]
+    pub size: Option<u64>,
+
+    /// Overlay file that keeps the writes across restarts; a later serve of
+    /// the same image with the same --size sees them [default: a temporary
+    /// file, removed at exit].
+    #[arg(long, value_name = "PATH", requires = "writable")]
+    pub overlay: Option<PathBuf>,
+}
+
+/// Parses a byte count such as `4096`, `512M`, `1G` or `2TiB` (binary units).
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    let trimmed = text.trim();
+    let split = trimmed
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(trimmed.len());
+    let (digits, unit) = trimmed.split_at(split);
+    let number: u64 = digits.parse().map_err(|_| {
+        format!("invalid size {text:?}: expected a number with an optional K, M, G or T suffix")
+    })?;
+    let shift = match unit.to_ascii_uppercase().as_str() {
+        "" | "B" => 0,
+        "K" | "KB" | "KIB" => 10,
+        "M" | "MB" | "MIB" => 20,
+        "G" | "GB" | "GIB" => 30,
+        "T" | "TB" | "TIB" => 40,
+        _ => {
+            return Err(format!(
+                "invalid size {text:?}: unknown unit {unit:?}; use K, M, G or T"
+            ))
+        }
+    };
+    number
+        .checked_mul(1u64 << shift)
+        .ok_or_else(|| format!("invalid size {text:?}: larger than 2^64 bytes"))
 }
 
 #[derive(Args, Debug)]
@@ -303,4 +438,30 @@ pub enum IoChoice {
     IoUring,
     /// pread/pwrite in a thread pool.
     Std,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_size;
+
+    #[test]
+    fn sizes_parse_with_binary_units() {
+        let cases: &[(&str, Option<u64>)] = &[
+            ("0", Some(0)),
+            ("4096", Some(4096)),
+            ("512M", Some(512 << 20)),
+            ("1G", Some(1 << 30)),
+            ("2GiB", Some(2 << 30)),
+            ("3t", Some(3 << 40)),
+            ("10k", Some(10 << 10)),
+            ("", None),
+            ("G", None),
+            ("1.5G", None),
+            ("1X", None),
+            ("99999999999T", None),
+        ];
+        for (text, expected) in cases {
+            assert_eq!(parse_size(text).ok(), *expected, "size {text:?}");
+        }
+    }
 }

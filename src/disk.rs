@@ -9,12 +9,15 @@ use futures::future::try_join_all;
 use tracing::warn;
 
 use crate::device::BlockDevice;
-use crate::ext4::{Layout, Segment, SegmentKind, BLOCK_SIZE};
+use crate::ext4::{
+    Layout, LayoutError, LayoutOptions, Segment, SegmentKind, WritableOptions, BLOCK_SIZE,
+};
 use crate::image::OpenedImage;
 use crate::store::ChunkStore;
 use crate::tree::{NodeKind, Tree};
 
-/// A read-only disk holding the ext4 filesystem of one image.
+/// A read-only disk holding the ext4 filesystem of one image; an
+/// [`OverlayDisk`](crate::overlay::OverlayDisk) on top makes it writable.
 pub struct ImageDisk {
     tree: Arc<Tree>,
     layout: Arc<Layout>,
@@ -28,6 +31,20 @@ impl ImageDisk {
             layout: image.layout.clone(),
             store: image.store.clone(),
         }
+    }
+
+    /// A disk of `image` with another layout of the same tree, such as the
+    /// writable layout from [`writable_layout`].
+    pub fn with_layout(image: &OpenedImage, layout: Arc<Layout>) -> ImageDisk {
+        ImageDisk {
+            tree: image.tree.clone(),
+            layout,
+            store: image.store.clone(),
+        }
+    }
+
+    pub fn layout(&self) -> &Arc<Layout> {
+        &self.layout
     }
 
     pub fn store(&self) -> &Arc<ChunkStore> {
@@ -121,6 +138,44 @@ impl ImageDisk {
         }
         Ok(())
     }
+}
+
+/// Bytes of added free space per spare inode, the mke2fs default inode ratio.
+const BYTES_PER_SPARE_INODE: u64 = 16384;
+/// Spare inodes a writable layout gets at least, so small `--size` values still allow new files.
+const MIN_SPARE_INODES: u64 = 4096;
+/// Spare inodes a writable layout gets at most; each costs 256 bytes of inode
+/// table that e2fsck scans.
+const MAX_SPARE_INODES: u64 = 1 << 22;
+
+/// Journal blocks for a filesystem of `blocks` blocks: 16 MiB below 1 GiB,
+/// 32 MiB below 16 GiB, 64 MiB above, close to what mke2fs 1.47 picks.
+fn journal_blocks_for(blocks: u64) -> u64 {
+    match blocks {
+        0..262_144 => 4096,
+        262_144..4_194_304 => 8192,
+        _ => 16_384,
+    }
+}
+
+/// Plans the writable layout of `image`: the read-only layout's tree and
+/// identity, plus `extra_bytes` of free space (rounded up to whole blocks),
+/// spare inodes and a jbd2 journal.
+pub fn writable_layout(image: &OpenedImage, extra_bytes: u64) -> Result<Layout, LayoutError> {
+    let extra_free_blocks = extra_bytes.div_ceil(BLOCK_SIZE);
+    let spare_inodes =
+        (extra_bytes / BYTES_PER_SPARE_INODE).clamp(MIN_SPARE_INODES, MAX_SPARE_INODES);
+    let options = LayoutOptions {
+        extra_free_blocks,
+        ..image.layout.options().clone()
+    };
+    let writable = WritableOptions {
+        spare_inodes: u32::try_from(spare_inodes).unwrap_or(u32::MAX),
+        journal_blocks: journal_blocks_for(
+            image.layout.block_count().saturating_add(extra_free_blocks),
+        ),
+    };
+    Layout::new_writable(image.tree.clone(), options, writable)
 }
 
 /// Converts a byte range into the whole blocks that cover it.

@@ -14,23 +14,27 @@ use tracing_subscriber::EnvFilter;
 
 use esgz_nbd::attach::{self, state::RuntimeDir, AttachSettings, InterfaceChoice};
 use esgz_nbd::cli::{
-    AttachArgs, Cli, Command, DetachArgs, ExportArgs, ImageArgs, InspectArgs, IoChoice, ListArgs,
-    LogFormat, NbdInterface, ServeArgs, TreeManifestArgs,
+    AttachArgs, BuildArgs, Cli, Command, ConvertArgs, DetachArgs, ExportArgs, ImageArgs,
+    InspectArgs, IoChoice, LayerWriterArgs, ListArgs, LogFormat, NbdInterface, ServeArgs,
+    TreeManifestArgs, WriterRegistryArgs,
 };
 use esgz_nbd::config::{self, FileConfig, IoSetting};
+use esgz_nbd::convert::{self, BuildOptions, ConvertOptions};
 use esgz_nbd::device::BlockDevice;
-use esgz_nbd::disk::ImageDisk;
+use esgz_nbd::disk::{writable_layout, ImageDisk};
 use esgz_nbd::estargz::TocLimits;
 use esgz_nbd::export::export_to_file;
-use esgz_nbd::image::{open_image, OpenOptions, StartupFetch};
+use esgz_nbd::image::{open_image, OpenOptions, OpenedImage, StartupFetch};
 use esgz_nbd::inspect::{inspect_image, render_text};
 use esgz_nbd::metrics::{self, MetricsLabels, MetricsSnapshot};
 use esgz_nbd::nbd::{self, ServerOptions};
+use esgz_nbd::overlay::{Identity, Overlay, OverlayDisk};
 use esgz_nbd::progress::{self, BarWriter, ProgressDevice};
 use esgz_nbd::registry::hosts::CONTAINERD_HOSTS_DIR;
 use esgz_nbd::registry::RegistryOptions;
 use esgz_nbd::source::Platform;
-use esgz_nbd::store::IoBackendChoice;
+use esgz_nbd::store::{ChunkStore, IoBackendChoice};
+use esgz_nbd::writer::WriterOptions;
 
 /// Settings that come from outside the command's own arguments.
 struct Settings {
@@ -97,6 +101,8 @@ fn main() -> ExitCode {
             Command::Detach(args) => detach_command(args).await,
             Command::List(args) => list_command(args),
             Command::TreeManifest(args) => tree_manifest_command(args),
+            Command::Convert(args) => convert_command(args, !cli.quiet, &settings).await,
+            Command::Build(args) => build_command(args, !cli.quiet, &settings).await,
         }
     });
     match result {
@@ -316,7 +322,65 @@ fn parse_listen(text: &str) -> anyhow::Result<SocketAddr> {
 async fn serve(args: ServeArgs, settings: &Settings) -> anyhow::Result<()> {
     let options = open_options(&args.image, settings)?;
     let image = open_image(&args.image.image, &options).await?;
-    let disk = Arc::new(ImageDisk::new(&image));
+    if !args.writable {
+        let disk = Arc::new(ImageDisk::new(&image));
+        let store = disk.store().clone();
+        return run_server(&args, settings, &image, disk, store).await;
+    }
+
+    let disk = Arc::new(open_writable_disk(&args, &image)?);
+    let store = disk.base().store().clone();
+    let result = run_server(&args, settings, &image, disk.clone(), store).await;
+    let flushed = disk.flush().await.with_context(|| {
+        format!(
+            "failed to flush the overlay {}",
+            disk.overlay().path().display()
+        )
+    });
+    result.and(flushed)
+}
+
+/// Default free space of a writable filesystem, when --size is not given.
+const DEFAULT_WRITABLE_SIZE: u64 = 1 << 30;
+
+/// Builds the writable disk: the writable layout of the image under an
+/// overlay at --overlay, or a temporary one.
+fn open_writable_disk(
+    args: &ServeArgs,
+    image: &OpenedImage,
+) -> anyhow::Result<OverlayDisk<ImageDisk>> {
+    let extra = args.size.unwrap_or(DEFAULT_WRITABLE_SIZE);
+    let layout = Arc::new(
+        writable_layout(image, extra).context("failed to lay out the writable ext4 filesystem")?,
+    );
+    let identity = Identity {
+        manifest_digest: image.manifest_digest.clone(),
+        device_size: layout.size(),
+        layout_digest: layout.fingerprint(),
+    };
+    let overlay = match &args.overlay {
+        Some(path) => Overlay::open(path, &identity)?,
+        None => Overlay::temporary(&std::env::temp_dir(), &identity)?,
+    };
+    info!(
+        overlay = %overlay.path().display(),
+        kept = args.overlay.is_some(),
+        device_bytes = layout.size(),
+        added_bytes = extra,
+        "serving writable: writes go to the overlay"
+    );
+    let base = Arc::new(ImageDisk::with_layout(image, layout));
+    Ok(OverlayDisk::new(base, overlay)?)
+}
+
+/// Serves `disk` on the socket or TCP address of `args` until a signal.
+async fn run_server<D: BlockDevice>(
+    args: &ServeArgs,
+    settings: &Settings,
+    image: &OpenedImage,
+    disk: Arc<D>,
+    store: Arc<ChunkStore>,
+) -> anyhow::Result<()> {
     let server_options = ServerOptions {
         export_name: args.export_name.clone(),
         description: format!("{} ({})", image.description, image.manifest_digest),
@@ -329,18 +393,18 @@ async fn serve(args: ServeArgs, settings: &Settings) -> anyhow::Result<()> {
         let _ = shutdown_tx.send(true);
     });
     let stats_task = args.stats_file.clone().map(|path| {
-        let disk = disk.clone();
+        let store = store.clone();
         let startup = image.startup;
         let mut shutdown = shutdown_rx.clone();
         tokio::spawn(async move {
             loop {
-                write_stats(&disk, &startup, &path);
+                write_stats(&store, &startup, &path);
                 tokio::select! {
                     _ = tokio::time::sleep(Duration::from_secs(1)) => {}
                     _ = shutdown.changed() => break,
                 }
             }
-            write_stats(&disk, &startup, &path);
+            write_stats(&store, &startup, &path);
         })
     });
 
@@ -361,10 +425,11 @@ async fn serve(args: ServeArgs, settings: &Settings) -> anyhow::Result<()> {
             image: image.description.clone(),
         };
         let scrape_disk = disk.clone();
+        let scrape_store = store.clone();
         let startup = image.startup;
         let scrape = Arc::new(move || {
             let snapshot = MetricsSnapshot {
-                store: scrape_disk.store().stats(),
+                store: scrape_store.stats(),
                 startup,
                 device_bytes: scrape_disk.size(),
             };
@@ -377,7 +442,7 @@ async fn serve(args: ServeArgs, settings: &Settings) -> anyhow::Result<()> {
         Some(listen) => {
             let addr = parse_listen(listen)?;
             if !addr.ip().is_loopback() {
-                warn!(%addr, "listening on a non-loopback address: anyone who can reach it can read the image");
+                warn!(%addr, "listening on a non-loopback address: anyone who can reach it can read the image (and change it with --writable)");
             }
             info!(%addr, export = %args.export_name, "serving NBD on TCP");
             println!("nbd://{addr}/{}", args.export_name);
@@ -404,15 +469,15 @@ async fn serve(args: ServeArgs, settings: &Settings) -> anyhow::Result<()> {
     if let Some(task) = stats_task {
         let _ = task.await;
     }
-    let stats = disk.store().stats();
+    let stats = store.stats();
     info!(?stats, "server stopped");
     result
 }
 
-fn write_stats(disk: &ImageDisk, startup: &StartupFetch, path: &Path) {
+fn write_stats(store: &ChunkStore, startup: &StartupFetch, path: &Path) {
     let stats = serde_json::json!({
         "startup": startup,
-        "store": disk.store().stats(),
+        "store": store.stats(),
     });
     let text = match serde_json::to_string_pretty(&stats) {
         Ok(text) => text,
@@ -643,5 +708,66 @@ async fn inspect(args: InspectArgs, settings: &Settings) -> anyhow::Result<()> {
     } else {
         print!("{}", render_text(&report));
     }
+    Ok(())
+}
+
+fn writer_options(args: &LayerWriterArgs) -> anyhow::Result<WriterOptions> {
+    let prioritized = match &args.prioritize {
+        Some(path) => convert::read_prioritize_file(path)?,
+        None => Vec::new(),
+    };
+    let options = WriterOptions {
+        chunk_size: args.chunk_size,
+        compression_level: args.compression_level,
+        min_chunk_size: args.min_chunk_size,
+        prioritized,
+        threads: args.threads,
+    };
+    options.validate()?;
+    Ok(options)
+}
+
+fn writer_registry_options(args: &WriterRegistryArgs, file: &FileConfig) -> RegistryOptions {
+    registry_options(
+        RegistryArgs {
+            plain_http: args.plain_http,
+            insecure_skip_tls_verify: args.insecure_skip_tls_verify,
+            auth_file: args.auth_file.as_deref(),
+            hosts_dir: None,
+        },
+        file,
+    )
+}
+
+async fn convert_command(
+    args: ConvertArgs,
+    progress: bool,
+    settings: &Settings,
+) -> anyhow::Result<()> {
+    let platform = match &args.platform {
+        Some(text) => Platform::parse(text)?,
+        None => Platform::host(),
+    };
+    let options = ConvertOptions {
+        writer: writer_options(&args.layer)?,
+        platform,
+        all_platforms: args.all_platforms,
+        force: args.force,
+        registry: writer_registry_options(&args.registry, &settings.file),
+        progress,
+    };
+    let digest = convert::convert(&args.source, &args.destination, &options).await?;
+    println!("{digest}");
+    Ok(())
+}
+
+async fn build_command(args: BuildArgs, progress: bool, settings: &Settings) -> anyhow::Result<()> {
+    let options = BuildOptions {
+        writer: writer_options(&args.layer)?,
+        registry: writer_registry_options(&args.registry, &settings.file),
+        progress,
+    };
+    let digest = convert::build(&args.input, &args.destination, &options).await?;
+    println!("{digest}");
     Ok(())
 }

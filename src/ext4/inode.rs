@@ -65,6 +65,8 @@ pub(super) enum InodeSource {
     Node(NodeId),
     /// The lost+found directory this layout adds.
     LostFound,
+    /// The journal inode of a writable layout.
+    Journal,
 }
 
 /// Content of `i_block`.

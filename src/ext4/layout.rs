@@ -3,7 +3,8 @@
 //! Device order: block 0 (superblock), the group descriptor table, all
 //! block bitmaps, all inode bitmaps, all inode tables (flex_bg lets them
 //! sit outside their groups), then directory blocks, long-symlink blocks,
-//! xattr blocks and extent tree blocks, then file data in (layer,
+//! xattr blocks, the journal (writable layouts only) and extent tree
+//! blocks, then file data in (layer,
 //! data_offset) order, then free space. Everything before the free space
 //! is allocated, so the bitmaps are a prefix of set bits.
 
@@ -20,9 +21,12 @@ use super::inode::{
     self, InodeBody, InodeRecord, InodeSource, EXT4_EXTENTS_FL, EXT4_INDEX_FL, S_IFBLK, S_IFCHR,
     S_IFDIR, S_IFIFO, S_IFLNK, S_IFREG,
 };
+use super::journal::{JOURNAL_INO, MIN_JOURNAL_BLOCKS};
 use super::superblock::{BLOCKS_PER_GROUP, FIRST_INO, ROOT_INO};
 use super::xattr;
-use super::{FileRun, Layout, LayoutError, LayoutOptions, MetaObject, MetaRun, BLOCK_SIZE};
+use super::{
+    FileRun, Layout, LayoutError, LayoutOptions, MetaObject, MetaRun, WritableOptions, BLOCK_SIZE,
+};
 use crate::tree::{Metadata, Node, NodeId, NodeKind, Tree, ROOT};
 
 /// Inodes per inode table block.
@@ -62,13 +66,18 @@ pub(super) struct Geometry {
 
 impl Geometry {
     /// Picks the smallest group count whose groups hold all blocks, with
-    /// just enough inodes per group for `max_inode` (rounded to whole
-    /// inode table blocks). `variable_blocks` counts everything after the
-    /// inode tables.
-    fn solve(max_inode: u32, variable_blocks: u64) -> Result<Geometry, LayoutError> {
+    /// just enough inodes per group for `inode_capacity` (at least
+    /// `max_inode`, rounded to whole inode table blocks). `variable_blocks`
+    /// counts everything after the inode tables.
+    fn solve(
+        max_inode: u32,
+        inode_capacity: u64,
+        variable_blocks: u64,
+    ) -> Result<Geometry, LayoutError> {
+        let inode_capacity = inode_capacity.max(u64::from(max_inode));
         let max_groups = MAX_BLOCKS.div_ceil(BLOCKS_PER_GROUP);
         for groups in 1..=max_groups {
-            let per_group = u64::from(max_inode)
+            let per_group = inode_capacity
                 .div_ceil(groups)
                 .next_multiple_of(INODES_PER_BLOCK);
             if per_group > MAX_INODES_PER_GROUP {
@@ -97,7 +106,7 @@ impl Geometry {
             };
             if groups * per_group > u64::from(u32::MAX) {
                 return Err(LayoutError::TooManyInodes {
-                    inodes: u64::from(max_inode),
+                    inodes: inode_capacity,
                     max: u64::from(u32::MAX),
                 });
             }
@@ -390,6 +399,23 @@ impl Layout {
     /// Plans the filesystem for `tree`: inode numbers, block positions and
     /// group geometry. Fails on trees that ext4 cannot represent.
     pub fn new(tree: Arc<Tree>, options: LayoutOptions) -> Result<Layout, LayoutError> {
+        Layout::new_writable(tree, options, WritableOptions::default())
+    }
+
+    /// Plans the filesystem for `tree` like [`Layout::new`], with spare
+    /// inodes and a journal for writable use. The journal is one contiguous
+    /// run in the metadata region, before the extent tree blocks.
+    pub fn new_writable(
+        tree: Arc<Tree>,
+        options: LayoutOptions,
+        writable: WritableOptions,
+    ) -> Result<Layout, LayoutError> {
+        if writable.journal_blocks != 0 && writable.journal_blocks < MIN_JOURNAL_BLOCKS {
+            return Err(LayoutError::JournalTooSmall {
+                blocks: writable.journal_blocks,
+                min: MIN_JOURNAL_BLOCKS,
+            });
+        }
         if options.volume_name.len() > 16 {
             return Err(LayoutError::VolumeNameTooLong {
                 name: options.volume_name.clone(),
@@ -419,12 +445,17 @@ impl Layout {
                     (directory_record(source, 0o700, 2, &dir, false), Some(dir))
                 }
                 InodeSource::Node(id) => plan_node(&tree, &numbering, id, ino, hash_seed)?,
+                // Numbering never yields the journal; it is added below.
+                InodeSource::Journal => continue,
             };
             if let Some(dir) = dir {
                 dirs_per_group_inodes.push(ino);
                 dirs.push(dir);
             }
             inodes[ino as usize] = Some(record);
+        }
+        if writable.journal_blocks > 0 {
+            inodes[JOURNAL_INO as usize] = Some(journal_record(writable.journal_blocks));
         }
 
         // Count every block after the inode tables, then size the groups.
@@ -438,11 +469,13 @@ impl Layout {
                 variable_blocks = variable_blocks.saturating_add(1);
             }
         }
-        let mut geometry = Geometry::solve(numbering.max_inode, variable_blocks)?;
+        let inode_capacity = u64::from(numbering.max_inode) + u64::from(writable.spare_inodes);
+        let mut geometry = Geometry::solve(numbering.max_inode, inode_capacity, variable_blocks)?;
 
         let mut layout = Layout {
             tree,
             options,
+            writable,
             geometry: geometry.clone(),
             inodes,
             node_inodes: numbering.node_inodes,
@@ -522,6 +555,18 @@ impl Layout {
             }
         }
 
+        if let Some(Some(record)) = self.inodes.get_mut(JOURNAL_INO as usize) {
+            if let InodeBody::Extents(map) = &mut record.body {
+                map.start = cursor;
+                self.meta_runs.push(MetaRun {
+                    start: cursor,
+                    len: map.len,
+                    object: MetaObject::Journal,
+                });
+                cursor += map.len;
+            }
+        }
+
         for (ino, slot) in self.inodes.iter_mut().enumerate() {
             let Some(record) = slot else { continue };
             if let InodeBody::Extents(map) = &mut record.body {
@@ -574,6 +619,24 @@ impl Layout {
             }
         }
         cursor
+    }
+}
+
+/// The journal inode: a regular file of mode 0600 owned by root, as mke2fs
+/// makes it, mapping `blocks` contiguous blocks.
+fn journal_record(blocks: u64) -> InodeRecord {
+    InodeRecord {
+        source: InodeSource::Journal,
+        mode: S_IFREG | 0o600,
+        links: 1,
+        size: blocks * BLOCK_SIZE,
+        flags: EXT4_EXTENTS_FL,
+        body: InodeBody::Extents(BlockMap {
+            start: 0,
+            len: blocks,
+            tree_start: 0,
+        }),
+        xattr_block: None,
     }
 }
 

@@ -17,8 +17,11 @@
 //!   sit at the front of the device.
 //! - ro_compat `sparse_super` (set alongside `sparse_super2`, as mke2fs
 //!   does), `large_file`, `huge_file`, `dir_nlink`, `extra_isize`.
-//! - No journal: the image is served read-only, so there is nothing to
-//!   replay. No `metadata_csum`/`uninit_bg`: checksums would have to be
+//! - No journal in the read-only layout, because nothing is ever written
+//!   there to replay. A writable layout ([`Layout::new_writable`]) adds
+//!   compat `has_journal`: inode 8 maps a contiguous, clean jbd2 v2 journal
+//!   in the metadata region, and spare inodes leave room for new files.
+//!   No `metadata_csum`/`uninit_bg`: checksums would have to be
 //!   computed per rendered block for no benefit to a read-only reader, and
 //!   without them e2fsck checks every bitmap and inode in full. No `64bit`:
 //!   images stay below 16 TiB (2^32 blocks), larger ones are rejected.
@@ -39,6 +42,7 @@ mod extent;
 mod group_desc;
 mod htree;
 mod inode;
+mod journal;
 mod layout;
 mod render;
 mod superblock;
@@ -70,6 +74,19 @@ pub struct LayoutOptions {
     pub volume_name: String,
     /// Free blocks appended after the file data.
     pub extra_free_blocks: u64,
+}
+
+pub use journal::MIN_JOURNAL_BLOCKS;
+
+/// Room for changes in a layout served writable. The default (all zero)
+/// is the read-only layout: no spare inodes and no journal.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct WritableOptions {
+    /// Free inodes beyond those the tree needs, for files a user creates.
+    pub spare_inodes: u32,
+    /// Blocks of the internal jbd2 journal (inode 8); 0 means no journal,
+    /// otherwise at least [`MIN_JOURNAL_BLOCKS`].
+    pub journal_blocks: u64,
 }
 
 /// Reasons a tree cannot be laid out as ext4.
@@ -135,6 +152,8 @@ pub enum LayoutError {
     TooManyBlocks { blocks: u64, max: u64 },
     #[error("image needs {inodes} inodes; ext4 holds at most {max}")]
     TooManyInodes { inodes: u64, max: u64 },
+    #[error("journal of {blocks} blocks is too small; jbd2 needs at least {min}")]
+    JournalTooSmall { blocks: u64, min: u64 },
     #[error("volume name {name:?} is longer than 16 bytes")]
     VolumeNameTooLong { name: String },
 }
@@ -177,6 +196,8 @@ enum MetaObject {
     XattrBlock(u32),
     /// The extent tree blocks of this inode.
     ExtentTree(u32),
+    /// The journal's blocks; the first holds the jbd2 superblock.
+    Journal,
 }
 
 /// The data blocks of one regular file.
@@ -192,6 +213,7 @@ struct FileRun {
 pub struct Layout {
     tree: Arc<Tree>,
     options: LayoutOptions,
+    writable: WritableOptions,
     geometry: Geometry,
     /// Indexed by inode number; `None` for reserved inodes (1, 3-10).
     inodes: Vec<Option<InodeRecord>>,
@@ -215,6 +237,28 @@ impl Layout {
 
     pub fn block_count(&self) -> u64 {
         self.geometry.block_count
+    }
+
+    pub fn options(&self) -> &LayoutOptions {
+        &self.options
+    }
+
+    pub fn writable_options(&self) -> WritableOptions {
+        self.writable
+    }
+
+    /// SHA-256 of the superblock and group descriptor blocks: it changes
+    /// whenever the geometry, features, counts or identity of the layout do,
+    /// so it names the layout that block numbers refer to.
+    pub fn fingerprint(&self) -> [u8; 32] {
+        use sha2::{Digest, Sha256};
+        let mut hasher = Sha256::new();
+        let mut block = vec![0u8; BLOCK_SIZE as usize];
+        for index in 0..=self.geometry.gdt_blocks {
+            self.render_metadata(index, &mut block);
+            hasher.update(&block);
+        }
+        hasher.finalize().into()
     }
 
     /// Inode number of `node`, or 0 when no directory entry reaches it.

@@ -3,8 +3,9 @@
 use tracing::error;
 
 use super::inode::{write_inode, InodeBody, InodeSource, INODE_SIZE};
+use super::journal::{self, JOURNAL_INO};
 use super::layout::encoded_xattrs;
-use super::superblock::write_superblock;
+use super::superblock::{write_superblock, JournalBackup};
 use super::{bitmap, extent, group_desc, xattr};
 use super::{Layout, MetaObject, Segment, SegmentKind, BLOCK_SIZE};
 use crate::tree::{Metadata, NodeKind};
@@ -106,7 +107,7 @@ impl Layout {
         let group_of = |first: u64| u32::try_from(block - first).unwrap_or(u32::MAX);
 
         if block == 0 {
-            write_superblock(out, geometry, &self.options);
+            write_superblock(out, geometry, &self.options, self.journal_backup().as_ref());
         } else if block <= geometry.gdt_blocks {
             group_desc::write_gdt_block(out, geometry, &self.dirs_per_group, block - 1);
         } else if block < geometry.block_bitmap(0) + groups {
@@ -120,10 +121,27 @@ impl Layout {
         }
     }
 
+    /// The journal inode's `i_block` and size, which the superblock keeps a
+    /// copy of (`s_jnl_blocks`); `None` without a journal.
+    fn journal_backup(&self) -> Option<JournalBackup> {
+        let record = self.inodes.get(JOURNAL_INO as usize)?.as_ref()?;
+        let InodeBody::Extents(map) = record.body else {
+            return None;
+        };
+        let mut i_block = [0u8; 60];
+        extent::write_root(&mut i_block, &map);
+        Some(JournalBackup {
+            i_block,
+            size: record.size,
+        })
+    }
+
     fn metadata_of(&self, source: InodeSource) -> &Metadata {
         match source {
             InodeSource::Node(node) => &self.tree.node(node).meta,
-            InodeSource::LostFound => &self.lost_found_meta,
+            // Both are owned by root with the root directory's time; the
+            // mode comes from the inode record.
+            InodeSource::LostFound | InodeSource::Journal => &self.lost_found_meta,
         }
     }
 
@@ -133,7 +151,7 @@ impl Layout {
                 NodeKind::Symlink { target } => target,
                 _ => &[],
             },
-            InodeSource::LostFound => &[],
+            InodeSource::LostFound | InodeSource::Journal => &[],
         }
     }
 
@@ -155,7 +173,7 @@ impl Layout {
             let meta = self.metadata_of(record.source);
             let node = match record.source {
                 InodeSource::Node(node) => node,
-                InodeSource::LostFound => 0,
+                InodeSource::LostFound | InodeSource::Journal => 0,
             };
             let xattrs = encoded_xattrs(node, meta, false).unwrap_or_default();
             let placement = xattr::place(xattrs).unwrap_or_default();
@@ -201,6 +219,11 @@ impl Layout {
                     let xattrs = encoded_xattrs(node, meta, false).unwrap_or_default();
                     let placement = xattr::place(xattrs).unwrap_or_default();
                     xattr::write_block(out, &placement.block);
+                }
+            }
+            MetaObject::Journal => {
+                if logical == 0 {
+                    journal::write_superblock(out, run.len, &self.options.uuid);
                 }
             }
             MetaObject::ExtentTree(ino) => {

@@ -16,6 +16,7 @@ pub(super) const BLOCKS_PER_GROUP: u64 = 32768;
 
 /// `s_feature_compat` flags.
 pub(super) mod compat {
+    pub const HAS_JOURNAL: u32 = 0x0004;
     pub const EXT_ATTR: u32 = 0x0008;
     pub const DIR_INDEX: u32 = 0x0020;
     pub const SPARSE_SUPER2: u32 = 0x0200;
@@ -45,8 +46,22 @@ const EXT2_FLAGS_UNSIGNED_HASH: u32 = 0x0002;
 /// `s_default_mount_opts`: user_xattr and acl, as mke2fs sets them.
 const DEFAULT_MOUNT_OPTS: u32 = 0x0004 | 0x0008;
 
+/// `s_jnl_backup_type`: `s_jnl_blocks` holds a copy of the journal inode's blocks.
+const EXT3_JNL_BACKUP_BLOCKS: u8 = 1;
+
+/// What the superblock stores of the journal inode: `i_block` and `i_size`.
+pub(super) struct JournalBackup {
+    pub i_block: [u8; 60],
+    pub size: u64,
+}
+
 /// Writes the superblock into block 0 (at byte 1024).
-pub(super) fn write_superblock(block: &mut [u8], geometry: &Geometry, options: &LayoutOptions) {
+pub(super) fn write_superblock(
+    block: &mut [u8],
+    geometry: &Geometry,
+    options: &LayoutOptions,
+    journal: Option<&JournalBackup>,
+) {
     let sb = &mut block[SUPERBLOCK_OFFSET..SUPERBLOCK_OFFSET + 1024];
     let inodes_count = geometry.inodes_count();
     let free_inodes = inodes_count - u64::from(geometry.max_inode);
@@ -71,7 +86,11 @@ pub(super) fn write_superblock(block: &mut [u8], geometry: &Geometry, options: &
     put_u32(sb, 0x4c, 1); // s_rev_level: dynamic inode sizes
     put_u32(sb, 0x54, FIRST_INO);
     put_u16(sb, 0x58, INODE_SIZE as u16);
-    put_u32(sb, 0x5c, compat::SUPPORTED);
+    let compat_flags = match journal {
+        Some(_) => compat::SUPPORTED | compat::HAS_JOURNAL,
+        None => compat::SUPPORTED,
+    };
+    put_u32(sb, 0x5c, compat_flags);
     put_u32(sb, 0x60, incompat::SUPPORTED);
     put_u32(sb, 0x64, ro_compat::SUPPORTED);
     sb[0x68..0x78].copy_from_slice(&options.uuid);
@@ -79,6 +98,14 @@ pub(super) fn write_superblock(block: &mut [u8], geometry: &Geometry, options: &
     let name_len = name.len().min(16);
     sb[0x78..0x78 + name_len].copy_from_slice(&name[..name_len]);
     sb[0xec..0xfc].copy_from_slice(&options.hash_seed);
+    if let Some(journal) = journal {
+        put_u32(sb, 0xe0, super::journal::JOURNAL_INO); // s_journal_inum
+        sb[0xfd] = EXT3_JNL_BACKUP_BLOCKS; // s_jnl_backup_type
+                                           // s_jnl_blocks: i_block[0..15], then i_size_high, then i_size.
+        sb[0x10c..0x10c + 60].copy_from_slice(&journal.i_block);
+        put_u32(sb, 0x10c + 60, (journal.size >> 32) as u32);
+        put_u32(sb, 0x10c + 64, (journal.size & 0xffff_ffff) as u32);
+    }
     sb[0xfc] = DX_HASH_HALF_MD4; // s_def_hash_version
     put_u32(sb, 0x100, DEFAULT_MOUNT_OPTS);
     put_u16(sb, 0x15c, EXTRA_ISIZE); // s_min_extra_isize

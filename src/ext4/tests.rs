@@ -910,3 +910,129 @@ fn depth_two_extent_tree_passes_e2fsck() {
     );
     assert!(layout.file_start_block(huge).is_some());
 }
+
+/// A writable layout of the sample tree: spare inodes and a journal.
+fn writable_layout(journal_blocks: u64) -> (Layout, Arc<Tree>) {
+    let sample = sample_tree();
+    let writable = WritableOptions {
+        spare_inodes: 5000,
+        journal_blocks,
+    };
+    let options = LayoutOptions {
+        extra_free_blocks: 20_000,
+        ..options()
+    };
+    let layout =
+        Layout::new_writable(sample.tree.clone(), options, writable).expect("writable layout");
+    (layout, sample.tree)
+}
+
+#[test]
+fn writable_layout_has_clean_journal_and_mounts_read_write() {
+    let (layout, tree) = writable_layout(4096);
+    let dir = tempfile::tempdir().expect("temp dir");
+    let image = dir.path().join("writable.ext4");
+    write_image(&layout, &tree, &image);
+    e2fsck_clean(&image);
+
+    let stats = debugfs(&image, "stats");
+    assert!(stats.contains("has_journal"), "features: {stats}");
+    assert!(
+        stats.contains("Journal inode:            8"),
+        "stats: {stats}"
+    );
+    let free_inodes: u64 = stats
+        .lines()
+        .find_map(|line| line.strip_prefix("Free inodes:"))
+        .and_then(|value| value.trim().parse().ok())
+        .expect("Free inodes line");
+    assert!(free_inodes >= 5000, "free inodes {free_inodes}");
+    // s_start 0 (clean) and sequence 1, as mke2fs 1.47 leaves a new journal.
+    let logdump = debugfs(&image, "logdump -S");
+    for expected in [
+        "Total journal blocks:     4096",
+        "Journal sequence:         0x00000001",
+        "Journal start:            0",
+        "Journal starts at block 0, transaction 1",
+    ] {
+        assert!(
+            logdump.contains(expected),
+            "expected {expected:?} in logdump: {logdump}"
+        );
+    }
+
+    // The kernel replays and writes the journal on a read-write mount.
+    let mount_point = dir.path().join("mnt");
+    std::fs::create_dir(&mount_point).expect("mount point");
+    let (code, _, stderr) = run(
+        "mount",
+        &[
+            "-t",
+            "ext4",
+            "-o",
+            "loop",
+            image.to_str().unwrap(),
+            mount_point.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(code, 0, "read-write mount failed: {stderr}");
+    let guard = MountGuard {
+        dir: mount_point.clone(),
+    };
+    for i in 0..200 {
+        std::fs::write(mount_point.join(format!("new-{i}")), vec![i as u8; 10_000])
+            .expect("create a file on the mounted image");
+    }
+    std::fs::create_dir(mount_point.join("new-dir")).expect("mkdir");
+    drop(guard);
+
+    e2fsck_clean(&image);
+    let listing = debugfs(&image, "ls -l /");
+    assert!(listing.contains("new-199"), "listing: {listing}");
+}
+
+#[test]
+fn large_journal_gets_extent_tree_and_passes_e2fsck() {
+    // More than four extents of 32768 blocks need an extent tree block.
+    let (layout, tree) = writable_layout(140_000);
+    let dir = tempfile::tempdir().expect("temp dir");
+    let image = dir.path().join("journal.ext4");
+    write_image(&layout, &tree, &image);
+    e2fsck_clean(&image);
+    let stat = debugfs(&image, "stat <8>");
+    assert!(
+        stat.contains("(ETB0)"),
+        "journal extent tree: {}",
+        &stat[..stat.len().min(800)]
+    );
+}
+
+#[test]
+fn writable_options_change_only_writable_layouts() {
+    let sample = sample_tree();
+    let plain = Layout::new(sample.tree.clone(), options()).expect("layout");
+    let default_writable =
+        Layout::new_writable(sample.tree.clone(), options(), WritableOptions::default())
+            .expect("layout");
+    let (journaled, _) = writable_layout(4096);
+    let mut a = vec![0u8; BLOCK_SIZE as usize];
+    let mut b = vec![0u8; BLOCK_SIZE as usize];
+    for block in 0..plain.block_count().min(200) {
+        plain.render_metadata(block, &mut a);
+        default_writable.render_metadata(block, &mut b);
+        assert_eq!(a, b, "block {block}");
+    }
+    assert_eq!(plain.fingerprint(), default_writable.fingerprint());
+    assert_ne!(plain.fingerprint(), journaled.fingerprint());
+    assert!(matches!(
+        Layout::new_writable(
+            sample.tree,
+            options(),
+            WritableOptions {
+                spare_inodes: 0,
+                journal_blocks: 100
+            }
+        ),
+        Err(LayoutError::JournalTooSmall { .. })
+    ));
+}

@@ -39,6 +39,7 @@ struct Handshake<'a, S> {
     stream: &'a mut S,
     options: &'a ServerOptions,
     size: u64,
+    writable: bool,
     no_zeroes: bool,
     negotiated: Negotiated,
 }
@@ -47,6 +48,7 @@ struct Handshake<'a, S> {
 pub(crate) async fn negotiate<S>(
     stream: &mut S,
     size: u64,
+    writable: bool,
     options: &ServerOptions,
 ) -> Result<Outcome, NbdError>
 where
@@ -86,6 +88,7 @@ where
         stream,
         options,
         size,
+        writable,
         no_zeroes: flags & client_flags::NBD_FLAG_C_NO_ZEROES != 0,
         negotiated: Negotiated {
             structured_replies: false,
@@ -243,7 +246,8 @@ where
             });
         }
 
-        let flags = transmission_flags::for_export(self.negotiated.structured_replies);
+        let flags =
+            transmission_flags::for_device(self.negotiated.structured_replies, self.writable);
         let mut out = Vec::with_capacity(10 + proto::EXPORT_NAME_PADDING);
         out.extend_from_slice(&self.size.to_be_bytes());
         out.extend_from_slice(&flags.to_be_bytes());
@@ -303,7 +307,8 @@ where
             return Ok(None);
         }
 
-        let flags = transmission_flags::for_export(self.negotiated.structured_replies);
+        let flags =
+            transmission_flags::for_device(self.negotiated.structured_replies, self.writable);
         let mut export = Vec::with_capacity(12);
         export.extend_from_slice(&info::NBD_INFO_EXPORT.to_be_bytes());
         export.extend_from_slice(&self.size.to_be_bytes());

@@ -1,4 +1,4 @@
-//! NBD server for a read-only [`BlockDevice`], following the NBD protocol
+//! NBD server for a [`BlockDevice`], read-only or writable, following the NBD protocol
 //! specification (NetworkBlockDevice/nbd, `doc/proto.md`).
 //!
 //! The server speaks the fixed newstyle handshake (`NBD_OPT_GO`, `NBD_OPT_INFO`,
@@ -267,7 +267,7 @@ where
     options.validate()?;
 
     let size = device.size();
-    let handshake = handshake::negotiate(&mut stream, size, &options);
+    let handshake = handshake::negotiate(&mut stream, size, device.is_writable(), &options);
     let outcome = match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
         Ok(outcome) => outcome?,
         Err(_elapsed) => return Err(NbdError::HandshakeTimeout),

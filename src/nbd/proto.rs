@@ -55,11 +55,23 @@ pub mod transmission_flags {
     /// `NBD_FLAG_SEND_DF` is added only when structured replies were negotiated,
     /// because the specification forbids it otherwise.
     pub fn for_export(structured_replies: bool) -> u16 {
+        for_device(structured_replies, false)
+    }
+
+    /// Returns the flags of an export, writable or not. A writable export
+    /// drops `NBD_FLAG_READ_ONLY` and adds FUA, TRIM and WRITE_ZEROES.
+    /// `NBD_FLAG_CAN_MULTI_CONN` stays: every connection writes the same
+    /// device, and a flush on one makes the writes of all durable.
+    pub fn for_device(structured_replies: bool, writable: bool) -> u16 {
         let mut flags = NBD_FLAG_HAS_FLAGS
-            | NBD_FLAG_READ_ONLY
             | NBD_FLAG_SEND_FLUSH
             | NBD_FLAG_SEND_CACHE
             | NBD_FLAG_CAN_MULTI_CONN;
+        if writable {
+            flags |= NBD_FLAG_SEND_FUA | NBD_FLAG_SEND_TRIM | NBD_FLAG_SEND_WRITE_ZEROES;
+        } else {
+            flags |= NBD_FLAG_READ_ONLY;
+        }
         if structured_replies {
             flags |= NBD_FLAG_SEND_DF;
         }
@@ -451,5 +463,21 @@ mod tests {
             assert_ne!(flags & NBD_FLAG_HAS_FLAGS, 0);
             assert_ne!(flags & NBD_FLAG_READ_ONLY, 0);
         }
+    }
+
+    #[test]
+    fn writable_export_flags() {
+        use transmission_flags::*;
+        let flags = for_device(false, true);
+        assert_eq!(flags & NBD_FLAG_READ_ONLY, 0);
+        for (name, flag) in [
+            ("SEND_FLUSH", NBD_FLAG_SEND_FLUSH),
+            ("SEND_FUA", NBD_FLAG_SEND_FUA),
+            ("SEND_TRIM", NBD_FLAG_SEND_TRIM),
+            ("SEND_WRITE_ZEROES", NBD_FLAG_SEND_WRITE_ZEROES),
+        ] {
+            assert_ne!(flags & flag, 0, "{name}");
+        }
+        assert_eq!(for_device(true, false), for_export(true));
     }
 }

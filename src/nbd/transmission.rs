@@ -1,4 +1,4 @@
-//! NBD transmission phase: pipelined requests replied to out of order, with simple
+//! NBD transmission phase: pipelined requests, writes included, replied to out of order, with simple
 //! or structured replies (NBD protocol specification, section "Transmission").
 //!
 //! One reader (the calling task) decodes requests and spawns a task per
@@ -8,7 +8,7 @@
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use futures::FutureExt;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
 use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
@@ -41,6 +41,8 @@ struct Context<D> {
     device: Arc<D>,
     options: Arc<ServerOptions>,
     size: u64,
+    /// The device accepts writes; the export was announced without `NBD_FLAG_READ_ONLY`.
+    writable: bool,
     negotiated: Negotiated,
 }
 
@@ -93,10 +95,12 @@ where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let size = device.size();
+    let writable = device.is_writable();
     let context = Arc::new(Context {
         device,
         options,
         size,
+        writable,
         negotiated,
     });
     let (read_half, write_half) = tokio::io::split(stream);
@@ -168,32 +172,30 @@ where
                 debug!("client sent NBD_CMD_DISC");
                 break Ok(());
             }
-            command::NBD_CMD_WRITE => {
+            command::NBD_CMD_WRITE
+                if !context.writable || request.length > context.options.max_block =>
+            {
                 // The payload follows the header whatever the reply, so read it
-                // out of the stream before replying EPERM.
-                let mut payload = (&mut reader).take(u64::from(request.length));
-                let drained = tokio::io::copy(&mut payload, &mut tokio::io::sink()).await;
-                match drained {
-                    Ok(n) if n == u64::from(request.length) => {}
-                    Ok(_) => {
-                        break Err(NbdError::Io {
-                            step: "read NBD_CMD_WRITE payload",
-                            source: std::io::ErrorKind::UnexpectedEof.into(),
-                        })
-                    }
-                    Err(source) => {
-                        break Err(NbdError::Io {
-                            step: "read NBD_CMD_WRITE payload",
-                            source,
-                        })
-                    }
+                // out of the stream before replying.
+                if let Err(error) = drain_payload(&mut reader, request.length).await {
+                    break Err(error);
                 }
-                debug!(
-                    offset = request.offset,
-                    length = request.length,
-                    "NBD_CMD_WRITE on the read-only export"
-                );
-                let outcome = Outcome::error(NbdErrno::Perm, "the export is read-only");
+                let outcome = if context.writable {
+                    Outcome::error(
+                        NbdErrno::Inval,
+                        format!(
+                            "NBD_CMD_WRITE length {} exceeds the maximum block size {}",
+                            request.length, context.options.max_block
+                        ),
+                    )
+                } else {
+                    debug!(
+                        offset = request.offset,
+                        length = request.length,
+                        "NBD_CMD_WRITE on the read-only export"
+                    );
+                    Outcome::error(NbdErrno::Perm, "the export is read-only")
+                };
                 let permits = Permits {
                     _request: request_permit,
                     _bytes: None,
@@ -204,10 +206,10 @@ where
             _ => {}
         }
 
-        // Reads reserve their data size, so the data held in memory stays bounded.
-        let bytes_permit = if request.kind == command::NBD_CMD_READ
-            && request.length <= context.options.max_block
-        {
+        // Reads and writes reserve their data size, so the data held in
+        // memory stays bounded.
+        let carries_data = matches!(request.kind, command::NBD_CMD_READ | command::NBD_CMD_WRITE);
+        let bytes_permit = if carries_data && request.length <= context.options.max_block {
             let units = request.length.div_ceil(BUDGET_UNIT).max(1);
             match budget.clone().acquire_many_owned(units).await {
                 Ok(permit) => Some(permit),
@@ -221,10 +223,23 @@ where
             _bytes: bytes_permit,
         };
 
+        let payload = if request.kind == command::NBD_CMD_WRITE {
+            let mut payload = BytesMut::zeroed(request.length as usize);
+            if let Err(source) = reader.read_exact(&mut payload).await {
+                break Err(NbdError::Io {
+                    step: "read NBD_CMD_WRITE payload",
+                    source,
+                });
+            }
+            payload.freeze()
+        } else {
+            Bytes::new()
+        };
+
         let context = Arc::clone(&context);
         let replies = replies.clone();
         tasks.spawn(async move {
-            let command = AssertUnwindSafe(run_command(&context, request));
+            let command = AssertUnwindSafe(run_command(&context, request, payload));
             let outcome = match command.catch_unwind().await {
                 Ok(outcome) => outcome,
                 Err(_panic) => {
@@ -336,22 +351,40 @@ async fn write_one<W: AsyncWrite + Unpin>(
     Ok(())
 }
 
-/// Runs one command other than WRITE and DISC, which the reader handles itself.
-async fn run_command<D: BlockDevice>(context: &Context<D>, request: Request) -> Outcome {
+/// Runs one command other than DISC, which the reader handles itself;
+/// `payload` is the data of a WRITE and empty otherwise.
+async fn run_command<D: BlockDevice>(
+    context: &Context<D>,
+    request: Request,
+    payload: Bytes,
+) -> Outcome {
     // Writes of any shape get EPERM, as the specification requires of read-only exports.
-    if matches!(
+    let changes_data = matches!(
         request.kind,
-        command::NBD_CMD_TRIM | command::NBD_CMD_WRITE_ZEROES
-    ) {
+        command::NBD_CMD_WRITE | command::NBD_CMD_TRIM | command::NBD_CMD_WRITE_ZEROES
+    );
+    if changes_data && !context.writable {
         return Outcome::error(NbdErrno::Perm, "the export is read-only");
     }
     if let Err(outcome) = check_request(context, &request) {
         return outcome;
     }
 
+    let fua = request.flags & command_flags::NBD_CMD_FLAG_FUA != 0;
+    let (offset, length) = (request.offset, request.length);
     match request.kind {
         command::NBD_CMD_READ => read(context, request).await,
-        command::NBD_CMD_FLUSH => Outcome::Done,
+        command::NBD_CMD_WRITE => {
+            device_outcome(request, context.device.write(offset, payload, fua).await)
+        }
+        command::NBD_CMD_FLUSH => device_outcome(request, context.device.flush().await),
+        command::NBD_CMD_TRIM => {
+            device_outcome(request, context.device.trim(offset, length, fua).await)
+        }
+        command::NBD_CMD_WRITE_ZEROES => device_outcome(
+            request,
+            context.device.write_zeroes(offset, length, fua).await,
+        ),
         command::NBD_CMD_CACHE => {
             let prefetch = context.device.prefetch(request.offset, request.length);
             match prefetch.await {
@@ -385,6 +418,48 @@ async fn run_command<D: BlockDevice>(context: &Context<D>, request: Request) -> 
             )
         }
     }
+}
+
+/// Reads and discards a WRITE payload that will not be used.
+async fn drain_payload<R: AsyncRead + Unpin>(reader: &mut R, length: u32) -> Result<(), NbdError> {
+    let mut payload = reader.take(u64::from(length));
+    match tokio::io::copy(&mut payload, &mut tokio::io::sink()).await {
+        Ok(n) if n == u64::from(length) => Ok(()),
+        Ok(_) => Err(NbdError::Io {
+            step: "read NBD_CMD_WRITE payload",
+            source: std::io::ErrorKind::UnexpectedEof.into(),
+        }),
+        Err(source) => Err(NbdError::Io {
+            step: "read NBD_CMD_WRITE payload",
+            source,
+        }),
+    }
+}
+
+/// Turns the result of a write, flush, trim or zeroing into a reply; the
+/// error kind picks the NBD error number.
+fn device_outcome(request: Request, result: std::io::Result<()>) -> Outcome {
+    let Err(error) = result else {
+        return Outcome::Done;
+    };
+    let name = command::name(request.kind);
+    let errno = match error.kind() {
+        std::io::ErrorKind::ReadOnlyFilesystem | std::io::ErrorKind::PermissionDenied => {
+            NbdErrno::Perm
+        }
+        std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded => NbdErrno::NoSpc,
+        std::io::ErrorKind::InvalidInput => NbdErrno::Inval,
+        _ => NbdErrno::Io,
+    };
+    warn!(
+        command = name,
+        offset = request.offset,
+        length = request.length,
+        error = %error,
+        errno = errno.name(),
+        "device write operation failed"
+    );
+    Outcome::error(errno, format!("{name} failed: {error}"))
 }
 
 async fn read<D: BlockDevice>(context: &Context<D>, request: Request) -> Outcome {
@@ -426,12 +501,14 @@ fn check_request<D>(context: &Context<D>, request: &Request) -> Result<(), Outco
     let structured = context.negotiated.structured_replies;
     let name = command::name(request.kind);
 
-    // FUA is accepted on every command although it is not advertised,
-    // because clients are known to set it anyway; nothing here writes.
+    // FUA is accepted on every command, also on read-only exports that do
+    // not advertise it, because clients are known to set it anyway.
     let mut allowed = command_flags::NBD_CMD_FLAG_FUA;
     match request.kind {
         command::NBD_CMD_READ if structured => allowed |= command_flags::NBD_CMD_FLAG_DF,
         command::NBD_CMD_BLOCK_STATUS => allowed |= command_flags::NBD_CMD_FLAG_REQ_ONE,
+        // NO_HOLE asks for allocated zeros; zeroed blocks read the same either way.
+        command::NBD_CMD_WRITE_ZEROES => allowed |= command_flags::NBD_CMD_FLAG_NO_HOLE,
         _ => {}
     }
     if request.flags & !allowed != 0 {
@@ -448,7 +525,12 @@ fn check_request<D>(context: &Context<D>, request: &Request) -> Result<(), Outco
 
     let ranged = matches!(
         request.kind,
-        command::NBD_CMD_READ | command::NBD_CMD_CACHE | command::NBD_CMD_BLOCK_STATUS
+        command::NBD_CMD_READ
+            | command::NBD_CMD_CACHE
+            | command::NBD_CMD_BLOCK_STATUS
+            | command::NBD_CMD_WRITE
+            | command::NBD_CMD_TRIM
+            | command::NBD_CMD_WRITE_ZEROES
     );
     if !ranged {
         return Ok(());
@@ -456,8 +538,13 @@ fn check_request<D>(context: &Context<D>, request: &Request) -> Result<(), Outco
 
     let end = request.offset.checked_add(u64::from(request.length));
     if end.is_none_or(|end| end > context.size) {
+        // The specification asks for ENOSPC when a write runs past the end.
+        let errno = match request.kind {
+            command::NBD_CMD_WRITE | command::NBD_CMD_WRITE_ZEROES => NbdErrno::NoSpc,
+            _ => NbdErrno::Inval,
+        };
         return Err(Outcome::error(
-            NbdErrno::Inval,
+            errno,
             format!(
                 "{name} range {:#x}+{:#x} ends past the export size {:#x}",
                 request.offset, request.length, context.size
@@ -474,7 +561,10 @@ fn check_request<D>(context: &Context<D>, request: &Request) -> Result<(), Outco
             ),
         ));
     }
-    let sized = matches!(request.kind, command::NBD_CMD_READ | command::NBD_CMD_CACHE);
+    let sized = matches!(
+        request.kind,
+        command::NBD_CMD_READ | command::NBD_CMD_CACHE | command::NBD_CMD_WRITE
+    );
     if sized && request.length > context.options.max_block {
         return Err(Outcome::error(
             NbdErrno::Inval,

@@ -15,6 +15,7 @@ mod client;
 pub mod error;
 pub mod hosts;
 pub mod manifest;
+pub mod push;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -26,6 +27,7 @@ use futures::future::BoxFuture;
 pub use blob::RegistryBlob;
 pub use client::is_loopback_host;
 pub use error::RegistryError;
+pub use push::{open_repository, PushError, Repository};
 
 use crate::reference::{validate_digest, Reference};
 use crate::source::{BlobSource, ImageSource, LayerDescriptor, Platform, ResolvedImage};

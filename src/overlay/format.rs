@@ -1,0 +1,259 @@
+//! On-disk format of the overlay file: a 4 KiB header, the data area (block N at data offset + N * 4096) and an append-only map log of checksummed records.
+//!
+//! ```text
+//! 0                 header (HEADER_SIZE bytes, crc32c in its last 4 bytes)
+//! HEADER_SIZE       data area: one 4 KiB slot per device block, sparse
+//! HEADER_SIZE+size  map log: RECORD_SIZE-byte records up to the end of the file
+//! ```
+//!
+//! All integers are little-endian.
+
+use super::map::BlockState;
+
+/// Magic at the start of an overlay file.
+pub const MAGIC: [u8; 8] = *b"ESGZOVL1";
+/// Format version this code writes and reads.
+pub const VERSION: u32 = 1;
+/// Size of the header, also the offset of the data area.
+pub const HEADER_SIZE: u64 = 4096;
+/// Size of the overlay's blocks, the granularity of copy-on-write.
+pub const BLOCK_SIZE: u64 = 4096;
+/// Longest manifest digest the header stores.
+pub const MAX_MANIFEST_LEN: usize = 256;
+
+/// Size of one map log record.
+pub const RECORD_SIZE: usize = 32;
+/// `OVLR`: starts every map log record.
+const RECORD_MAGIC: u32 = 0x524c_564f;
+const STATE_DATA: u8 = 1;
+const STATE_ZERO: u8 = 2;
+
+/// The image an overlay belongs to, stored in its header.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Identity {
+    /// Manifest digest of the image (`sha256:...`).
+    pub manifest_digest: String,
+    /// Device size in bytes, a multiple of [`BLOCK_SIZE`].
+    pub device_size: u64,
+    /// Hash of the filesystem layout (geometry, features, options), so an
+    /// overlay made for another layout of the same image is rejected.
+    pub layout_digest: [u8; 32],
+}
+
+/// Why a header could not be decoded.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum HeaderError {
+    #[error("the file does not start with the overlay magic {:?}", String::from_utf8_lossy(&MAGIC))]
+    Magic,
+    #[error("the header checksum is {found:#010x} but the header bytes give {computed:#010x}")]
+    Checksum { found: u32, computed: u32 },
+    #[error("the header has format version {found}; this program reads version {VERSION}")]
+    Version { found: u32 },
+    #[error("the header has block size {found}; this program uses {BLOCK_SIZE}")]
+    BlockSize { found: u32 },
+    #[error("the header records device size {found}, which is not a multiple of {BLOCK_SIZE}")]
+    DeviceSize { found: u64 },
+    #[error(
+        "the header records a manifest digest of {found} bytes; at most {MAX_MANIFEST_LEN} fit"
+    )]
+    ManifestLength { found: usize },
+}
+
+fn u32_at(bytes: &[u8], at: usize) -> u32 {
+    let mut out = [0u8; 4];
+    out.copy_from_slice(&bytes[at..at + 4]);
+    u32::from_le_bytes(out)
+}
+
+fn u64_at(bytes: &[u8], at: usize) -> u64 {
+    let mut out = [0u8; 8];
+    out.copy_from_slice(&bytes[at..at + 8]);
+    u64::from_le_bytes(out)
+}
+
+/// Byte offset of the map log for a device of `device_size` bytes.
+pub fn log_offset(device_size: u64) -> u64 {
+    HEADER_SIZE + device_size
+}
+
+/// Encodes the header:
+/// magic (8), version (4), block size (4), device size (8), layout digest (32),
+/// manifest digest length (2) and bytes (up to 256), zero padding, crc32c of
+/// every preceding byte in the last 4 bytes.
+pub fn encode_header(identity: &Identity) -> Result<Vec<u8>, HeaderError> {
+    let manifest = identity.manifest_digest.as_bytes();
+    if manifest.len() > MAX_MANIFEST_LEN {
+        return Err(HeaderError::ManifestLength {
+            found: manifest.len(),
+        });
+    }
+    let mut out = vec![0u8; HEADER_SIZE as usize];
+    out[0..8].copy_from_slice(&MAGIC);
+    out[8..12].copy_from_slice(&VERSION.to_le_bytes());
+    out[12..16].copy_from_slice(&(BLOCK_SIZE as u32).to_le_bytes());
+    out[16..24].copy_from_slice(&identity.device_size.to_le_bytes());
+    out[24..56].copy_from_slice(&identity.layout_digest);
+    out[56..58].copy_from_slice(&(manifest.len() as u16).to_le_bytes());
+    out[58..58 + manifest.len()].copy_from_slice(manifest);
+    let end = out.len() - 4;
+    let crc = crc32c::crc32c(&out[..end]);
+    out[end..].copy_from_slice(&crc.to_le_bytes());
+    Ok(out)
+}
+
+/// Decodes and checks a header read from the start of an overlay file.
+pub fn decode_header(bytes: &[u8]) -> Result<Identity, HeaderError> {
+    if bytes.len() < HEADER_SIZE as usize || bytes[0..8] != MAGIC {
+        return Err(HeaderError::Magic);
+    }
+    let bytes = &bytes[..HEADER_SIZE as usize];
+    let end = bytes.len() - 4;
+    let found = u32_at(bytes, end);
+    let computed = crc32c::crc32c(&bytes[..end]);
+    if found != computed {
+        return Err(HeaderError::Checksum { found, computed });
+    }
+    let version = u32_at(bytes, 8);
+    if version != VERSION {
+        return Err(HeaderError::Version { found: version });
+    }
+    let block_size = u32_at(bytes, 12);
+    if u64::from(block_size) != BLOCK_SIZE {
+        return Err(HeaderError::BlockSize { found: block_size });
+    }
+    let device_size = u64_at(bytes, 16);
+    if device_size % BLOCK_SIZE != 0 {
+        return Err(HeaderError::DeviceSize { found: device_size });
+    }
+    let mut layout_digest = [0u8; 32];
+    layout_digest.copy_from_slice(&bytes[24..56]);
+    let manifest_len = usize::from(u16::from_le_bytes([bytes[56], bytes[57]]));
+    if manifest_len > MAX_MANIFEST_LEN {
+        return Err(HeaderError::ManifestLength {
+            found: manifest_len,
+        });
+    }
+    let manifest_digest = String::from_utf8_lossy(&bytes[58..58 + manifest_len]).into_owned();
+    Ok(Identity {
+        manifest_digest,
+        device_size,
+        layout_digest,
+    })
+}
+
+/// One map log entry: blocks `start..start + count` now have `state`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Record {
+    pub start: u64,
+    pub count: u64,
+    pub state: BlockState,
+}
+
+/// Encodes a record: magic (4), state (1), zero (3), start block (8), block
+/// count (8), zero (4), crc32c of the preceding 28 bytes (4).
+pub fn encode_record(record: &Record) -> [u8; RECORD_SIZE] {
+    let mut out = [0u8; RECORD_SIZE];
+    out[0..4].copy_from_slice(&RECORD_MAGIC.to_le_bytes());
+    out[4] = match record.state {
+        BlockState::Data => STATE_DATA,
+        BlockState::Zero => STATE_ZERO,
+    };
+    out[8..16].copy_from_slice(&record.start.to_le_bytes());
+    out[16..24].copy_from_slice(&record.count.to_le_bytes());
+    let crc = crc32c::crc32c(&out[..28]);
+    out[28..32].copy_from_slice(&crc.to_le_bytes());
+    out
+}
+
+/// Decodes a record; `None` for anything but a whole, intact record, which
+/// marks the end of the log (a write torn by a crash, or no record yet).
+pub fn decode_record(bytes: &[u8]) -> Option<Record> {
+    let bytes = bytes.get(..RECORD_SIZE)?;
+    if u32_at(bytes, 0) != RECORD_MAGIC || u32_at(bytes, 28) != crc32c::crc32c(&bytes[..28]) {
+        return None;
+    }
+    let state = match bytes[4] {
+        STATE_DATA => BlockState::Data,
+        STATE_ZERO => BlockState::Zero,
+        _ => return None,
+    };
+    Some(Record {
+        start: u64_at(bytes, 8),
+        count: u64_at(bytes, 16),
+        state,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn identity() -> Identity {
+        Identity {
+            manifest_digest: "sha256:0123".to_string(),
+            device_size: 1 << 30,
+            layout_digest: [7; 32],
+        }
+    }
+
+    #[test]
+    fn header_round_trips() {
+        let bytes = encode_header(&identity()).expect("encodes");
+        assert_eq!(bytes.len(), HEADER_SIZE as usize);
+        assert_eq!(decode_header(&bytes), Ok(identity()));
+    }
+
+    #[test]
+    fn header_damage_is_detected() {
+        let good = encode_header(&identity()).expect("encodes");
+        // (case, flipped byte, the damage is caught by the magic check)
+        let cases = [
+            ("magic", 0, true),
+            ("device_size", 17, false),
+            ("manifest", 60, false),
+            ("checksum", 4093, false),
+        ];
+        for (name, at, magic) in cases {
+            let mut bytes = good.clone();
+            bytes[at] ^= 0x40;
+            let error = decode_header(&bytes).expect_err(name);
+            if magic {
+                assert_eq!(error, HeaderError::Magic, "case {name}");
+            } else {
+                assert!(
+                    matches!(error, HeaderError::Checksum { .. }),
+                    "case {name}: {error}"
+                );
+            }
+        }
+        assert_eq!(decode_header(&good[..100]), Err(HeaderError::Magic));
+    }
+
+    #[test]
+    fn header_rejects_long_manifest() {
+        let mut long = identity();
+        long.manifest_digest = "x".repeat(MAX_MANIFEST_LEN + 1);
+        assert!(matches!(
+            encode_header(&long),
+            Err(HeaderError::ManifestLength { .. })
+        ));
+    }
+
+    #[test]
+    fn record_round_trips_and_rejects_damage() {
+        let record = Record {
+            start: 0x1234_5678,
+            count: 42,
+            state: BlockState::Zero,
+        };
+        let bytes = encode_record(&record);
+        assert_eq!(decode_record(&bytes), Some(record));
+        for at in [0, 4, 8, 16, 28] {
+            let mut damaged = bytes;
+            damaged[at] ^= 1;
+            assert_eq!(decode_record(&damaged), None, "flipped byte {at}");
+        }
+        assert_eq!(decode_record(&bytes[..31]), None);
+        assert_eq!(decode_record(&[0u8; RECORD_SIZE]), None);
+    }
+}

@@ -1,0 +1,255 @@
+//! Overlay behaviour against an in-memory model: reads, writes, trims, zeroing, flush, reopen and damaged files.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use bytes::Bytes;
+
+use super::*;
+use crate::device::BlockDevice;
+
+const BLOCKS: u64 = 64;
+const SIZE: u64 = BLOCKS * 4096;
+
+/// A read-only device whose byte i is `pattern(i)`.
+struct PatternDisk;
+
+fn pattern(index: u64) -> u8 {
+    (index % 251) as u8 ^ 0x5a
+}
+
+impl BlockDevice for PatternDisk {
+    fn size(&self) -> u64 {
+        SIZE
+    }
+
+    async fn read(&self, offset: u64, len: u32) -> std::io::Result<Bytes> {
+        Ok((offset..offset + u64::from(len)).map(pattern).collect())
+    }
+}
+
+fn identity(manifest: &str, device_size: u64) -> Identity {
+    Identity {
+        manifest_digest: manifest.to_string(),
+        device_size,
+        layout_digest: [3; 32],
+    }
+}
+
+fn open_disk(path: &Path) -> OverlayDisk<PatternDisk> {
+    let overlay = Overlay::open(path, &identity("sha256:aa", SIZE)).expect("overlay opens");
+    OverlayDisk::new(Arc::new(PatternDisk), overlay).expect("sizes match")
+}
+
+fn base_model() -> Vec<u8> {
+    (0..SIZE).map(pattern).collect()
+}
+
+async fn read_all(disk: &OverlayDisk<PatternDisk>) -> Vec<u8> {
+    disk.read(0, SIZE as u32).await.expect("read").to_vec()
+}
+
+/// A small deterministic generator, so failures reproduce.
+struct Lcg(u64);
+
+impl Lcg {
+    fn next(&mut self) -> u64 {
+        self.0 = self
+            .0
+            .wrapping_mul(6_364_136_223_846_793_005)
+            .wrapping_add(1_442_695_040_888_963_407);
+        self.0 >> 33
+    }
+
+    fn below(&mut self, limit: u64) -> u64 {
+        self.next() % limit
+    }
+}
+
+#[tokio::test]
+async fn reads_pass_through_without_writes() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let disk = open_disk(&dir.path().join("overlay"));
+    assert_eq!(read_all(&disk).await, base_model());
+    assert!(disk.is_writable());
+}
+
+#[tokio::test]
+async fn random_operations_match_model_and_survive_reopen() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("overlay");
+    let mut model = base_model();
+    let mut random = Lcg(7);
+    {
+        let disk = open_disk(&path);
+        for step in 0..300 {
+            let offset = random.below(SIZE - 1);
+            let len = (random.below(3 * 4096) + 1).min(SIZE - offset);
+            match random.below(4) {
+                0 | 1 => {
+                    let byte = (step % 255 + 1) as u8;
+                    let data = vec![byte; len as usize];
+                    disk.write(offset, Bytes::from(data), step % 17 == 0)
+                        .await
+                        .expect("write");
+                    model[offset as usize..(offset + len) as usize].fill(byte);
+                }
+                2 => {
+                    disk.write_zeroes(offset, len as u32, false)
+                        .await
+                        .expect("write zeroes");
+                    model[offset as usize..(offset + len) as usize].fill(0);
+                }
+                _ => {
+                    disk.trim(offset, len as u32, false).await.expect("trim");
+                    let first = offset.div_ceil(4096);
+                    let end = (offset + len) / 4096;
+                    if end > first {
+                        model[(first * 4096) as usize..(end * 4096) as usize].fill(0);
+                    }
+                }
+            }
+            if step % 50 == 0 {
+                let at = random.below(SIZE - 8192);
+                let got = disk.read(at, 8192).await.expect("read");
+                assert_eq!(
+                    &got[..],
+                    &model[at as usize..at as usize + 8192],
+                    "step {step}"
+                );
+            }
+        }
+        assert_eq!(read_all(&disk).await, model);
+        disk.flush().await.expect("flush");
+    }
+    let disk = open_disk(&path);
+    assert_eq!(read_all(&disk).await, model, "after reopen");
+}
+
+#[tokio::test]
+async fn unflushed_first_writes_read_from_image_after_reopen() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("overlay");
+    {
+        let disk = open_disk(&path);
+        disk.write(0, Bytes::from(vec![1u8; 4096]), false)
+            .await
+            .expect("write");
+        disk.flush().await.expect("flush");
+        disk.write(8192, Bytes::from(vec![2u8; 4096]), false)
+            .await
+            .expect("write");
+    }
+    let disk = open_disk(&path);
+    let data = read_all(&disk).await;
+    assert_eq!(&data[..4096], &[1u8; 4096][..], "flushed block");
+    assert_eq!(
+        &data[8192..12288],
+        &base_model()[8192..12288],
+        "unflushed block"
+    );
+}
+
+#[tokio::test]
+async fn torn_log_tail_is_dropped() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("overlay");
+    {
+        let disk = open_disk(&path);
+        disk.write(4096, Bytes::from(vec![9u8; 4096]), true)
+            .await
+            .expect("write");
+    }
+    let intact_len = std::fs::metadata(&path).expect("metadata").len();
+    {
+        use std::io::Write;
+        let mut file = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .expect("open for append");
+        file.write_all(&[0xab; 20]).expect("append garbage");
+    }
+    let disk = open_disk(&path);
+    assert_eq!(&read_all(&disk).await[4096..8192], &[9u8; 4096][..]);
+    drop(disk);
+    assert_eq!(
+        std::fs::metadata(&path).expect("metadata").len(),
+        intact_len
+    );
+}
+
+#[test]
+fn new_overlay_file_has_mode_0600() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("sub/overlay");
+    let _overlay = Overlay::open(&path, &identity("sha256:aa", SIZE)).expect("opens");
+    let mode = |path: &Path| {
+        std::fs::metadata(path)
+            .expect("metadata")
+            .permissions()
+            .mode()
+            & 0o777
+    };
+    assert_eq!(mode(&path), 0o600);
+    assert_eq!(mode(&dir.path().join("sub")), 0o700);
+}
+
+#[test]
+fn temporary_overlay_is_removed_on_drop() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let overlay = Overlay::temporary(dir.path(), &identity("sha256:aa", SIZE)).expect("creates");
+    let path = overlay.path().to_path_buf();
+    assert!(path.exists());
+    drop(overlay);
+    assert!(!path.exists());
+    assert_eq!(std::fs::read_dir(dir.path()).expect("read dir").count(), 0);
+}
+
+#[test]
+fn mismatched_overlay_is_rejected() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("overlay");
+    drop(Overlay::open(&path, &identity("sha256:aa", SIZE)).expect("creates"));
+    let mut other_layout = identity("sha256:aa", SIZE);
+    other_layout.layout_digest = [4; 32];
+    let cases = [
+        ("other_image", identity("sha256:bb", SIZE), "another image"),
+        (
+            "other_size",
+            identity("sha256:aa", SIZE * 2),
+            "another disk size",
+        ),
+        ("other_layout", other_layout, "another filesystem layout"),
+    ];
+    for (name, expected, reason) in cases {
+        match Overlay::open(&path, &expected) {
+            Err(error @ OverlayError::IdentityMismatch { .. }) => {
+                assert!(error.to_string().contains(reason), "case {name}: {error}")
+            }
+            other => panic!("case {name}: expected a mismatch, got {other:?}"),
+        }
+    }
+}
+
+#[test]
+fn overlay_in_use_is_rejected() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("overlay");
+    let _first = Overlay::open(&path, &identity("sha256:aa", SIZE)).expect("creates");
+    assert!(matches!(
+        Overlay::open(&path, &identity("sha256:aa", SIZE)),
+        Err(OverlayError::InUse { .. })
+    ));
+}
+
+#[test]
+fn file_that_is_not_an_overlay_is_rejected() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("overlay");
+    std::fs::write(&path, b"not an overlay").expect("write");
+    assert!(matches!(
+        Overlay::open(&path, &identity("sha256:aa", SIZE)),
+        Err(OverlayError::Header { .. })
+    ));
+}
