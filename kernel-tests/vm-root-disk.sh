@@ -25,7 +25,7 @@
 #                     else /work/shared]
 #   ESGZ_NBD_BIN      binary to test [target/release/esgz-nbd, built if missing
 #                     or older than the sources]
-#   VM_TIMEOUT        seconds before each VM is killed [600]
+#   VM_TIMEOUT        seconds before each VM is killed [300]
 #   VM_CPUS, VM_MEM   guest CPUs [2] and memory in MiB [1024]
 #   VM_FREE_SPACE     free space of both root filesystems in MiB: `serve
 #                     --size` and the room mke2fs gets beyond the tree [256]
@@ -33,7 +33,7 @@
 set -euo pipefail
 
 root=$(cd "$(dirname "$0")/.." && pwd)
-timeout_secs=${VM_TIMEOUT:-600}
+timeout_secs=${VM_TIMEOUT:-300}
 cpus=${VM_CPUS:-2}
 mem=${VM_MEM:-1024}
 free_mib=${VM_FREE_SPACE:-256}
@@ -99,15 +99,8 @@ if [[ -z "${ESGZ_NBD_BIN:-}" ]]; then
     fi
 fi
 [[ -x "$bin" ]] || die "binary $bin not found"
-# TEMPORARY(dev): VMROOT_DEV_READONLY=1 runs against a read-only export.
-serve_write_args=(--writable --overlay "$scratch/overlay" --size "${free_mib}M")
-drive_suffix= root_mode=rw
-if [[ -n "${VMROOT_DEV_READONLY:-}" ]]; then
-    serve_write_args=() drive_suffix=,readonly=on root_mode=ro
-else
 "$bin" serve --help | grep -q -- '--writable' \
     || die "$bin has no 'serve --writable'; the root disk needs a writable export"
-fi
 
 # --- kernel and initramfs -----------------------------------------------------
 vm_fetch_kernel "$root/target/kernel-tests"
@@ -126,19 +119,16 @@ echo "VMROOT initramfs"
 while read -r module; do
     insmod "/modules/$module.ko" || echo "VMROOT insmod $module failed"
 done < /modules/order
-token= mode=rw
+token=
 for word in $(cat /proc/cmdline); do
-    case $word in
-    vmroot_token=*) token=${word#vmroot_token=} ;;
-    vmroot_mode=*) mode=${word#vmroot_mode=} ;;
-    esac
+    case $word in vmroot_token=*) token=${word#vmroot_token=} ;; esac
 done
 i=0
 while [ ! -b /dev/vda ] && [ $i -lt 100 ]; do
     sleep 0.1
     i=$((i + 1))
 done
-if mount -t ext4 -o "$mode" /dev/vda /newroot; then
+if mount -t ext4 -o rw /dev/vda /newroot; then
     echo "VMROOT mounted"
     mount -t proc proc /newroot/proc
     mount -o bind /dev /newroot/dev
@@ -200,7 +190,7 @@ boot_vm() {
     timeout --kill-after=10 "$timeout_secs" qemu-system-x86_64 \
         -accel tcg -cpu max -smp "$cpus" -m "$mem" \
         -kernel "$vmlinuz" -initrd "$scratch/initramfs.gz" \
-        -append "console=ttyS0 panic=-1 quiet loglevel=4 vmroot_token=$token vmroot_mode=$root_mode" \
+        -append "console=ttyS0 panic=-1 quiet loglevel=4 vmroot_token=$token" \
         -drive "$drive" \
         -nic none -nographic -no-reboot -serial stdio -monitor none \
         < /dev/null > "$scratch/$name.fifo" 2>&1 &
@@ -266,7 +256,7 @@ start_server() { # start_server NAME: serves the image on $scratch/nbd.sock
     rm -f "$scratch/nbd.sock"
     "$bin" -q serve "oci:$image_dir:latest" --socket "$scratch/nbd.sock" \
         --cache-dir "$scratch/cache-$1" --stats-file "$scratch/$1-stats.json" \
-        "${serve_write_args[@]}" \
+        --writable --overlay "$scratch/overlay" --size "${free_mib}M" \
         > /dev/null 2> "$scratch/$1-server.log" &
     server_pid=$!
     wait_for_socket "$scratch/nbd.sock" "$server_pid"
@@ -291,7 +281,7 @@ serve_started=$(now_us)
 if start_server lazy; then
     serve_ready_us=$(($(now_us) - serve_started))
     pass "lazy: server ready in $(seconds "$serve_ready_us") s"
-    boot_vm lazy "file=nbd:unix:$scratch/nbd.sock,format=raw,if=virtio$drive_suffix" "$lazy_token" \
+    boot_vm lazy "file=nbd:unix:$scratch/nbd.sock,format=raw,if=virtio" "$lazy_token" \
         "sleep 1.5; cp '$scratch/lazy-stats.json' '$scratch/lazy-stats-at-done.json'"
     stop_server
     check_guest lazy "$lazy_token"
@@ -311,7 +301,7 @@ lazy_bytes=$((startup_bytes + store_bytes))
 final_bytes=$(($(stat_field "$scratch/lazy-stats.json" .startup.bytes_fetched) \
     + $(stat_field "$scratch/lazy-stats.json" .store.bytes_fetched)))
 if [[ $lazy_bytes -gt 0 && $lazy_bytes -lt $blob_size ]]; then
-    pass "lazy: fetched $lazy_bytes of $blob_size blob bytes to the shell"
+    pass "lazy: fetched $lazy_bytes of $blob_size blob bytes to boot, run dpkg and write"
 else
     fail "lazy: fetched $lazy_bytes bytes, expected more than 0 and less than the blob's $blob_size"
 fi
@@ -400,7 +390,7 @@ phases() {
 }
 echo "lazy (esgz-nbd serve --writable): server ready $(seconds "$serve_ready_us") s," \
     "shell $(show "$lazy_shell_us") s, done $(show "$lazy_done_us") s after QEMU start: $(phases lazy)"
-echo "lazy bytes fetched to the shell: $lazy_bytes (startup $startup_bytes, chunks $store_bytes)" \
+echo "lazy bytes fetched to boot, run dpkg and write: $lazy_bytes (startup $startup_bytes, chunks $store_bytes)" \
     "of a $blob_size byte blob ($((lazy_bytes * 1000 / blob_size / 10)).$((lazy_bytes * 1000 / blob_size % 10))%);" \
     "$final_bytes at server exit"
 echo "full pull (tar -xzf, mke2fs -d): unpack $(seconds "$unpack_us") s, mke2fs $(seconds "$mkfs_us") s," \

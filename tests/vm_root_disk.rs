@@ -54,7 +54,10 @@ fn vm_boots_from_export() {
             output.status
         );
     };
-    assert!(passed > 0, "no VM root disk check passed; log tail:\n{tail}");
+    assert!(
+        passed > 0,
+        "no VM root disk check passed; log tail:\n{tail}"
+    );
     assert_eq!(
         failed, 0,
         "{failed} VM root disk checks failed; log tail:\n{tail}"
