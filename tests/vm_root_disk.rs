@@ -3,9 +3,9 @@
 //! image and from a `mke2fs -d` disk file, then asserts its `N passed,
 //! M failed` line.
 //!
-//! The run takes a few minutes (QEMU without KVM) and needs
-//! qemu-system-x86_64, busybox, cpio, e2fsprogs, jq, nbdfuse and apt-get; a
-//! missing tool fails the test with its name.
+//! The run takes about a minute on two cores (QEMU without KVM). It needs
+//! qemu-system-x86_64, busybox, cpio, e2fsprogs, jq, nbdfuse and apt-get, and
+//! a missing tool fails the test with its name.
 
 use std::path::Path;
 use std::process::Command;

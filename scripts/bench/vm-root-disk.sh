@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Benchmarks booting a VM from the Debian image: runs
-# kernel-tests/vm-root-disk.sh RUNS times with the release binary and prints
-# the machine, the date, each run's numbers and the median time to the shell
+# Benchmarks booting a VM from the Debian image by running
+# kernel-tests/vm-root-disk.sh RUNS times with the release binary. Prints the
+# machine, the date and each run's numbers, then the median time to the shell
 # of the lazy path (esgz-nbd serve --writable) and of the full pull path
 # (tar -xzf, mke2fs -d).
 #
