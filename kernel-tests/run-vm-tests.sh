@@ -30,71 +30,16 @@ started=$(date +%s)
 log() { printf '[run-vm-tests] %s\n' "$*" >&2; }
 die() { log "error: $*"; exit 2; }
 
-find_shared() {
-    local candidate
-    for candidate in "${ESGZ_SHARED:-}" "$root/../shared" /work/shared; do
-        if [[ -n "$candidate" && -d "$candidate/fixtures" ]]; then
-            (cd "$candidate" && pwd)
-            return
-        fi
-    done
-    die "no shared fixture directory found (set ESGZ_SHARED)"
-}
+source "$root/kernel-tests/lib.sh"
 
-for tool in qemu-system-x86_64 busybox cpio mke2fs apt-get dpkg-deb ldd; do
-    command -v "$tool" >/dev/null || die "$tool is missing (install qemu-system-x86 busybox-static cpio e2fsprogs)"
-done
-shared=$(find_shared)
+vm_require_tools qemu-system-x86_64 busybox cpio mke2fs apt-get dpkg-deb ldd
+shared=$(vm_find_shared "$root")
 mkdir -p "$work"
 
 # --- kernel ---------------------------------------------------------------
-kernel_dir="$work/kernel"
-if [[ ! -e "$kernel_dir/.unpacked" ]]; then
-    package=$(apt-cache depends linux-image-amd64 | awk '/Depends: linux-image-[0-9]/ {print $2; exit}')
-    [[ -n "$package" ]] || die "cannot resolve the kernel package behind linux-image-amd64 (run apt-get update)"
-    log "downloading $package"
-    rm -rf "$kernel_dir" "$work/deb"
-    mkdir -p "$work/deb" "$kernel_dir"
-    (cd "$work/deb" && apt-get download "$package" >&2)
-    dpkg-deb -x "$work"/deb/*.deb "$kernel_dir"
-    touch "$kernel_dir/.unpacked"
-fi
-vmlinuz=$(ls "$kernel_dir"/boot/vmlinuz-* | head -n1)
-kver=${vmlinuz##*/vmlinuz-}
-moddir="$kernel_dir/lib/modules/$kver"
-log "kernel $kver"
-
-# Module dependencies come from each module's own `depends=` modinfo field,
-# because the package ships no modules.dep (depmod runs at install time).
-declare -A module_path=()
-while IFS= read -r path; do
-    name=${path##*/}
-    name=${name%.ko}
-    module_path[${name//-/_}]=$path
-done < <(find "$moddir/kernel" -name '*.ko')
-
-declare -a module_order=()
-declare -A module_seen=()
-add_module() {
-    local name=${1//-/_} deps dep
-    [[ -n "${module_seen[$name]:-}" ]] && return
-    module_seen[$name]=1
-    local path=${module_path[$name]:-}
-    if [[ -z "$path" ]]; then
-        grep -q "/$name.ko" "$moddir/modules.builtin" 2>/dev/null && return
-        die "kernel module $name not found"
-    fi
-    deps=$(grep -a -o 'depends=[^[:cntrl:]]*' "$path" | head -n1 | cut -d= -f2)
-    for dep in ${deps//,/ }; do
-        add_module "$dep"
-    done
-    module_order+=("$name")
-}
+vm_fetch_kernel "$work"
 # ext4 finds crc32c through the crypto API at mount time, not through depends=.
-for module in virtio_pci virtio_blk crc32c_generic ext4 nbd; do
-    add_module "$module"
-done
-log "modules: ${module_order[*]}"
+vm_resolve_modules virtio_pci virtio_blk crc32c_generic ext4 nbd
 
 # --- binary ---------------------------------------------------------------
 bin=${ESGZ_NBD_BIN:-$root/target/release/esgz-nbd}
@@ -109,19 +54,12 @@ fi
 
 # --- initramfs ------------------------------------------------------------
 initramfs_dir="$work/initramfs"
-rm -rf "$initramfs_dir"
-mkdir -p "$initramfs_dir"/{bin,sbin,dev,proc,sys,run,tmp,mnt,data,modules,etc}
-cp "$(command -v busybox)" "$initramfs_dir/bin/busybox"
+vm_initramfs_base "$initramfs_dir"
 cp "$bin" "$initramfs_dir/bin/esgz-nbd"
 while read -r lib; do
     mkdir -p "$initramfs_dir$(dirname "$lib")"
     cp -L "$lib" "$initramfs_dir$lib"
 done < <(ldd "$bin" | grep -o '/[^ ]*' | sort -u)
-: > "$initramfs_dir/modules/order"
-for name in "${module_order[@]}"; do
-    cp "${module_path[$name]}" "$initramfs_dir/modules/$name.ko"
-    echo "$name" >> "$initramfs_dir/modules/order"
-done
 cp "$root/kernel-tests/vm-tests.sh" "$initramfs_dir/vm-tests.sh"
 cat > "$initramfs_dir/init" <<'EOF'
 #!/bin/busybox sh
@@ -140,7 +78,7 @@ sync
 poweroff -f
 EOF
 chmod +x "$initramfs_dir/init" "$initramfs_dir/vm-tests.sh"
-(cd "$initramfs_dir" && find . | cpio -o -H newc --quiet | gzip -1) > "$work/initramfs.gz"
+vm_pack_initramfs "$initramfs_dir" "$work/initramfs.gz"
 
 # --- data disk --------------------------------------------------------------
 # OCI layouts and expected manifests; the guest mounts it read-write for the
