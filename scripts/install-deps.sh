@@ -21,7 +21,9 @@ packages=(
   # Filesystem oracles: e2fsck, debugfs, mke2fs, fuse2fs, EROFS tools, xattrs.
   e2fsprogs fuse2fs erofs-utils attr
   # Real root filesystems, initramfs parts for VM tests, benchmarks.
-  debootstrap busybox-static cpio hyperfine python3 pigz
+  debootstrap busybox-static cpio hyperfine python3 pigz fio
+  # Fault and security tests: GNU time, a TLS server, network namespaces.
+  time openssl iproute2
   # The reference eStargz checker (estargz-ref) builds from these.
   golang-go golang-github-containerd-stargz-snapshotter-dev
 )
