@@ -172,11 +172,12 @@ export ESGZ_NBD_CACHE_DIR=/data/cache
 overlay=/data/overlays/basic.ovl
 written=/mnt/image/written
 
-# attach_writable LABEL [attach options...]: attach basic writable; sets device, index, pid.
+# attach_writable LABEL [DEVICE] [attach options...]: attach basic writable;
+# sets device, index, pid.
 attach_writable() {
     label=$1
     shift
-    device=$(esgz-nbd -q attach --writable --size 256M "$@" "oci:$basic/oci")
+    device=$(esgz-nbd -q attach --writable --size 256M "oci:$basic/oci" "$@")
     status=$?
     check "$label: attach --writable (status $status, device '$device')" test $status -eq 0 -a -b "$device"
     index=${device#/dev/nbd}
@@ -227,7 +228,7 @@ check_released "$index" "$pid" "writable again"
 
 # --- writable: SIGKILL the server after a sync, then --reattach --------------------
 overlay=/data/overlays/reattach.ovl
-attach_writable "writable reattach" --timeout 5 --overlay "$overlay" /dev/nbd6
+attach_writable "writable reattach" /dev/nbd6 --timeout 5 --overlay "$overlay"
 old_pid=$pid
 mount_rw "writable reattach"
 mkdir -p "$written"
