@@ -1,8 +1,9 @@
 #!/bin/sh
 # Runs inside the test VM (busybox sh, as root): attaches each image to a
 # kernel NBD device, mounts it, compares the tree with its expected manifest,
-# kills and reattaches a server during reads, and checks that detach leaves
-# nothing behind. Ends with the line "N passed, M failed".
+# and kills and reattaches a server during reads. It then writes through a
+# writable overlay, also across a killed and reattached server. Each part
+# checks that detach leaves nothing behind. Ends with the line "N passed, M failed".
 
 pass=0
 fail=0
@@ -165,6 +166,125 @@ check "reattach: no I/O errors in the kernel log" test -z "$(dmesg | grep -i 'I/
 umount /mnt/image
 check "reattach: detach" esgz-nbd -q detach /dev/nbd3
 check_released 3 "$new_pid" "reattach"
+
+# --- writable: the overlay keeps writes across detach and attach -----------------
+export ESGZ_NBD_CACHE_DIR=/data/cache
+overlay=/data/overlays/basic.ovl
+written=/mnt/image/written
+
+# attach_writable LABEL [DEVICE] [attach options...]: attach basic writable;
+# sets device, index, pid.
+attach_writable() {
+    label=$1
+    shift
+    device=$(esgz-nbd -q attach --writable --size 256M "oci:$basic/oci" "$@")
+    status=$?
+    check "$label: attach --writable (status $status, device '$device')" test $status -eq 0 -a -b "$device"
+    index=${device#/dev/nbd}
+    pid=$(state_field "$index" pid)
+}
+
+# mount_rw LABEL: mounts $device read-write and checks that ext4 loaded its journal.
+mount_rw() {
+    mount -t ext4 -o rw "$device" /mnt/image
+    check "$1: mount -o rw" test $? -eq 0
+    grep -q "^$device /mnt/image ext4 rw[,]" /proc/mounts
+    check "$1: mounted read-write" test $? -eq 0
+    dmesg | grep "nbd$index" | tail -n1 | grep -Eq '(ordered|journalled|writeback) data mode'
+    check "$1: ext4 loaded the journal ($(dmesg | grep "nbd$index" | tail -n1))" test $? -eq 0
+}
+
+rm -rf /data/overlays
+attach_writable "writable" --overlay "$overlay"
+check "writable: /dev/nbd$index is not read-only" test "$(cat "/sys/block/nbd$index/ro")" = 0
+grep -q '"mode": "rw"' "/run/esgz-nbd/nbd$index.json"
+check "writable: state file records mode rw" test $? -eq 0
+grep -q "\"overlay\": \"$overlay\"" "/run/esgz-nbd/nbd$index.json"
+check "writable: state file records the overlay path" test $? -eq 0
+esgz-nbd list | sed "s/^/  list: /"
+esgz-nbd list | grep -Eq "^$device +running +rw "
+check "writable: list shows mode rw" test $? -eq 0
+check "writable: overlay mode 0600" test "$(stat -c %a "$overlay")" = 600
+mount_rw "writable"
+mkdir -p "$written"
+dd if=/dev/urandom of="$written/random.bin" bs=64k count=64 2>/dev/null
+echo "hello from the writable attach" > "$written/hello.txt"
+cp "$(find /mnt/image -type f ! -path "$written/*" | head -n1)" "$written/copy.txt"
+sha256sum "$written"/* > /tmp/written.sums
+sync
+check "writable: the image tree is intact after writes" \
+    esgz-nbd -q tree-manifest /mnt/image --check "$basic/expected.manifest" --ignore /lost+found --ignore /written
+umount /mnt/image
+check "writable: detach" esgz-nbd -q detach "$device"
+check_released "$index" "$pid" "writable"
+check "writable: the overlay stays after detach" test -s "$overlay"
+
+attach_writable "writable again" --overlay "$overlay"
+mount_rw "writable again"
+check "writable again: files written before detach are there, content equal" sha256sum -c -s /tmp/written.sums
+umount /mnt/image
+check "writable again: detach" esgz-nbd -q detach "$device"
+check_released "$index" "$pid" "writable again"
+
+# --- writable: SIGKILL the server after a sync, then --reattach --------------------
+overlay=/data/overlays/reattach.ovl
+attach_writable "writable reattach" /dev/nbd6 --timeout 5 --overlay "$overlay"
+old_pid=$pid
+mount_rw "writable reattach"
+mkdir -p "$written"
+dd if=/dev/urandom of="$written/before-kill.bin" bs=64k count=32 2>/dev/null
+echo "synced before the kill" > "$written/before-kill.txt"
+sha256sum "$written"/* > /tmp/before-kill.sums
+sync
+kill -9 "$old_pid"
+echo "killed writable server $old_pid after the sync"
+sleep 1
+if esgz-nbd -q attach --reattach /dev/nbd6 --writable --overlay /data/overlays/other.ovl "oci:$basic/oci" 2>/tmp/other.err; then
+    bad "writable reattach: another overlay is rejected"
+else
+    cat /tmp/other.err
+    grep -q "overlay" /tmp/other.err
+    check "writable reattach: another overlay is rejected" test $? -eq 0
+fi
+device=$(esgz-nbd -q attach --timeout 5 --reattach /dev/nbd6 "oci:$basic/oci")
+status=$?
+check "writable reattach: attach --reattach succeeds (status $status)" test $status -eq 0 -a "$device" = /dev/nbd6
+new_pid=$(state_field 6 pid)
+check "writable reattach: a new server runs ($old_pid -> $new_pid)" alive "$new_pid"
+grep -q '"mode": "rw"' /run/esgz-nbd/nbd6.json && grep -q "\"overlay\": \"$overlay\"" /run/esgz-nbd/nbd6.json
+check "writable reattach: the state keeps mode rw and the overlay" test $? -eq 0
+echo 3 > /proc/sys/vm/drop_caches
+check "writable reattach: files synced before the kill are there" sha256sum -c -s /tmp/before-kill.sums
+dd if=/dev/urandom of="$written/after-reattach.bin" bs=64k count=16 2>/dev/null
+sha256sum "$written"/* > /tmp/after-reattach.sums
+sync
+echo 3 > /proc/sys/vm/drop_caches
+check "writable reattach: the mount keeps working (write, sync, read back)" sha256sum -c -s /tmp/after-reattach.sums
+check "writable reattach: no I/O errors in the kernel log" test -z "$(dmesg | grep -i 'I/O error')"
+umount /mnt/image
+check "writable reattach: detach" esgz-nbd -q detach /dev/nbd6
+check_released 6 "$new_pid" "writable reattach"
+attach_writable "writable after reattach" --overlay "$overlay"
+mount_rw "writable after reattach"
+check "writable after reattach: every synced file is in the overlay" sha256sum -c -s /tmp/after-reattach.sums
+umount /mnt/image
+check "writable after reattach: detach" esgz-nbd -q detach "$device"
+check_released "$index" "$pid" "writable after reattach"
+
+# --- writable with a temporary overlay ----------------------------------------------
+attach_writable "temporary overlay"
+temporary=$(sed -n 's/^ *"overlay": "\(.*\)",*$/\1/p' "/run/esgz-nbd/nbd$index.json")
+check "temporary overlay: state file records it ($temporary)" test -f "$temporary"
+grep -q '"overlay_temporary": true' "/run/esgz-nbd/nbd$index.json"
+check "temporary overlay: state file marks it temporary" test $? -eq 0
+mount_rw "temporary overlay"
+echo "scratch" > /mnt/image/scratch.txt
+sync
+umount /mnt/image
+check "temporary overlay: detach" esgz-nbd -q detach "$device"
+check_released "$index" "$pid" "temporary overlay"
+check "temporary overlay: removed at detach" test ! -e "$temporary" -a ! -e "$(dirname "$temporary")"
+check "no state left after the writable tests" test -z "$(ls /run/esgz-nbd/ 2>/dev/null | grep '\.json$')"
 
 echo "--- kernel messages about nbd ---"
 dmesg | grep -i nbd | tail -n 20

@@ -208,6 +208,23 @@ pub struct AttachArgs {
     /// Log file of a background server, renamed after the device (internal).
     #[arg(long, hide = true)]
     pub log_file: Option<PathBuf>,
+
+    /// Accept writes. They go to a copy-on-write overlay file, never to the
+    /// chunk cache; the filesystem gets a journal and room for new files.
+    /// With --reattach, the recorded mode is used and this may be omitted.
+    #[arg(long)]
+    pub writable: bool,
+
+    /// Free space added to the filesystem for new data, in bytes or with a
+    /// K, M, G or T suffix (powers of 1024) [default: 1G].
+    #[arg(long, value_name = "SIZE", requires = "writable", value_parser = parse_size)]
+    pub size: Option<u64>,
+
+    /// Overlay file that keeps the writes across detach and attach; a later
+    /// attach of the same image with the same --size sees them [default: a
+    /// temporary file, removed at detach].
+    #[arg(long, value_name = "PATH", requires = "writable")]
+    pub overlay: Option<PathBuf>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]

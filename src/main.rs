@@ -12,6 +12,7 @@ use clap::{ArgMatches, CommandFactory, FromArgMatches};
 use tracing::{info, warn};
 use tracing_subscriber::EnvFilter;
 
+use esgz_nbd::attach::disk::WritableSettings;
 use esgz_nbd::attach::{self, state::RuntimeDir, AttachSettings, InterfaceChoice};
 use esgz_nbd::cli::{
     AttachArgs, BuildArgs, CacheArgs, CacheCommand, Cli, Command, ConvertArgs, DetachArgs,
@@ -613,6 +614,11 @@ async fn attach_command(args: AttachArgs, settings: &Settings) -> anyhow::Result
     let settings = AttachSettings {
         open: open_options(&args.image, settings)?,
         image: args.image.image.clone(),
+        writable: args.writable.then(|| WritableSettings {
+            size: args.size,
+            overlay: args.overlay.clone(),
+            overlay_temporary: false,
+        }),
         device,
         reattach,
         connections,

@@ -11,6 +11,7 @@
 //! see a delay rather than an error.
 
 pub mod daemon;
+pub mod disk;
 pub mod ioctl;
 pub mod manifest;
 pub mod netlink;
@@ -39,6 +40,25 @@ pub const READ_ONLY_FLAGS: u64 = (tf::NBD_FLAG_HAS_FLAGS
     | tf::NBD_FLAG_READ_ONLY
     | tf::NBD_FLAG_SEND_FLUSH
     | tf::NBD_FLAG_CAN_MULTI_CONN) as u64;
+
+/// Transmission flags announced to the kernel for a writable image: no
+/// `READ_ONLY`, and FUA, TRIM and WRITE_ZEROES as the server's overlay
+/// supports them. Kernels without WRITE_ZEROES support ignore that flag.
+pub const WRITABLE_FLAGS: u64 = (tf::NBD_FLAG_HAS_FLAGS
+    | tf::NBD_FLAG_SEND_FLUSH
+    | tf::NBD_FLAG_SEND_FUA
+    | tf::NBD_FLAG_SEND_TRIM
+    | tf::NBD_FLAG_SEND_WRITE_ZEROES
+    | tf::NBD_FLAG_CAN_MULTI_CONN) as u64;
+
+/// Returns the transmission flags announced to the kernel.
+pub fn server_flags(writable: bool) -> u64 {
+    if writable {
+        WRITABLE_FLAGS
+    } else {
+        READ_ONLY_FLAGS
+    }
+}
 
 /// Which kernel interface `attach` uses.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -140,6 +160,17 @@ pub enum AttachError {
         device: String,
         pid: u32,
         waited: Duration,
+    },
+
+    #[error("failed to open the writable overlay: {message}")]
+    OpenOverlay { message: String },
+
+    #[error("{device} was attached {attached}, but this --reattach asks for {requested}; {hint}")]
+    ReattachMismatch {
+        device: String,
+        attached: String,
+        requested: String,
+        hint: &'static str,
     },
 
     #[error("the background server failed: {message}")]
@@ -292,6 +323,17 @@ pub fn detach(
             path: runtime.state_path(index),
             source,
         })?;
+    // The server removes its temporary overlay when it exits normally; this
+    // covers a server that was killed and never reattached.
+    if let Some(overlay) = state
+        .as_ref()
+        .filter(|state| state.overlay_temporary)
+        .and_then(|state| state.overlay.as_deref())
+    {
+        if let Err(error) = disk::remove_temporary_overlay(overlay) {
+            warn!(overlay = %overlay.display(), %error, "failed to remove the temporary overlay");
+        }
+    }
     if !wait_for(wait, || {
         device_size(index).map(|size| size == 0).unwrap_or(true)
     }) {
@@ -396,6 +438,15 @@ mod tests {
     fn read_only_flags_value() {
         // HAS_FLAGS | READ_ONLY | SEND_FLUSH | CAN_MULTI_CONN
         assert_eq!(READ_ONLY_FLAGS, 0x1 | 0x2 | 0x4 | 0x100);
+    }
+
+    #[test]
+    fn writable_flags_value() {
+        // HAS_FLAGS | SEND_FLUSH | SEND_FUA | SEND_TRIM | SEND_WRITE_ZEROES | CAN_MULTI_CONN
+        assert_eq!(WRITABLE_FLAGS, 0x1 | 0x4 | 0x8 | 0x20 | 0x40 | 0x100);
+        assert_eq!(WRITABLE_FLAGS & tf::NBD_FLAG_READ_ONLY as u64, 0);
+        assert_eq!(server_flags(true), WRITABLE_FLAGS);
+        assert_eq!(server_flags(false), READ_ONLY_FLAGS);
     }
 
     #[test]

@@ -14,14 +14,15 @@ use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
 use super::daemon::{Readiness, ReadyPipe};
+use super::disk::{backend_identifier, remove_temporary_overlay, AttachDisk, WritableSettings};
 use super::ioctl::{self, IoctlConfig};
 use super::netlink::{ConnectRequest, NbdNetlink};
 use super::state::{DeviceState, Interface, RuntimeDir};
 use super::{
-    device_path, device_size, open_netlink, process_alive, require_root, AttachError,
-    InterfaceChoice, BLOCK_SIZE, READ_ONLY_FLAGS,
+    device_path, device_size, open_netlink, process_alive, require_root, server_flags, AttachError,
+    InterfaceChoice, BLOCK_SIZE,
 };
-use crate::disk::ImageDisk;
+use crate::device::BlockDevice;
 use crate::image::{open_image, OpenOptions, OpenedImage, StartupFetch};
 use crate::nbd::{serve_transmission, ServerOptions};
 
@@ -37,6 +38,9 @@ pub struct AttachSettings {
     /// The image argument: `oci:DIR[:TAG]` or a registry reference.
     pub image: String,
     pub open: OpenOptions,
+    /// Overlay settings of a writable attach. A reattach uses the state
+    /// file's overlay and size instead, and rejects settings that differ.
+    pub writable: Option<WritableSettings>,
     /// Device index to use, or `None` to let the kernel choose.
     pub device: Option<u32>,
     /// Hand new sockets to `device`, whose server died, instead of connecting it.
@@ -63,7 +67,7 @@ struct Attached {
     interface: Interface,
     connections: Vec<JoinHandle<()>>,
     do_it: Option<std::thread::JoinHandle<Result<(), ioctl::IoctlError>>>,
-    disk: Arc<ImageDisk>,
+    disk: Arc<AttachDisk>,
     image: OpenedImage,
     state: DeviceState,
 }
@@ -118,11 +122,19 @@ async fn attach(settings: &AttachSettings) -> Result<Attached, AttachError> {
             image: settings.image.clone(),
             message: format!("{error:#}"),
         })?;
-    let size = image.layout.size();
+    let writable = resolve_writable(settings.writable.as_ref(), old_state.as_ref())?;
+    let disk = Arc::new(AttachDisk::open(&image, writable.as_ref())?);
+    let size = disk.size();
     if size % BLOCK_SIZE != 0 {
         return Err(AttachError::UnalignedSize { size });
     }
-    let backend = format!("esgz-nbd:{}", image.manifest_digest);
+    let overlay = disk.overlay_path().map(|path| {
+        std::fs::canonicalize(path).unwrap_or_else(|error| {
+            warn!(overlay = %path.display(), %error, "failed to resolve the overlay path");
+            path.to_path_buf()
+        })
+    });
+    let backend = backend_identifier(&image.manifest_digest, overlay.as_deref());
     if let Some(old) = &old_state {
         if old.backend != backend {
             return Err(AttachError::BackendMismatch {
@@ -134,7 +146,6 @@ async fn attach(settings: &AttachSettings) -> Result<Attached, AttachError> {
         }
     }
 
-    let disk = Arc::new(ImageDisk::new(&image));
     let options = Arc::new(ServerOptions {
         description: format!("{} ({})", image.description, image.manifest_digest),
         ..ServerOptions::default()
@@ -156,7 +167,7 @@ async fn attach(settings: &AttachSettings) -> Result<Attached, AttachError> {
                 index: settings.device,
                 size_bytes: size,
                 block_size: BLOCK_SIZE,
-                server_flags: READ_ONLY_FLAGS,
+                server_flags: server_flags(writable.is_some()),
                 timeout_secs: settings.timeout_secs,
                 dead_conn_timeout_secs: settings.dead_conn_timeout_secs,
                 sockets: raw_fds(&kernel_ends),
@@ -171,7 +182,7 @@ async fn attach(settings: &AttachSettings) -> Result<Attached, AttachError> {
             let config = IoctlConfig {
                 block_size: BLOCK_SIZE,
                 size_bytes: size,
-                server_flags: READ_ONLY_FLAGS,
+                server_flags: server_flags(writable.is_some()),
                 timeout_secs: settings.timeout_secs,
             };
             let requested = settings.device;
@@ -216,7 +227,12 @@ async fn attach(settings: &AttachSettings) -> Result<Attached, AttachError> {
         manifest_digest: image.manifest_digest.clone(),
         backend,
         pid: std::process::id(),
-        mode: "read-only".to_string(),
+        mode: if writable.is_some() { "rw" } else { "ro" }.to_string(),
+        overlay_temporary: writable
+            .as_ref()
+            .is_some_and(|w| w.overlay.is_none() || w.overlay_temporary),
+        added_bytes: writable.as_ref().map(WritableSettings::added_bytes),
+        overlay,
         interface,
         connections: connections.len() as u32,
         cache_dir: settings.open.cache_dir.clone(),
@@ -250,6 +266,65 @@ async fn attach(settings: &AttachSettings) -> Result<Attached, AttachError> {
         image,
         state,
     })
+}
+
+/// Returns the writable settings of this run. A first attach uses the
+/// requested ones. A reattach takes the mode, overlay and size from the
+/// state file, and rejects a request that contradicts them.
+fn resolve_writable(
+    requested: Option<&WritableSettings>,
+    old: Option<&DeviceState>,
+) -> Result<Option<WritableSettings>, AttachError> {
+    let Some(old) = old else {
+        return Ok(requested.cloned());
+    };
+    let mismatch = |attached: String, requested: String, hint| AttachError::ReattachMismatch {
+        device: old.device.clone(),
+        attached,
+        requested,
+        hint,
+    };
+    if old.mode != "rw" {
+        return match requested {
+            Some(_) => Err(mismatch(
+                "read-only".to_string(),
+                "--writable".to_string(),
+                "reattach it without --writable",
+            )),
+            None => Ok(None),
+        };
+    }
+    let Some(overlay) = old.overlay.clone() else {
+        return Err(mismatch(
+            "writable without a recorded overlay".to_string(),
+            "a reattach".to_string(),
+            "the state file is damaged: detach the device and attach it anew",
+        ));
+    };
+    if let Some(asked) = requested.and_then(|r| r.overlay.as_deref()) {
+        let same = std::fs::canonicalize(asked).is_ok_and(|asked| asked == overlay);
+        if !same {
+            return Err(mismatch(
+                format!("with overlay {}", overlay.display()),
+                format!("overlay {}", asked.display()),
+                "omit --overlay, or give the recorded path",
+            ));
+        }
+    }
+    if let (Some(asked), Some(recorded)) = (requested.and_then(|r| r.size), old.added_bytes) {
+        if asked != recorded {
+            return Err(mismatch(
+                format!("with --size {recorded}"),
+                format!("--size {asked}"),
+                "omit --size, or give the recorded size",
+            ));
+        }
+    }
+    Ok(Some(WritableSettings {
+        size: old.added_bytes,
+        overlay: Some(overlay),
+        overlay_temporary: old.overlay_temporary,
+    }))
 }
 
 /// Checks that device `index` can be reattached and returns its recorded state.
@@ -289,7 +364,7 @@ fn check_reattach(
 
 /// Creates socket pairs and the tasks serving their server ends.
 struct Connections {
-    disk: Arc<ImageDisk>,
+    disk: Arc<AttachDisk>,
     options: Arc<ServerOptions>,
 }
 
@@ -549,8 +624,24 @@ async fn serve(attached: Attached, settings: &AttachSettings) -> Result<(), Atta
     let _ = stop_stats.send(true);
     let _ = stats_task.await;
 
+    // The kernel sends FLUSH for every sync, but writes it completed without
+    // one (such as a dirty page cache written back at disconnect) become
+    // durable only here.
+    let flushed = disk.flush().await;
+    if let (Err(error), Some(overlay)) = (&flushed, &state.overlay) {
+        warn!(overlay = %overlay.display(), %error, "failed to flush the overlay");
+    }
     let stats = disk.store().stats();
     info!(device = %state.device, ?stats, "server stopped");
+    drop(disk);
+    if let Some(overlay) = state.overlay.as_ref().filter(|_| state.overlay_temporary) {
+        match remove_temporary_overlay(overlay) {
+            Ok(()) => info!(overlay = %overlay.display(), "removed the temporary overlay"),
+            Err(error) => {
+                warn!(overlay = %overlay.display(), %error, "failed to remove the temporary overlay")
+            }
+        }
+    }
     settings
         .runtime
         .remove(index, Some(std::process::id()))
@@ -562,7 +653,11 @@ async fn serve(attached: Attached, settings: &AttachSettings) -> Result<(), Atta
     if let Some(log) = &state.log_file {
         let _ = std::fs::remove_file(log);
     }
-    Ok(())
+    flushed.map_err(|source| AttachError::Io {
+        step: "flush the overlay",
+        path: state.overlay.clone().unwrap_or_default(),
+        source,
+    })
 }
 
 async fn wait_for_signal() {
@@ -603,7 +698,7 @@ fn allocated_bytes(paths: &[PathBuf]) -> u64 {
 }
 
 async fn write_stats_loop(
-    disk: Arc<ImageDisk>,
+    disk: Arc<AttachDisk>,
     startup: StartupFetch,
     cache_files: Vec<PathBuf>,
     path: PathBuf,
@@ -627,5 +722,96 @@ async fn write_stats_loop(
             _ = tokio::time::sleep(Duration::from_secs(1)) => {}
             _ = stopped.changed() => return,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state(mode: &str, overlay: Option<&Path>, added_bytes: Option<u64>) -> DeviceState {
+        DeviceState {
+            device: "/dev/nbd6".into(),
+            index: 6,
+            image: "oci:/images/app".into(),
+            manifest_digest: "sha256:00".into(),
+            backend: "esgz-nbd:sha256:00".into(),
+            pid: 1,
+            mode: mode.into(),
+            overlay: overlay.map(Path::to_path_buf),
+            overlay_temporary: false,
+            added_bytes,
+            interface: Interface::Netlink,
+            connections: 1,
+            cache_dir: "/var/cache/esgz-nbd".into(),
+            socket: "socketpair".into(),
+            size_bytes: 1 << 20,
+            timeout_secs: 30,
+            dead_conn_timeout_secs: 60,
+            stats_file: "/run/esgz-nbd/nbd6.stats.json".into(),
+            log_file: None,
+            attached_at: 1,
+            attach_ms: 2,
+        }
+    }
+
+    fn request(overlay: Option<&Path>, size: Option<u64>) -> WritableSettings {
+        WritableSettings {
+            size,
+            overlay: overlay.map(Path::to_path_buf),
+            overlay_temporary: false,
+        }
+    }
+
+    #[test]
+    fn resolve_writable_first_attach() {
+        let asked = request(None, Some(4096));
+        assert_eq!(resolve_writable(Some(&asked), None).unwrap(), Some(asked));
+        assert_eq!(resolve_writable(None, None).unwrap(), None);
+    }
+
+    #[test]
+    fn resolve_writable_reattach_cases() {
+        let temp = tempfile::tempdir().unwrap();
+        let recorded = temp.path().join("recorded.ovl");
+        std::fs::write(&recorded, b"").unwrap();
+        let recorded = std::fs::canonicalize(&recorded).unwrap();
+        let other = temp.path().join("other.ovl");
+        std::fs::write(&other, b"").unwrap();
+
+        let writable = state("rw", Some(&recorded), Some(1 << 20));
+        let expected = Some(WritableSettings {
+            size: Some(1 << 20),
+            overlay: Some(recorded.clone()),
+            overlay_temporary: false,
+        });
+        let cases: [(&str, Option<WritableSettings>, bool); 5] = [
+            ("no flags", None, true),
+            ("same overlay", Some(request(Some(&recorded), None)), true),
+            ("same size", Some(request(None, Some(1 << 20))), true),
+            ("other overlay", Some(request(Some(&other), None)), false),
+            ("other size", Some(request(None, Some(4096))), false),
+        ];
+        for (name, asked, accepted) in cases {
+            let result = resolve_writable(asked.as_ref(), Some(&writable));
+            if accepted {
+                assert_eq!(result.unwrap(), expected, "{name}");
+            } else {
+                assert!(
+                    matches!(result, Err(AttachError::ReattachMismatch { .. })),
+                    "{name}: {result:?}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn resolve_writable_read_only_device() {
+        let read_only = state("ro", None, None);
+        assert_eq!(resolve_writable(None, Some(&read_only)).unwrap(), None);
+        let result = resolve_writable(Some(&request(None, None)), Some(&read_only));
+        assert!(matches!(result, Err(AttachError::ReattachMismatch { .. })));
+        let damaged = state("rw", None, None);
+        assert!(resolve_writable(None, Some(&damaged)).is_err());
     }
 }

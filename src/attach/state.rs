@@ -32,8 +32,18 @@ pub struct DeviceState {
     pub backend: String,
     /// Process id of the server.
     pub pid: u32,
-    /// `read-only` for now; a writable overlay would record its own mode.
+    /// `ro` (read-only), or `rw` for a writable device with an overlay.
     pub mode: String,
+    /// The overlay file of a writable device.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub overlay: Option<PathBuf>,
+    /// Whether the overlay is temporary: removed when the device is detached.
+    #[serde(default)]
+    pub overlay_temporary: bool,
+    /// Free space added to a writable filesystem, in bytes; a reattach needs
+    /// it to rebuild the same layout.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub added_bytes: Option<u64>,
     pub interface: Interface,
     pub connections: u32,
     pub cache_dir: PathBuf,
@@ -235,7 +245,10 @@ mod tests {
             manifest_digest: "sha256:00".into(),
             backend: "esgz-nbd:sha256:00".into(),
             pid,
-            mode: "read-only".into(),
+            mode: "ro".into(),
+            overlay: None,
+            overlay_temporary: false,
+            added_bytes: None,
             interface: Interface::Netlink,
             connections: 2,
             cache_dir: "/var/cache/esgz-nbd".into(),
@@ -283,5 +296,30 @@ mod tests {
         assert!(runtime.read(2).unwrap().is_some());
         assert!(runtime.remove(2, Some(10)).unwrap());
         assert_eq!(runtime.read(2).unwrap(), None);
+    }
+
+    #[test]
+    fn writable_state_round_trip() {
+        let temp = tempfile::tempdir().unwrap();
+        let runtime = RuntimeDir::new(temp.path());
+        let state = DeviceState {
+            mode: "rw".into(),
+            overlay: Some("/data/overlay.img".into()),
+            overlay_temporary: true,
+            added_bytes: Some(1 << 30),
+            ..sample(4, 12)
+        };
+        runtime.write(&state).unwrap();
+        assert_eq!(runtime.read(4).unwrap(), Some(state));
+    }
+
+    #[test]
+    fn state_without_overlay_fields_parses() {
+        let mut json = serde_json::to_value(sample(1, 5)).unwrap();
+        let object = json.as_object_mut().unwrap();
+        object.remove("overlay_temporary");
+        assert!(!object.contains_key("overlay"));
+        let state: DeviceState = serde_json::from_value(json).unwrap();
+        assert_eq!(state, sample(1, 5));
     }
 }
