@@ -543,6 +543,24 @@ fn list_nbd_devices() -> Vec<u32> {
 
 /// Waits until the device has its size and its first block can be read
 /// from the server (with `O_DIRECT`, so the page cache cannot answer).
+/// `BLKFLSBUF` from `<linux/fs.h>`: `_IO(0x12, 97)`.
+const BLKFLSBUF: libc::c_ulong = 0x1261;
+
+/// Drops the kernel's cached blocks of a freshly connected device. A device
+/// that served another disk of the same size before keeps that disk's pages
+/// across a disconnect, and a mount would read them instead of this image.
+fn drop_stale_buffers(device: &str) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let file = std::fs::OpenOptions::new().read(true).open(device)?;
+    // SAFETY: BLKFLSBUF takes no argument, and `file` keeps the descriptor
+    // open for the duration of the call.
+    let result = unsafe { libc::ioctl(file.as_raw_fd(), BLKFLSBUF as _) };
+    if result != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 async fn wait_readable(index: u32) -> Result<(), AttachError> {
     let device = device_path(index);
     let task_device = device.clone();
@@ -560,6 +578,7 @@ async fn wait_readable(index: u32) -> Result<(), AttachError> {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
+        drop_stale_buffers(&task_device)?;
         use std::os::unix::fs::OpenOptionsExt;
         let file = std::fs::OpenOptions::new()
             .read(true)
