@@ -5,7 +5,9 @@
 
 Reads the JSON lines and meta files that run-all.sh writes. A part whose
 results are missing is listed as not run. The explanation of each target
-comes from scripts/bench/notes.md, included verbatim.
+comes from scripts/bench/notes.md, included verbatim. Results measured by
+other scripts go in scripts/bench/extra.md, appended verbatim at the end of
+the page when that file exists.
 """
 
 import argparse
@@ -384,7 +386,7 @@ def main():
         "# Benchmarks",
         "",
         "Measured with the harness in `scripts/bench/` driving the release binary. "
-        "`sudo scripts/bench/run-all.sh` reruns everything (about 15 minutes on this machine, plus about 10 minutes the first time to generate the synthetic images), writes the raw "
+        "`sudo scripts/bench/run-all.sh` reruns everything (about 7 minutes on this shared 2-core machine, plus about 10 minutes the first time to generate the synthetic images), writes the raw "
         "results to `target/bench/` and regenerates this page and `docs/plots/` with "
         "`scripts/bench/render.py`. Each section names its machine, command and date.",
         "",
@@ -400,6 +402,10 @@ def main():
         with open(notes) as f:
             doc += [f.read().rstrip(), ""]
     doc += sections
+    extra = os.path.join(HERE, "extra.md")
+    if os.path.exists(extra):
+        with open(extra) as f:
+            doc += [f.read().rstrip(), ""]
     with open(args.doc, "w") as f:
         f.write("\n".join(doc).rstrip() + "\n")
     print(f"wrote {args.doc}")
