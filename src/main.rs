@@ -477,9 +477,14 @@ async fn run_server<D: BlockDevice>(
             if !addr.ip().is_loopback() {
                 warn!(%addr, "listening on a non-loopback address: anyone who can reach it can read the image (and change it with --writable)");
             }
+            // Bind before printing the URI, so a client that reads it can connect.
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("failed to listen on TCP address {addr}"))?;
+            let addr = listener.local_addr().unwrap_or(addr);
             info!(%addr, export = %args.export_name, "serving NBD on TCP");
             println!("nbd://{addr}/{}", args.export_name);
-            nbd::serve_tcp(addr, disk.clone(), server_options, shutdown_rx).await
+            nbd::serve_tcp_listener(listener, disk.clone(), server_options, shutdown_rx).await
         }
         None => {
             let socket = match &args.socket {
