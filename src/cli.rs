@@ -51,7 +51,8 @@ pub enum Command {
     Attach(AttachArgs),
     /// Disconnect a device attached with `attach` and stop its server.
     Detach(DetachArgs),
-    /// List the devices attached with `attach`.
+    /// List the devices attached with `attach` (alias: status).
+    #[command(alias = "status")]
     List(ListArgs),
     /// Print a manifest of a directory tree, or check one against a manifest
     /// (used by the kernel tests).
