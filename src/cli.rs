@@ -118,7 +118,7 @@ pub struct BuildArgs {
     pub registry: WriterRegistryArgs,
 }
 
-/// How eStargz layers are written.
+/// Options of the eStargz layer writer.
 #[derive(Args, Debug)]
 pub struct LayerWriterArgs {
     /// Bytes per chunk: larger files are split into chunks of this size,
@@ -145,7 +145,7 @@ pub struct LayerWriterArgs {
     pub threads: usize,
 }
 
-/// How registries are reached when writing images.
+/// Registry access options for writing images.
 #[derive(Args, Debug)]
 pub struct WriterRegistryArgs {
     /// Use plain HTTP for the registry (always used for loopback hosts).
@@ -522,7 +522,7 @@ pub struct ImageArgs {
     #[arg(long, value_name = "SECONDS", value_parser = clap::value_parser!(u64).range(1..))]
     pub fetch_deadline: Option<u64>,
 
-    /// How the cache file is read and written.
+    /// I/O backend of the cache file.
     #[arg(long, value_enum, default_value_t = IoChoice::Auto)]
     pub io: IoChoice,
 
