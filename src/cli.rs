@@ -185,7 +185,7 @@ pub struct AttachArgs {
     #[arg(long, value_name = "SECONDS", default_value_t = 30)]
     pub timeout: u64,
 
-    /// Seconds the kernel holds requests while every connection is dead
+    /// Seconds the kernel queues requests while every connection is dead
     /// (a server restart with --reattach must happen within it).
     #[arg(long, value_name = "SECONDS", default_value_t = 60)]
     pub dead_conn_timeout: u64,

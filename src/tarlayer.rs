@@ -607,7 +607,7 @@ fn parse_pax_u64(key: &[u8], value: &[u8], offset: u64) -> Result<u64, TarLayerE
 
 /// Parses a pax time, `[-]seconds[.fraction]`, into seconds and nanoseconds
 /// (`-1.25` is 1.25 s before the epoch: seconds -2, nanoseconds 750000000).
-fn parse_pax_time(value: &[u8]) -> Option<(i64, u32)> {
+pub(crate) fn parse_pax_time(value: &[u8]) -> Option<(i64, u32)> {
     let text = std::str::from_utf8(value).ok()?;
     let (negative, unsigned) = match text.strip_prefix('-') {
         Some(rest) => (true, rest),

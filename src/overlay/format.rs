@@ -18,7 +18,7 @@ pub const VERSION: u32 = 1;
 pub const HEADER_SIZE: u64 = 4096;
 /// Size of the overlay's blocks, the granularity of copy-on-write.
 pub const BLOCK_SIZE: u64 = 4096;
-/// Longest manifest digest the header stores.
+/// Maximum length of the manifest digest in the header.
 pub const MAX_MANIFEST_LEN: usize = 256;
 
 /// Size of one map log record.

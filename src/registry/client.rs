@@ -25,7 +25,7 @@ use crate::reference::Reference;
 const MAX_REDIRECTS: u32 = 5;
 /// First retry delay; each further attempt doubles it.
 const BACKOFF_BASE: Duration = Duration::from_millis(200);
-/// Longest delay between two attempts, also the cap on `Retry-After`.
+/// Maximum delay between two attempts, also the cap on `Retry-After`.
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
 /// Largest token response read.
 const MAX_TOKEN_RESPONSE: u64 = 1 << 20;

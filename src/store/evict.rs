@@ -32,7 +32,7 @@ pub struct CachedLayer {
     pub in_use: bool,
 }
 
-/// What to remove.
+/// Limits of a prune.
 #[derive(Clone, Debug, Default)]
 pub struct PruneOptions {
     /// Remove least recently used layers until the cache takes at most this many bytes.
@@ -41,7 +41,7 @@ pub struct PruneOptions {
     pub remove_unused: bool,
 }
 
-/// What a prune removed.
+/// Result of a prune: the layers removed and the bytes freed.
 #[derive(Clone, Debug, Default, serde::Serialize)]
 pub struct PruneReport {
     pub removed: Vec<CachedLayer>,

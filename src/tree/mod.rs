@@ -98,7 +98,7 @@ impl Tree {
     }
 }
 
-/// What one layer entry is.
+/// Type of one layer entry, with its type-specific data.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum EntryKind {
     Dir,

@@ -452,35 +452,10 @@ fn field_name(key: &str) -> &'static str {
     }
 }
 
-/// Parses a pax time, `[-]SECONDS[.FRACTION]`, into seconds and nanoseconds
-/// (the fraction truncated to nanoseconds). A negative time with a fraction
-/// means `-(seconds + fraction)`, so `-1.5` is 1.5 s before the epoch.
+/// Parses a pax time, `[-]SECONDS[.FRACTION]` with surrounding white space,
+/// into seconds and nanoseconds, as the layer reader does.
 pub fn parse_pax_time(value: &str) -> Option<(i64, u32)> {
-    let value = value.trim();
-    let (negative, digits) = match value.strip_prefix('-') {
-        Some(rest) => (true, rest),
-        None => (false, value),
-    };
-    let (whole, fraction) = digits.split_once('.').unwrap_or((digits, ""));
-    if whole.is_empty() || !whole.bytes().all(|b| b.is_ascii_digit()) {
-        return None;
-    }
-    if !fraction.bytes().all(|b| b.is_ascii_digit()) {
-        return None;
-    }
-    let seconds: i64 = whole.parse().ok()?;
-    let mut nanos: u32 = 0;
-    for (index, digit) in fraction.bytes().take(9).enumerate() {
-        nanos += u32::from(digit - b'0') * 10u32.pow(8 - index as u32);
-    }
-    if !negative {
-        return Some((seconds, nanos));
-    }
-    if nanos == 0 {
-        Some((-seconds, 0))
-    } else {
-        Some((-seconds - 1, 1_000_000_000 - nanos))
-    }
+    crate::tarlayer::parse_pax_time(value.trim().as_bytes())
 }
 
 #[cfg(test)]
