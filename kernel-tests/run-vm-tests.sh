@@ -18,6 +18,8 @@
 #   VM_TIMEOUT        seconds before the VM is killed [900]
 #   VM_CPUS, VM_MEM   guest CPUs [2] and memory in MiB [1536]
 #   VM_KEEP_LOG       path to copy the serial log to
+#   VM_TESTS_SCRIPT   guest script to run instead of vm-tests.sh, for example a
+#                     copy cut down to the part being debugged
 set -euo pipefail
 
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -60,7 +62,7 @@ while read -r lib; do
     mkdir -p "$initramfs_dir$(dirname "$lib")"
     cp -L "$lib" "$initramfs_dir$lib"
 done < <(ldd "$bin" | grep -o '/[^ ]*' | sort -u)
-cp "$root/kernel-tests/vm-tests.sh" "$initramfs_dir/vm-tests.sh"
+cp "${VM_TESTS_SCRIPT:-$root/kernel-tests/vm-tests.sh}" "$initramfs_dir/vm-tests.sh"
 cat > "$initramfs_dir/init" <<'EOF'
 #!/bin/busybox sh
 /bin/busybox --install -s /bin

@@ -19,15 +19,6 @@ use super::OverlayError;
 /// Bytes of map log read per step during replay.
 const REPLAY_CHUNK: usize = 1 << 20;
 
-/// The map as readers see it and the changes not yet in the durable log.
-#[derive(Default)]
-struct MapState {
-    /// State of every block the overlay has touched.
-    current: RangeMap,
-    /// Latest state of blocks changed since the last flush.
-    pending: RangeMap,
-}
-
 /// A copy-on-write overlay file for one device.
 ///
 /// Block N of the device lives at byte `HEADER_SIZE + N * 4096` of the file,
@@ -35,20 +26,31 @@ struct MapState {
 /// which blocks hold data and which read as zeros. It is persisted as an
 /// append-only log of records after the data area.
 ///
-/// Crash safety: a map record is written only by [`Overlay::flush`], which
-/// first takes the pending changes, then `fdatasync`s the file (the data of
-/// those changes was written before they became pending), then appends the
-/// records and `fdatasync`s again. A durable record therefore never points
-/// at data that is not durable. After a crash, replay stops at the first torn
-/// record and truncates the log there; blocks whose records were lost read
-/// from the image again, which is their state before the unflushed writes.
+/// Durability has two levels:
+///
+/// - A write or zeroing survives the death of this process as soon as it
+///   returns: its data is in the file, and a block whose state changes gets
+///   its map record appended to the log (without a sync) before the call
+///   returns. A server killed with SIGKILL therefore loses nothing it
+///   acknowledged, which `attach --reattach` relies on: the kernel keeps a
+///   filesystem mounted across the restart and trusts every completed write.
+/// - [`Overlay::flush`] `fdatasync`s the file, so everything completed before
+///   it also survives a power loss or a kernel crash.
+///
+/// After a power loss, records appended since the last flush may or may not
+/// be on disk, and their data may be missing while the record is there, so
+/// those blocks read as their old state, their new data or zeros. That is the
+/// contract of a volatile write cache: only flushed writes are promised.
+/// Replay stops at the first torn record and truncates the log there.
 pub struct Overlay {
     file: File,
     path: PathBuf,
     device_size: u64,
-    state: Mutex<MapState>,
-    /// Byte offset of the end of the durable log; held for a whole flush so
-    /// flushes do not interleave.
+    /// State of every block the overlay has touched.
+    state: Mutex<RangeMap>,
+    /// Byte offset of the end of the log. Held while a record is appended,
+    /// and taken before `state`, so records reach the log in the order their
+    /// changes reach the map.
     log_end: Mutex<u64>,
     /// The private directory of a temporary overlay, removed on drop.
     _temporary: Option<tempfile::TempDir>,
@@ -149,7 +151,7 @@ impl Overlay {
             file,
             path,
             device_size: identity.device_size,
-            state: Mutex::new(MapState::default()),
+            state: Mutex::new(RangeMap::default()),
             log_end: Mutex::new(log_offset),
             _temporary: temporary,
         };
@@ -280,10 +282,10 @@ impl Overlay {
             .log_end
             .get_mut()
             .unwrap_or_else(|poison| poison.into_inner()) = offset;
-        self.state
+        *self
+            .state
             .get_mut()
-            .unwrap_or_else(|poison| poison.into_inner())
-            .current = map;
+            .unwrap_or_else(|poison| poison.into_inner()) = map;
         Ok(())
     }
 
@@ -295,7 +297,7 @@ impl Overlay {
         self.device_size
     }
 
-    fn lock_state(&self) -> std::sync::MutexGuard<'_, MapState> {
+    fn lock_state(&self) -> std::sync::MutexGuard<'_, RangeMap> {
         // The map stays consistent even if a holder panicked: every update
         // is a single `set` call.
         self.state
@@ -305,7 +307,7 @@ impl Overlay {
 
     /// Splits blocks `start..end` into runs by overlay state.
     pub fn runs(&self, start: u64, end: u64) -> Vec<Run> {
-        self.lock_state().current.runs(start, end)
+        self.lock_state().runs(start, end)
     }
 
     /// Reads `buf.len()` bytes of overlay data at device byte `offset`.
@@ -322,31 +324,43 @@ impl Overlay {
         let count = data.len() as u64 / BLOCK_SIZE;
         self.file
             .write_all_at(data, HEADER_SIZE + first_block * BLOCK_SIZE)?;
-        self.mark(first_block, first_block + count, BlockState::Data);
-        Ok(())
+        self.mark(first_block, first_block + count, BlockState::Data)
     }
 
     /// Marks blocks `start..end` as zero and punches a hole over their data.
     pub fn zero_blocks(&self, start: u64, end: u64) -> io::Result<()> {
-        self.mark(start, end, BlockState::Zero);
+        self.mark(start, end, BlockState::Zero)?;
         self.punch_hole(start, end);
         Ok(())
     }
 
-    fn mark(&self, start: u64, end: u64, state: BlockState) {
-        let mut map = self.lock_state();
+    /// Gives blocks `start..end` the state `state`: appends a map record to
+    /// the log, then updates the map. A failed append leaves the map as it
+    /// was, so readers never see a state the log does not hold.
+    fn mark(&self, start: u64, end: u64, state: BlockState) -> io::Result<()> {
+        let mut log_end = self
+            .log_end
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner());
         // Blocks already in this state need no new record: an overwrite of
         // data in place is covered by the fdatasync of the next flush.
-        let unchanged = map
-            .current
+        let unchanged = self
+            .lock_state()
             .runs(start, end)
             .iter()
             .all(|run| run.state == Some(state));
         if unchanged {
-            return;
+            return Ok(());
         }
-        map.current.set(start, end, state);
-        map.pending.set(start, end, state);
+        let record = encode_record(&Record {
+            start,
+            count: end - start,
+            state,
+        });
+        self.file.write_all_at(&record, *log_end)?;
+        *log_end += RECORD_SIZE as u64;
+        self.lock_state().set(start, end, state);
+        Ok(())
     }
 
     /// Frees the file space of blocks `start..end`. Zero blocks read as
@@ -379,50 +393,10 @@ impl Overlay {
         }
     }
 
-    /// Makes every write and zeroing completed before the call durable, map
-    /// included. See the type documentation for the order of steps.
+    /// Makes every write and zeroing completed before the call durable
+    /// across a power loss, map records included.
     pub fn flush(&self) -> io::Result<()> {
-        let mut log_end = self
-            .log_end
-            .lock()
-            .unwrap_or_else(|poison| poison.into_inner());
-        let pending = std::mem::take(&mut self.lock_state().pending);
-
-        let result = self.persist(&pending, &mut log_end);
-        if result.is_err() && !pending.is_empty() {
-            // Put the changes back under any newer ones, so the next flush retries them.
-            let mut map = self.lock_state();
-            let newer = std::mem::replace(&mut map.pending, pending);
-            for (start, end, state) in newer.iter() {
-                map.pending.set(start, end, state);
-            }
-        }
-        result
-    }
-
-    fn persist(&self, pending: &RangeMap, log_end: &mut u64) -> io::Result<()> {
-        self.file.sync_data()?;
-        if pending.is_empty() {
-            return Ok(());
-        }
-
-        let mut log = Vec::with_capacity(pending.len() * RECORD_SIZE);
-        for (start, end, state) in pending.iter() {
-            log.extend_from_slice(&encode_record(&Record {
-                start,
-                count: end - start,
-                state,
-            }));
-        }
-        self.file.write_all_at(&log, *log_end)?;
-        self.file.sync_data()?;
-        *log_end += log.len() as u64;
-        debug!(
-            records = pending.len(),
-            log_end = *log_end,
-            "overlay map records are durable"
-        );
-        Ok(())
+        self.file.sync_data()
     }
 }
 

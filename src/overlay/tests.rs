@@ -127,7 +127,10 @@ async fn random_operations_match_model_and_survive_reopen() {
 }
 
 #[tokio::test]
-async fn unflushed_first_writes_read_from_image_after_reopen() {
+async fn completed_writes_survive_reopen_without_flush() {
+    // A process that dies after a write completes, without a flush, must
+    // not lose it: `attach --reattach` hands the kernel's mounted filesystem
+    // to a new server, and the kernel trusts every completed write.
     let dir = tempfile::tempdir().expect("temp dir");
     let path = dir.path().join("overlay");
     {
@@ -139,14 +142,20 @@ async fn unflushed_first_writes_read_from_image_after_reopen() {
         disk.write(8192, Bytes::from(vec![2u8; 4096]), false)
             .await
             .expect("write");
+        disk.write_zeroes(16384, 8192, false)
+            .await
+            .expect("write zeroes");
+        // Dropped without a flush, as a killed process would be.
     }
     let disk = open_disk(&path);
     let data = read_all(&disk).await;
     assert_eq!(&data[..4096], &[1u8; 4096][..], "flushed block");
+    assert_eq!(&data[8192..12288], &[2u8; 4096][..], "unflushed write");
+    assert_eq!(&data[16384..24576], &[0u8; 8192][..], "unflushed zeroing");
     assert_eq!(
-        &data[8192..12288],
-        &base_model()[8192..12288],
-        "unflushed block"
+        &data[12288..16384],
+        &base_model()[12288..16384],
+        "untouched block"
     );
 }
 
