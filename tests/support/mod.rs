@@ -13,6 +13,7 @@ mod command;
 mod fault_proxy;
 mod layout;
 mod mount;
+mod reference;
 mod registry;
 mod server;
 mod tree;
@@ -29,6 +30,7 @@ pub use layout::{
     TOC_DIGEST_ANNOTATION, TOC_TAR_NAME, UNCOMPRESSED_SIZE_ANNOTATION,
 };
 pub use mount::{e2fsck_clean, LoopMount, NbdMount};
+pub use reference::{estargz_ref, verify_layout};
 pub use registry::{port_is_open, skopeo_manifest_digest, skopeo_push, Registry};
 pub use server::Server;
 pub use tree::{assert_tree_matches, compare_tree};
