@@ -14,7 +14,10 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use support::{esgz_bin, read_toc, run_stdout, verify_layout, NbdMount, Server};
+use serde_json::Value;
+use support::{
+    esgz_bin, read_toc, run, run_stdout, shared_dir, verify_layout, NbdMount, Registry, Server,
+};
 
 /// Files of the test root filesystem: name and size. Each is larger than
 /// the kernel's read-ahead window, so reading one file never reaches the
@@ -206,5 +209,143 @@ fn record_access_skips_prefetch() {
         ["/lib/unread"],
         "log:\n{}",
         server.log()
+    );
+}
+
+/// The workload of the Debian loop, run in a chroot of the mounted tree.
+const DEBIAN_WORKLOAD: &str = "dpkg --version";
+
+/// Mounts the export of `server` and runs [`DEBIAN_WORKLOAD`] in a chroot
+/// of it; panics unless the output names dpkg.
+fn run_debian_workload(mount: NbdMount) {
+    let output =
+        run(Command::new("chroot")
+            .arg(mount.path())
+            .args(["/bin/sh", "-c", DEBIAN_WORKLOAD]));
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        stdout.contains("dpkg"),
+        "`{DEBIAN_WORKLOAD}` printed {stdout:?}"
+    );
+}
+
+/// Serves `image` with a fresh cache, runs the workload and returns the
+/// counters the server wrote at exit.
+fn cold_run(image: &str) -> Value {
+    let server = Server::start(image, &[]);
+    run_debian_workload(NbdMount::new(server.socket()));
+    let (dir, log) = server.stop();
+    let text = fs::read_to_string(dir.path().join("stats.json"))
+        .unwrap_or_else(|error| panic!("reading the stats of {image}: {error}; log:\n{log}"));
+    serde_json::from_str(&text).expect("stats.json is JSON")
+}
+
+/// Returns the entries of `toc` before `.prefetch.landmark` that carry a
+/// file's name (regular files and hard links).
+fn file_entries_before_landmark(toc: &Value) -> Vec<&Value> {
+    let entries = toc["entries"].as_array().expect("TOC entries");
+    let landmark = entries
+        .iter()
+        .position(|entry| entry["name"] == ".prefetch.landmark")
+        .expect("the prioritized layer has a .prefetch.landmark");
+    entries[..landmark]
+        .iter()
+        .filter(|entry| entry["type"] == "reg" || entry["type"] == "hardlink")
+        .collect()
+}
+
+#[test]
+fn debian_loop_cuts_range_requests() {
+    let debian = shared_dir().join("images/debian-bookworm-minbase/oci");
+    let work = tempfile::tempdir().expect("temp dir");
+    let registry = Registry::start(None);
+    let plain = format!("{}/debian:plain", registry.addr());
+    let prioritized = format!("{}/debian:prioritized", registry.addr());
+    esgz(&[
+        "convert",
+        &format!("oci:{}", debian.display()),
+        &plain,
+        "--force",
+        "--compression-level",
+        "1",
+    ]);
+
+    // Record what the workload reads from the unprioritized image.
+    let record = work.path().join("access.txt");
+    let record_arg = record.to_str().expect("utf-8 path");
+    // Without read-ahead, so the neighbours of each file read stay out of the list.
+    let server = Server::start(&plain, &["--record-access", record_arg]);
+    run_debian_workload(NbdMount::unbuffered(server.socket()));
+    drop(server);
+    let recorded: Vec<String> = record_lines(&record)
+        .into_iter()
+        .map(|line| line.trim_start_matches('/').to_string())
+        .collect();
+    for expected in ["usr/bin/dpkg", "usr/lib/x86_64-linux-gnu/libc.so.6"] {
+        assert!(
+            recorded.iter().any(|path| path == expected),
+            "{expected} is not in the record: {recorded:?}"
+        );
+    }
+
+    esgz(&[
+        "convert",
+        &plain,
+        &prioritized,
+        "--force",
+        "--compression-level",
+        "1",
+        "--prioritize",
+        record_arg,
+    ]);
+
+    // The recorded files lead the rebuilt layer in the recorded order; any
+    // other file before the landmark is the target of a recorded hard link.
+    let layout = work.path().join("prioritized");
+    esgz(&[
+        "convert",
+        &prioritized,
+        &format!("oci:{}:latest", layout.display()),
+    ]);
+    let (toc, _) = read_toc(&layout, 0);
+    let leading = file_entries_before_landmark(&toc);
+    let leading_recorded: Vec<&str> = leading
+        .iter()
+        .filter_map(|entry| entry["name"].as_str())
+        .filter(|name| recorded.iter().any(|path| path == name))
+        .collect();
+    assert_eq!(
+        leading_recorded, recorded,
+        "recorded files before .prefetch.landmark, in order"
+    );
+    for entry in &leading {
+        let name = entry["name"].as_str().unwrap_or_default();
+        let is_link_target = leading
+            .iter()
+            .any(|other| other["type"] == "hardlink" && other["linkName"] == name);
+        assert!(
+            recorded.iter().any(|path| path == name) || is_link_target,
+            "{name} is before .prefetch.landmark but was not recorded"
+        );
+    }
+    let layers = verify_layout(&layout, "latest");
+    assert_eq!(layers[0]["status"], "passed", "{}", layers[0]);
+
+    // A cold run of the prioritized image fetches the recorded files in a
+    // few large prefetch requests instead of one request per read.
+    let plain_stats = cold_run(&plain);
+    let prioritized_stats = cold_run(&prioritized);
+    let plain_requests = plain_stats["store"]["range_requests"]
+        .as_u64()
+        .expect("range_requests");
+    let prioritized_requests = prioritized_stats["store"]["range_requests"]
+        .as_u64()
+        .expect("range_requests");
+    eprintln!(
+        "range requests of a cold `{DEBIAN_WORKLOAD}`: {plain_requests} unprioritized, {prioritized_requests} prioritized"
+    );
+    assert!(
+        prioritized_requests < plain_requests,
+        "the prioritized image made {prioritized_requests} range requests, the unprioritized one {plain_requests}"
     );
 }
