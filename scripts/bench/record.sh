@@ -58,7 +58,7 @@ run_once() { # IMAGE TAG [serve args]
   WORK_MS=$(ms_since "$t1")
 }
 
-# Record the workload's files; the registry port without the proxy is enough.
+# The record run reads from the registry directly, because its timing does not matter.
 mark=$(cleanup_mark)
 # Kernel read-ahead would add the neighbours of each file read to the list.
 MOUNT_MODE=unbuffered run_once "$PLAIN" recording --record-access "$WORK/access.txt"
