@@ -177,6 +177,21 @@ grep -q '"device": "/dev/nbd5"' /tmp/list.json && grep -q '"server_running": tru
 check "list --json shows the running device" test $? -eq 0
 check "detach /dev/nbd5" esgz-nbd -q detach /dev/nbd5
 
+# --- --record-access: the files read through the device, in first-read order ------
+device=$(esgz-nbd -q attach --record-access /tmp/access.txt "oci:$basic/oci" /dev/nbd5)
+check "attach --record-access prints the device" test "$device" = /dev/nbd5
+# No device read-ahead, so mounting reads no file blocks next to the metadata.
+blockdev --setra 0 /dev/nbd5
+if mount -t ext4 -o ro /dev/nbd5 /mnt/image; then
+    cat /mnt/image/bin/r_x /mnt/image/bin/exec_only /mnt/image/bin/r_x >/dev/null
+    umount /mnt/image
+else
+    bad "record-access: mount -o ro"
+fi
+check "record-access: two reads recorded in order" test "$(cat /tmp/access.txt)" = "$(printf '/bin/r_x\n/bin/exec_only')"
+check "record-access: the record is mode 600" test "$(stat -c %a /tmp/access.txt)" = 600
+check "record-access: detach" esgz-nbd -q detach /dev/nbd5
+
 # --- errors -------------------------------------------------------------------
 if esgz-nbd -q attach oci:/data/does-not-exist 2>/tmp/missing.err; then
     bad "attach of a missing image fails"
