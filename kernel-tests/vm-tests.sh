@@ -139,7 +139,9 @@ list_column() {
 read_all() { echo 3 > /proc/sys/vm/drop_caches; find /mnt/image -type f -exec cat {} + > /dev/null; }
 
 port=9464
-device=$(esgz-nbd -q attach --timeout 5 --metrics-addr "127.0.0.1:$port" "oci:$basic/oci" /dev/nbd4)
+# An empty cache, so the reads fetch and the fetch counters move.
+metrics_cache=/data/cache-metrics
+device=$(ESGZ_NBD_CACHE_DIR=$metrics_cache esgz-nbd -q attach --timeout 5 --metrics-addr "127.0.0.1:$port" "oci:$basic/oci" /dev/nbd4)
 check "metrics: attach --metrics-addr (device '$device')" test "$device" = /dev/nbd4
 grep -q "\"metrics_addr\": \"127.0.0.1:$port\"" /run/esgz-nbd/nbd4.json
 check "metrics: the state file records the metrics address" test $? -eq 0
@@ -152,6 +154,8 @@ scrape "$port" > /tmp/metrics.txt
 check "metrics: scrape with $(command -v wget >/dev/null && echo wget || echo nc)" test -s /tmp/metrics.txt
 served=$(metric esgz_nbd_bytes_served_total /tmp/metrics.txt)
 check "metrics: bytes served labelled device=/dev/nbd4 ($served)" test "${served:-0}" -gt 0
+fetched=$(metric esgz_nbd_bytes_fetched_total /tmp/metrics.txt)
+check "metrics: bytes fetched labelled device=/dev/nbd4 ($fetched)" test "${fetched:-0}" -gt 0
 esgz-nbd list | sed "s/^/  list: /"
 for pair in FETCHED:bytes_fetched SERVED:bytes_served REQUESTS:range_requests HITS:cache_hits MISSES:cache_misses; do
     column=${pair%%:*}
@@ -164,7 +168,7 @@ check "metrics: list ERRORS ($listed) equals the scraped errors ($(errors /tmp/m
 
 kill -9 "$old_pid"
 sleep 1
-device=$(esgz-nbd -q attach --timeout 5 --reattach /dev/nbd4 "oci:$basic/oci")
+device=$(ESGZ_NBD_CACHE_DIR=$metrics_cache esgz-nbd -q attach --timeout 5 --reattach /dev/nbd4 "oci:$basic/oci")
 check "metrics: attach --reattach without --metrics-addr (device '$device')" test "$device" = /dev/nbd4
 new_pid=$(state_field 4 pid)
 read_all

@@ -117,8 +117,8 @@ pub async fn run(
     report
 }
 
-/// What the landmark prefetch of one layer fetches: the members before the
-/// landmark and the files whose chunks they hold.
+/// The landmark prefetch of one layer: the members before the landmark and
+/// the files whose chunks they contain.
 struct LandmarkPlan {
     /// Position of the layer in the image.
     layer: u32,
@@ -130,7 +130,8 @@ struct LandmarkPlan {
 }
 
 impl LandmarkPlan {
-    /// The plan of a layer with a landmark and members before it; `None` otherwise.
+    /// Plans the prefetch of a layer with a landmark and members before it;
+    /// `None` for any other layer.
     fn new(store: &ChunkStore, position: usize, index: &LayerIndex) -> Option<LandmarkPlan> {
         let Prefetch::Before { compressed_offset } = index.prefetch else {
             return None;
@@ -165,8 +166,8 @@ impl LandmarkPlan {
         })
     }
 
-    /// Files whose members are all in the cache, and the compressed bytes of the
-    /// members in the cache.
+    /// Counts the files whose members are all in the cache, and the compressed
+    /// bytes of the members in the cache.
     fn done(&self, store: &ChunkStore) -> (u64, u64) {
         let cached: Vec<bool> = self
             .members
@@ -194,8 +195,8 @@ impl LandmarkPlan {
 }
 
 /// Fetches the planned members of all layers in parallel and shows their
-/// progress; returns the member count, their compressed bytes and the number of
-/// layers whose fetch failed.
+/// progress. Returns the member count, their compressed bytes and the number
+/// of layers whose fetch failed.
 async fn prefetch_landmarks(
     store: &ChunkStore,
     layers: &[Arc<LayerIndex>],

@@ -117,7 +117,7 @@ impl FileCount {
         }
     }
 
-    /// The bar's message: `LABEL DONE/TOTAL files`.
+    /// Formats the bar's message: `LABEL DONE/TOTAL files`.
     fn message(&self) -> String {
         format!(
             "{} {}/{} files",
@@ -151,8 +151,8 @@ pub fn task(label: &str, total: u64) -> Task {
 
 /// Starts a task of `total_bytes` bytes in `total_files` files named
 /// `label`, whose progress the caller sets with [`Task::set_done`]. The bar
-/// shows files and bytes done with a rate and stays on screen when done;
-/// without a terminal only a start and an end line with the totals are logged.
+/// shows files and bytes done with a rate and stays on screen when done.
+/// Without a terminal only a start and an end line with the totals are logged.
 pub fn file_task(label: &str, total_files: u64, total_bytes: u64) -> Task {
     let inner = match REPORTER.get() {
         None => TaskInner::None,

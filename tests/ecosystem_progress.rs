@@ -97,12 +97,12 @@ impl Drop for TerminalServer {
 /// Starts `serve` on the basic fixture under `script`, writing what the
 /// terminal shows to `output`.
 fn serve_on_terminal(dir: &Path, output: &Path) -> TerminalServer {
-    let which = Command::new("sh")
+    let script_lookup = Command::new("sh")
         .args(["-c", "command -v script"])
         .output()
         .expect("running sh");
     assert!(
-        which.status.success(),
+        script_lookup.status.success(),
         "the tool `script` (util-linux) is missing; install util-linux"
     );
     let serve = [

@@ -133,7 +133,7 @@ pub fn render_table(devices: &[ListedDevice]) -> String {
     text
 }
 
-/// The STATE column: whether the server runs and the kernel has the device.
+/// Returns the STATE column from whether the server runs and the kernel has the device.
 fn server_state(device: &ListedDevice) -> &'static str {
     match (device.server_running, device.connected) {
         (true, Some(false)) => "stale",

@@ -121,8 +121,8 @@ async fn attach(settings: &AttachSettings) -> Result<Attached, AttachError> {
         (true, Some(index)) => Some(check_reattach(settings, index, netlink.is_some())?),
         _ => None,
     };
-    // Bound before the image opens, so a taken port fails the attach early. A
-    // reattach serves on the address the device had unless told otherwise.
+    // Bound before the image opens, so a port in use fails the attach early.
+    // A reattach without --metrics-addr serves on the address the device had.
     let metrics_addr = settings.metrics_addr.clone().or_else(|| {
         old_state
             .as_ref()
