@@ -192,6 +192,67 @@ check "record-access: two reads recorded in order" test "$(cat /tmp/access.txt)"
 check "record-access: the record is mode 600" test "$(stat -c %a /tmp/access.txt)" = 600
 check "record-access: detach" esgz-nbd -q detach /dev/nbd5
 
+# --- metrics per device: attach --metrics-addr, and --reattach keeps it -------------
+# The initramfs brings no network up; the metrics listen on loopback.
+ip link set lo up 2>/dev/null || ifconfig lo 127.0.0.1 up
+if busybox --list | grep -qx wget; then
+    scrape() { wget -qO- "http://127.0.0.1:$1/metrics"; }
+else
+    scrape() { printf 'GET /metrics HTTP/1.0\r\n\r\n' | nc 127.0.0.1 "$1"; }
+fi
+# metric NAME FILE: value of the series NAME of /dev/nbd4 in a scrape
+metric() { sed -n "s|^$1{device=\"/dev/nbd4\",image=\"[^\"]*\"} \\([0-9]*\\)\$|\\1|p" "$2"; }
+# errors FILE: esgz_nbd_errors_total of /dev/nbd4 summed over its kinds
+errors() { grep '^esgz_nbd_errors_total{device="/dev/nbd4"' "$1" | awk '{ sum += $NF } END { print sum + 0 }'; }
+# list_column NAME: the column NAME of the /dev/nbd4 row of `esgz-nbd list`
+list_column() {
+    esgz-nbd list | awk -v name="$1" 'NR == 1 { for (i = 1; i <= NF; i++) if ($i == name) column = i }
+        $1 == "/dev/nbd4" { print $column }'
+}
+# read_all: reads every file of the mounted image past the page cache
+read_all() { echo 3 > /proc/sys/vm/drop_caches; find /mnt/image -type f -exec cat {} + > /dev/null; }
+
+port=9464
+# An empty cache, so the reads fetch and the fetch counters move.
+metrics_cache=/data/cache-metrics
+device=$(ESGZ_NBD_CACHE_DIR=$metrics_cache esgz-nbd -q attach --timeout 5 --metrics-addr "127.0.0.1:$port" "oci:$basic/oci" /dev/nbd4)
+check "metrics: attach --metrics-addr (device '$device')" test "$device" = /dev/nbd4
+grep -q "\"metrics_addr\": \"127.0.0.1:$port\"" /run/esgz-nbd/nbd4.json
+check "metrics: the state file records the metrics address" test $? -eq 0
+old_pid=$(state_field 4 pid)
+mount -t ext4 -o ro /dev/nbd4 /mnt/image
+check "metrics: mount" test $? -eq 0
+read_all
+sleep 2 # the server rewrites its stats file every second
+scrape "$port" > /tmp/metrics.txt
+check "metrics: scrape with $(command -v wget >/dev/null && echo wget || echo nc)" test -s /tmp/metrics.txt
+served=$(metric esgz_nbd_bytes_served_total /tmp/metrics.txt)
+check "metrics: bytes served labelled device=/dev/nbd4 ($served)" test "${served:-0}" -gt 0
+fetched=$(metric esgz_nbd_bytes_fetched_total /tmp/metrics.txt)
+check "metrics: bytes fetched labelled device=/dev/nbd4 ($fetched)" test "${fetched:-0}" -gt 0
+esgz-nbd list | sed "s/^/  list: /"
+for pair in FETCHED:bytes_fetched SERVED:bytes_served REQUESTS:range_requests HITS:cache_hits MISSES:cache_misses; do
+    column=${pair%%:*}
+    value=$(metric "esgz_nbd_${pair#*:}_total" /tmp/metrics.txt)
+    listed=$(list_column "$column")
+    check "metrics: list $column ($listed) equals the scraped value ($value)" test -n "$value" -a "$listed" = "$value"
+done
+listed=$(list_column ERRORS)
+check "metrics: list ERRORS ($listed) equals the scraped errors ($(errors /tmp/metrics.txt))" test "$listed" = "$(errors /tmp/metrics.txt)"
+
+kill -9 "$old_pid"
+sleep 1
+device=$(ESGZ_NBD_CACHE_DIR=$metrics_cache esgz-nbd -q attach --timeout 5 --reattach /dev/nbd4 "oci:$basic/oci")
+check "metrics: attach --reattach without --metrics-addr (device '$device')" test "$device" = /dev/nbd4
+new_pid=$(state_field 4 pid)
+read_all
+scrape "$port" > /tmp/metrics-reattached.txt
+served=$(metric esgz_nbd_bytes_served_total /tmp/metrics-reattached.txt)
+check "metrics: the reattached server serves device=/dev/nbd4 on the recorded address ($served bytes served)" test "${served:-0}" -gt 0
+umount /mnt/image
+check "metrics: detach" esgz-nbd -q detach /dev/nbd4
+check_released 4 "$new_pid" "metrics"
+
 # --- errors -------------------------------------------------------------------
 if esgz-nbd -q attach oci:/data/does-not-exist 2>/tmp/missing.err; then
     bad "attach of a missing image fails"

@@ -198,6 +198,12 @@ pub struct AttachArgs {
     #[arg(long, value_enum, default_value_t = NbdInterface::Auto)]
     pub interface: NbdInterface,
 
+    /// Serve Prometheus metrics of this device at http://ADDR:PORT/metrics,
+    /// labelled with the device and image. A bare PORT binds 127.0.0.1.
+    /// --reattach without it serves on the address the device had.
+    #[arg(long, value_name = "[ADDR:]PORT")]
+    pub metrics_addr: Option<String>,
+
     /// Directory of the state files [default: /run/esgz-nbd].
     #[arg(long, env = "ESGZ_NBD_RUNTIME_DIR", value_name = "DIR", hide = true)]
     pub runtime_dir: Option<PathBuf>,

@@ -456,17 +456,8 @@ async fn run_server<D: BlockDevice>(
         .clone()
         .or_else(|| settings.file.metrics_addr.clone());
     if let Some(text) = metrics_addr {
-        let addr = metrics::parse_metrics_addr(&text)?;
-        if !addr.ip().is_loopback() {
-            warn!(%addr, "serving metrics on a non-loopback address: anyone who can reach it can read them");
-        }
-        let listener = metrics::bind(addr).await?;
-        let bound = listener.local_addr().unwrap_or(addr);
-        info!(addr = %bound, "serving Prometheus metrics at /metrics");
-        let labels = MetricsLabels {
-            export: args.export_name.clone(),
-            image: image.description.clone(),
-        };
+        let (listener, _) = metrics::listen(&text).await?;
+        let labels = MetricsLabels::for_export(&args.export_name, &image.description);
         let scrape_disk = disk.clone();
         let scrape_store = store.clone();
         let startup = image.startup;
@@ -645,6 +636,7 @@ async fn attach_command(args: AttachArgs, settings: &Settings) -> anyhow::Result
         log_file: args.log_file.clone(),
         ready,
         started,
+        metrics_addr: args.metrics_addr.clone(),
     };
     attach::run_server(settings).await?;
     Ok(())
@@ -664,38 +656,7 @@ fn list_command(args: ListArgs) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(&devices)?);
         return Ok(());
     }
-    println!(
-        "{:<11} {:<8} {:<10} {:>7} {:>12} {:>12} {:>12}  IMAGE",
-        "DEVICE", "STATE", "MODE", "PID", "FETCHED", "SERVED", "CACHE"
-    );
-    for device in devices {
-        let state = match (device.server_running, device.connected) {
-            (true, Some(false)) => "stale",
-            (true, _) => "running",
-            (false, Some(true)) => "orphaned",
-            (false, _) => "dead",
-        };
-        let counter = |pointer: &str| {
-            device
-                .stats
-                .as_ref()
-                .and_then(|stats| stats.pointer(pointer))
-                .and_then(|value| value.as_u64())
-                .map(|value| value.to_string())
-                .unwrap_or_else(|| "-".to_string())
-        };
-        println!(
-            "{:<11} {:<8} {:<10} {:>7} {:>12} {:>12} {:>12}  {}",
-            device.state.device,
-            state,
-            device.state.mode,
-            device.state.pid,
-            counter("/store/bytes_fetched"),
-            counter("/store/bytes_served"),
-            counter("/cache_bytes"),
-            device.state.image,
-        );
-    }
+    print!("{}", attach::list::render_table(&devices));
     Ok(())
 }
 

@@ -51,22 +51,35 @@ pub fn parse_metrics_addr(text: &str) -> Result<SocketAddr, MetricsError> {
         })
 }
 
-/// Labels attached to every series, naming what is served.
+/// Labels attached to every series, naming what is served: the export and
+/// image of `serve`, or the kernel device and image of `attach`.
 #[derive(Clone, Debug, Default)]
 pub struct MetricsLabels {
-    /// NBD export name.
-    pub export: String,
-    /// Image reference or layout, without credentials.
-    pub image: String,
+    /// Label names and values, in the order they are written.
+    pairs: Vec<(&'static str, String)>,
 }
 
 impl MetricsLabels {
+    /// Labels of `serve`: the NBD export name and the image (without credentials).
+    pub fn for_export(export: &str, image: &str) -> MetricsLabels {
+        MetricsLabels {
+            pairs: vec![("export", export.to_string()), ("image", image.to_string())],
+        }
+    }
+
+    /// Labels of `attach`: the kernel device (`/dev/nbdN`) and the image.
+    pub fn for_device(device: &str, image: &str) -> MetricsLabels {
+        MetricsLabels {
+            pairs: vec![("device", device.to_string()), ("image", image.to_string())],
+        }
+    }
+
     fn render(&self) -> String {
-        format!(
-            "export=\"{}\",image=\"{}\"",
-            escape_label(&self.export),
-            escape_label(&self.image)
-        )
+        self.pairs
+            .iter()
+            .map(|(name, value)| format!("{name}=\"{}\"", escape_label(value)))
+            .collect::<Vec<_>>()
+            .join(",")
     }
 }
 
@@ -209,6 +222,19 @@ pub async fn bind(addr: SocketAddr) -> Result<TcpListener, MetricsError> {
         .map_err(|source| MetricsError::Bind { addr, source })
 }
 
+/// Parses a `--metrics-addr` value and binds it, warning when the address is
+/// reachable from other hosts; returns the listener and its bound address.
+pub async fn listen(text: &str) -> Result<(TcpListener, SocketAddr), MetricsError> {
+    let addr = parse_metrics_addr(text)?;
+    if !addr.ip().is_loopback() {
+        tracing::warn!(%addr, "serving metrics on a non-loopback address: anyone who can reach it can read them");
+    }
+    let listener = bind(addr).await?;
+    let bound = listener.local_addr().unwrap_or(addr);
+    tracing::info!(addr = %bound, "serving Prometheus metrics at /metrics");
+    Ok((listener, bound))
+}
+
 /// Serves `GET /metrics` on `listener` until `shutdown` turns true; each
 /// scrape calls `scrape` for fresh text.
 pub async fn serve(
@@ -336,10 +362,7 @@ mod tests {
         snapshot.store.fetch_latency.buckets[0] = 3;
         snapshot.store.fetch_latency.buckets[2] = 1;
         snapshot.store.fetch_latency.sum_micros = 1_500_000;
-        let labels = MetricsLabels {
-            export: "ex".into(),
-            image: "a\"b\\c\nd".into(),
-        };
+        let labels = MetricsLabels::for_export("ex", "a\"b\\c\nd");
         let text = render(&snapshot, &labels);
         let labels = "export=\"ex\",image=\"a\\\"b\\\\c\\nd\"";
         let expected_lines = [
@@ -355,6 +378,29 @@ mod tests {
         ];
         for line in expected_lines {
             assert!(text.lines().any(|l| l == line), "missing {line}\n{text}");
+        }
+    }
+
+    #[test]
+    fn render_device_labels() {
+        let mut snapshot = MetricsSnapshot::default();
+        snapshot.store.bytes_served = 8192;
+        snapshot.store.verify_failures = 1;
+        let labels = MetricsLabels::for_device("/dev/nbd3", "oci:/images/app");
+        let text = render(&snapshot, &labels);
+        let labels = "device=\"/dev/nbd3\",image=\"oci:/images/app\"";
+        let expected_lines = [
+            format!("esgz_nbd_bytes_served_total{{{labels}}} 8192"),
+            format!("esgz_nbd_errors_total{{{labels},kind=\"verify\"}} 1"),
+            format!("esgz_nbd_fetch_duration_seconds_count{{{labels}}} 0"),
+        ];
+        for line in expected_lines {
+            assert!(text.lines().any(|l| l == line), "missing {line}\n{text}");
+        }
+        assert!(!text.contains("export="), "{text}");
+        // Every sample line carries the device label.
+        for line in text.lines().filter(|line| !line.starts_with('#')) {
+            assert!(line.contains("device=\"/dev/nbd3\""), "{line}");
         }
     }
 

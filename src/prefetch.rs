@@ -2,14 +2,20 @@
 //! (eStargz spec, "Prioritized Files and Landmark Files"), then optionally the rest of
 //! every layer in the background, rate-limited and pausing while reads wait.
 
+use std::collections::BTreeMap;
+use std::ops::Range;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::future::join_all;
 use tracing::{debug, info, warn};
 
-use crate::layer::{LayerIndex, Prefetch};
+use crate::layer::{ChunkSource, LayerIndex, Prefetch};
+use crate::progress;
 use crate::store::{ChunkStore, Priority};
+
+/// How often a progress bar of the landmark prefetch is brought up to date.
+const PROGRESS_INTERVAL: Duration = Duration::from_millis(100);
 
 /// How long background fetching sleeps before it checks again for waiting reads.
 const IDLE_POLL: Duration = Duration::from_millis(5);
@@ -73,17 +79,17 @@ pub async fn run(
     let mut report = PrefetchReport::default();
 
     if options.landmark {
-        let fetches = layers
+        let plans: Vec<LandmarkPlan> = layers
             .iter()
             .enumerate()
-            .map(|(position, index)| prefetch_landmark(&store, position, index));
-        for (members, bytes, failed) in join_all(fetches).await {
-            report.landmark_members += members;
-            report.landmark_bytes += bytes;
-            report.failures += usize::from(failed);
-        }
+            .filter_map(|(position, index)| LandmarkPlan::new(&store, position, index))
+            .collect();
+        let (members, bytes, failures) = prefetch_landmarks(&store, &layers, &plans).await;
+        report.landmark_members = members;
+        report.landmark_bytes = bytes;
+        report.failures += failures;
         if report.landmark_members > 0 {
-            info!(
+            debug!(
                 members = report.landmark_members,
                 bytes = report.landmark_bytes,
                 elapsed_ms = started.elapsed().as_millis() as u64,
@@ -111,37 +117,142 @@ pub async fn run(
     report
 }
 
-/// Fetches one layer's members before its landmark; returns the member count, their
-/// compressed bytes and whether the fetch failed.
-async fn prefetch_landmark(
-    store: &ChunkStore,
-    position: usize,
-    index: &LayerIndex,
-) -> (usize, u64, bool) {
-    let Prefetch::Before { compressed_offset } = index.prefetch else {
-        return (0, 0, false);
-    };
-    let Ok(layer) = u32::try_from(position) else {
-        return (0, 0, false);
-    };
-    let members = store.members_before(layer, compressed_offset);
-    let bytes = span_bytes(store, layer, members.clone());
-    let count = members.len();
-    if count == 0 {
-        return (0, 0, false);
+/// The landmark prefetch of one layer: the members before the landmark and
+/// the files whose chunks they contain.
+struct LandmarkPlan {
+    /// Position of the layer in the image.
+    layer: u32,
+    members: Range<usize>,
+    /// Compressed bytes of `members`.
+    bytes: u64,
+    /// For each file, the members that hold its chunks.
+    files: Vec<Vec<usize>>,
+}
+
+impl LandmarkPlan {
+    /// Plans the prefetch of a layer with a landmark and members before it;
+    /// `None` for any other layer.
+    fn new(store: &ChunkStore, position: usize, index: &LayerIndex) -> Option<LandmarkPlan> {
+        let Prefetch::Before { compressed_offset } = index.prefetch else {
+            return None;
+        };
+        let layer = u32::try_from(position).ok()?;
+        let members = store.members_before(layer, compressed_offset);
+        if members.is_empty() {
+            return None;
+        }
+
+        // A chunk's member is the one starting at the chunk's compressed offset,
+        // so its index is the number of members that start before it.
+        let mut files: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
+        for chunk in &index.chunks {
+            let ChunkSource::Member {
+                compressed_offset: start,
+                ..
+            } = chunk.source
+            else {
+                continue;
+            };
+            if start < compressed_offset {
+                let member = store.members_before(layer, start).end;
+                files.entry(chunk.name.as_str()).or_default().push(member);
+            }
+        }
+        Some(LandmarkPlan {
+            layer,
+            bytes: span_bytes(store, layer, members.clone()),
+            members,
+            files: files.into_values().collect(),
+        })
     }
 
-    debug!(layer = %index.digest, members = count, bytes, "prefetching the files before the landmark");
-    match store.fetch_members(layer, members, Priority::High).await {
-        Ok(()) => (count, bytes, false),
-        Err(error) => {
-            warn!(layer = %index.digest, %error, "landmark prefetch failed; reads fetch the files on demand");
-            (count, bytes, true)
-        }
+    /// Counts the files whose members are all in the cache, and the compressed
+    /// bytes of the members in the cache.
+    fn done(&self, store: &ChunkStore) -> (u64, u64) {
+        let cached: Vec<bool> = self
+            .members
+            .clone()
+            .map(|member| store.member_cached(self.layer, member))
+            .collect();
+        let is_cached = |member: usize| {
+            member
+                .checked_sub(self.members.start)
+                .and_then(|position| cached.get(position).copied())
+                .unwrap_or(false)
+        };
+        let files = self
+            .files
+            .iter()
+            .filter(|members| members.iter().all(|&member| is_cached(member)))
+            .count() as u64;
+        let bytes = span_bytes(
+            store,
+            self.layer,
+            self.members.clone().filter(|&member| is_cached(member)),
+        );
+        (files, bytes)
     }
 }
 
-fn span_bytes(store: &ChunkStore, layer: u32, members: std::ops::Range<usize>) -> u64 {
+/// Fetches the planned members of all layers in parallel and shows their
+/// progress. Returns the member count, their compressed bytes and the number
+/// of layers whose fetch failed.
+async fn prefetch_landmarks(
+    store: &ChunkStore,
+    layers: &[Arc<LayerIndex>],
+    plans: &[LandmarkPlan],
+) -> (usize, u64, usize) {
+    if plans.is_empty() {
+        return (0, 0, 0);
+    }
+    let total_files = plans.iter().map(|plan| plan.files.len() as u64).sum();
+    let total_bytes = plans.iter().map(|plan| plan.bytes).sum();
+    let task = progress::file_task("prefetch", total_files, total_bytes);
+    let done = || {
+        plans
+            .iter()
+            .map(|plan| plan.done(store))
+            .fold((0, 0), |(files, bytes), (f, b)| (files + f, bytes + b))
+    };
+
+    let fetches = plans.iter().map(|plan| async move {
+        let digest = layers
+            .get(plan.layer as usize)
+            .map_or("", |index| index.digest.as_str());
+        debug!(layer = %digest, members = plan.members.len(), bytes = plan.bytes, "prefetching the files before the landmark");
+        let result = store
+            .fetch_members(plan.layer, plan.members.clone(), Priority::High)
+            .await;
+        if let Err(error) = &result {
+            warn!(layer = %digest, %error, "landmark prefetch failed; reads fetch the files on demand");
+        }
+        result.is_err()
+    });
+    let mut fetches = std::pin::pin!(join_all(fetches));
+    let failed = if task.is_live() {
+        let mut ticks = tokio::time::interval(PROGRESS_INTERVAL);
+        loop {
+            tokio::select! {
+                failed = &mut fetches => break failed,
+                _ = ticks.tick() => {
+                    let (files, bytes) = done();
+                    task.set_done(files, bytes);
+                }
+            }
+        }
+    } else {
+        fetches.await
+    };
+    let (files, bytes) = done();
+    task.set_done(files, bytes);
+    task.finish();
+
+    let members = plans.iter().map(|plan| plan.members.len()).sum();
+    let failures = failed.into_iter().filter(|&failed| failed).count();
+    (members, total_bytes, failures)
+}
+
+fn span_bytes(store: &ChunkStore, layer: u32, members: impl Iterator<Item = usize>) -> u64 {
     members
         .filter_map(|member| store.member_span(layer, member))
         .map(|span| span.end - span.start)

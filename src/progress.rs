@@ -1,4 +1,4 @@
-//! Progress of long work (whole-layer downloads, export): indicatif bars when standard error is a terminal, occasional log lines otherwise.
+//! Progress of long work (whole-layer downloads, export, the start-up prefetch): indicatif bars when standard error is a terminal, log lines otherwise.
 //!
 //! The binary picks a reporter once with [`install`]; library code calls
 //! [`task`] and gets a no-op handle when nothing is installed, as in tests.
@@ -87,8 +87,15 @@ pub struct Task {
 
 enum TaskInner {
     None,
-    Bar(ProgressBar),
+    Bar(ProgressBar, Option<FileCount>),
     Log(Arc<LogTask>),
+}
+
+/// The file count of a task started with [`file_task`].
+struct FileCount {
+    label: String,
+    total: u64,
+    done: AtomicU64,
 }
 
 struct LogTask {
@@ -97,6 +104,28 @@ struct LogTask {
     done: AtomicU64,
     started: Instant,
     last_line: Mutex<Instant>,
+    /// Set for a [`file_task`], which logs only its start and its end.
+    files: Option<FileCount>,
+}
+
+impl FileCount {
+    fn new(label: &str, total: u64) -> FileCount {
+        FileCount {
+            label: label.to_string(),
+            total,
+            done: AtomicU64::new(0),
+        }
+    }
+
+    /// Formats the bar's message: `LABEL DONE/TOTAL files`.
+    fn message(&self) -> String {
+        format!(
+            "{} {}/{} files",
+            self.label,
+            self.done.load(Ordering::Relaxed),
+            self.total
+        )
+    }
 }
 
 /// Starts a task of `total` bytes named `label`.
@@ -104,29 +133,69 @@ pub fn task(label: &str, total: u64) -> Task {
     let inner = match REPORTER.get() {
         None => TaskInner::None,
         Some(Reporter::Bars(bars)) => {
-            let bar = bars.add(ProgressBar::new(total));
-            let style = ProgressStyle::with_template(
+            let bar = new_bar(
+                bars,
+                total,
                 "{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
-            )
-            .unwrap_or_else(|_| ProgressStyle::default_bar())
-            .progress_chars("=> ");
-            bar.set_style(style);
+            );
             bar.set_message(label.to_string());
-            TaskInner::Bar(bar)
+            TaskInner::Bar(bar, None)
         }
         Some(Reporter::Log) => {
             tracing::info!(task = label, total_bytes = total, "started");
-            let now = Instant::now();
-            TaskInner::Log(Arc::new(LogTask {
-                label: label.to_string(),
-                total,
-                done: AtomicU64::new(0),
-                started: now,
-                last_line: Mutex::new(now),
-            }))
+            TaskInner::Log(Arc::new(LogTask::new(label, total, None)))
         }
     };
     Task { inner }
+}
+
+/// Starts a task of `total_bytes` bytes in `total_files` files named
+/// `label`, whose progress the caller sets with [`Task::set_done`]. The bar
+/// shows files and bytes done with a rate and stays on screen when done.
+/// Without a terminal only a start and an end line with the totals are logged.
+pub fn file_task(label: &str, total_files: u64, total_bytes: u64) -> Task {
+    let inner = match REPORTER.get() {
+        None => TaskInner::None,
+        Some(Reporter::Bars(bars)) => {
+            let bar = new_bar(
+                bars,
+                total_bytes,
+                "{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec}",
+            );
+            let files = FileCount::new(label, total_files);
+            bar.set_message(files.message());
+            TaskInner::Bar(bar, Some(files))
+        }
+        Some(Reporter::Log) => {
+            tracing::info!(task = label, total_files, total_bytes, "started");
+            let files = FileCount::new(label, total_files);
+            TaskInner::Log(Arc::new(LogTask::new(label, total_bytes, Some(files))))
+        }
+    };
+    Task { inner }
+}
+
+fn new_bar(bars: &MultiProgress, total: u64, template: &str) -> ProgressBar {
+    let bar = bars.add(ProgressBar::new(total));
+    let style = ProgressStyle::with_template(template)
+        .unwrap_or_else(|_| ProgressStyle::default_bar())
+        .progress_chars("=> ");
+    bar.set_style(style);
+    bar
+}
+
+impl LogTask {
+    fn new(label: &str, total: u64, files: Option<FileCount>) -> LogTask {
+        let now = Instant::now();
+        LogTask {
+            label: label.to_string(),
+            total,
+            done: AtomicU64::new(0),
+            started: now,
+            last_line: Mutex::new(now),
+            files,
+        }
+    }
 }
 
 impl Task {
@@ -134,9 +203,12 @@ impl Task {
     pub fn advance(&self, bytes: u64) {
         match &self.inner {
             TaskInner::None => {}
-            TaskInner::Bar(bar) => bar.inc(bytes),
+            TaskInner::Bar(bar, _) => bar.inc(bytes),
             TaskInner::Log(task) => {
                 let done = task.done.fetch_add(bytes, Ordering::Relaxed) + bytes;
+                if task.files.is_some() {
+                    return;
+                }
                 let now = Instant::now();
                 let mut last = task.last_line.lock().unwrap_or_else(|p| p.into_inner());
                 if now.duration_since(*last) >= LOG_INTERVAL {
@@ -148,15 +220,62 @@ impl Task {
         }
     }
 
-    /// Ends the task; the bar disappears, or a last log line is written.
+    /// Sets the files and bytes done so far, for work measured by looking
+    /// at its result rather than counted as it goes.
+    pub fn set_done(&self, files: u64, bytes: u64) {
+        match &self.inner {
+            TaskInner::None => {}
+            TaskInner::Bar(bar, count) => {
+                if let Some(count) = count {
+                    count.done.store(files, Ordering::Relaxed);
+                    bar.set_message(count.message());
+                }
+                bar.set_position(bytes);
+            }
+            TaskInner::Log(task) => {
+                task.done.store(bytes, Ordering::Relaxed);
+                if let Some(count) = &task.files {
+                    count.done.store(files, Ordering::Relaxed);
+                }
+            }
+        }
+    }
+
+    /// Whether the progress is drawn live, so polling for [`Task::set_done`]
+    /// is worth it before the end.
+    pub fn is_live(&self) -> bool {
+        matches!(self.inner, TaskInner::Bar(..))
+    }
+
+    /// Ends the task: a byte task's bar disappears and a file task's bar stays
+    /// in its final state; without a terminal a last log line is written.
     pub fn finish(&self) {
         match &self.inner {
             TaskInner::None => {}
-            TaskInner::Bar(bar) => bar.finish_and_clear(),
+            TaskInner::Bar(bar, None) => bar.finish_and_clear(),
+            TaskInner::Bar(bar, Some(_)) => bar.finish(),
             TaskInner::Log(task) => {
                 let done = task.done.load(Ordering::Relaxed);
-                let elapsed_ms = task.started.elapsed().as_millis() as u64;
-                tracing::info!(task = %task.label, done_bytes = done, elapsed_ms, "finished");
+                let elapsed = task.started.elapsed();
+                let elapsed_ms = elapsed.as_millis() as u64;
+                match &task.files {
+                    None => {
+                        tracing::info!(task = %task.label, done_bytes = done, elapsed_ms, "finished")
+                    }
+                    Some(count) => {
+                        let bytes_per_sec = (done as f64 / elapsed.as_secs_f64().max(1e-3)) as u64;
+                        tracing::info!(
+                            task = %task.label,
+                            done_files = count.done.load(Ordering::Relaxed),
+                            total_files = count.total,
+                            done_bytes = done,
+                            total_bytes = task.total,
+                            elapsed_ms,
+                            bytes_per_sec,
+                            "finished"
+                        )
+                    }
+                }
             }
         }
     }

@@ -13,6 +13,7 @@
 pub mod daemon;
 pub mod disk;
 pub mod ioctl;
+pub mod list;
 pub mod manifest;
 pub mod netlink;
 mod server;
@@ -28,8 +29,9 @@ use tracing::{debug, info, warn};
 
 use crate::nbd::proto::transmission_flags as tf;
 use netlink::{NbdNetlink, NetlinkError};
-use state::{DeviceState, Interface, RuntimeDir};
+use state::{Interface, RuntimeDir};
 
+pub use list::{list, ListedDevice};
 pub use server::{run_server, AttachSettings};
 
 /// Block size announced to the kernel: the ext4 block size of the image.
@@ -120,6 +122,9 @@ pub enum AttachError {
 
     #[error(transparent)]
     State(#[from] state::StateError),
+
+    #[error(transparent)]
+    Metrics(#[from] crate::metrics::MetricsError),
 
     #[error("failed to {step} {}: {source}", path.display())]
     Io {
@@ -378,53 +383,6 @@ fn wait_for(timeout: Duration, mut done: impl FnMut() -> bool) -> bool {
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-}
-
-/// One attached device as `list` shows it.
-#[derive(Debug, serde::Serialize)]
-pub struct ListedDevice {
-    #[serde(flatten)]
-    pub state: DeviceState,
-    pub server_running: bool,
-    /// Whether the kernel reports the device connected (`NBD_CMD_STATUS`).
-    pub connected: Option<bool>,
-    /// The server's last stats file.
-    pub stats: Option<serde_json::Value>,
-}
-
-/// Lists the devices that have state files, with their server and kernel status.
-pub fn list(runtime: &RuntimeDir) -> Result<Vec<ListedDevice>, AttachError> {
-    let statuses = NbdNetlink::open()
-        .and_then(|mut socket| socket.status(None))
-        .ok();
-    let mut devices = Vec::new();
-    for state in runtime.list()? {
-        let state = match state {
-            Ok(state) => state,
-            Err(error) => {
-                warn!(%error, "skipping an unreadable state file");
-                continue;
-            }
-        };
-        let connected = match &statuses {
-            Some(statuses) => Some(
-                statuses
-                    .iter()
-                    .any(|s| s.index == state.index && s.connected),
-            ),
-            None => device_size(state.index).ok().map(|size| size > 0),
-        };
-        let stats = std::fs::read(&state.stats_file)
-            .ok()
-            .and_then(|text| serde_json::from_slice(&text).ok());
-        devices.push(ListedDevice {
-            server_running: process_alive(state.pid),
-            connected,
-            stats,
-            state,
-        });
-    }
-    Ok(devices)
 }
 
 #[cfg(test)]

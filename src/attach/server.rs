@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
@@ -25,6 +26,7 @@ use super::{
 use crate::access::AccessRecorder;
 use crate::device::BlockDevice;
 use crate::image::{open_image, OpenOptions, OpenedImage, StartupFetch};
+use crate::metrics::{self, MetricsLabels, MetricsSnapshot};
 use crate::nbd::{serve_transmission, ServerOptions};
 
 /// How long `attach` waits for a connected device to report its size.
@@ -62,6 +64,8 @@ pub struct AttachSettings {
     pub ready: Option<ReadyPipe>,
     /// When the command started, for the attach time.
     pub started: Instant,
+    /// `--metrics-addr`: where to serve Prometheus metrics of the device.
+    pub metrics_addr: Option<String>,
 }
 
 /// A connected device and the tasks serving it.
@@ -73,6 +77,8 @@ struct Attached {
     disk: Arc<AttachDisk>,
     image: OpenedImage,
     state: DeviceState,
+    /// The bound metrics listener, served once the device is readable.
+    metrics: Option<TcpListener>,
 }
 
 /// Attaches the image and serves the device until it is disconnected (by
@@ -117,6 +123,17 @@ async fn attach(settings: &AttachSettings) -> Result<Attached, AttachError> {
     let old_state = match (settings.reattach, settings.device) {
         (true, Some(index)) => Some(check_reattach(settings, index, netlink.is_some())?),
         _ => None,
+    };
+    // Bound before the image opens, so a port in use fails the attach early.
+    // A reattach without --metrics-addr serves on the address the device had.
+    let metrics_addr = settings.metrics_addr.clone().or_else(|| {
+        old_state
+            .as_ref()
+            .and_then(|state| state.metrics_addr.clone())
+    });
+    let metrics = match &metrics_addr {
+        Some(text) => Some(metrics::listen(text).await?),
+        None => None,
     };
 
     let image = open_image(&settings.image, &settings.open)
@@ -258,6 +275,7 @@ async fn attach(settings: &AttachSettings) -> Result<Attached, AttachError> {
             .map(|d| d.as_secs())
             .unwrap_or_default(),
         attach_ms,
+        metrics_addr: metrics.as_ref().map(|(_, bound)| bound.to_string()),
     };
     settings
         .runtime
@@ -276,6 +294,7 @@ async fn attach(settings: &AttachSettings) -> Result<Attached, AttachError> {
         disk,
         image,
         state,
+        metrics: metrics.map(|(listener, _)| listener),
     })
 }
 
@@ -616,6 +635,7 @@ async fn serve(attached: Attached, settings: &AttachSettings) -> Result<(), Atta
         disk,
         image,
         state,
+        metrics,
     } = attached;
 
     let (stop_stats, stats_stopped) = tokio::sync::watch::channel(false);
@@ -624,8 +644,22 @@ async fn serve(attached: Attached, settings: &AttachSettings) -> Result<(), Atta
         image.startup,
         layer_cache_paths(&settings.open.cache_dir, &image),
         state.stats_file.clone(),
-        stats_stopped,
+        stats_stopped.clone(),
     ));
+    if let Some(listener) = metrics {
+        let labels = MetricsLabels::for_device(&state.device, &state.image);
+        let scrape_disk = disk.clone();
+        let startup = image.startup;
+        let scrape = Arc::new(move || {
+            let snapshot = MetricsSnapshot {
+                store: scrape_disk.store().stats(),
+                startup,
+                device_bytes: scrape_disk.size(),
+            };
+            metrics::render(&snapshot, &labels)
+        });
+        tokio::spawn(metrics::serve(listener, scrape, stats_stopped));
+    }
 
     let mut all_closed = Box::pin(futures::future::join_all(connections));
     tokio::select! {
@@ -758,30 +792,14 @@ async fn write_stats_loop(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::attach::state::sample_state;
 
     fn state(mode: &str, overlay: Option<&Path>, added_bytes: Option<u64>) -> DeviceState {
         DeviceState {
-            device: "/dev/nbd6".into(),
-            index: 6,
-            image: "oci:/images/app".into(),
-            manifest_digest: "sha256:00".into(),
-            backend: "esgz-nbd:sha256:00".into(),
-            pid: 1,
             mode: mode.into(),
             overlay: overlay.map(Path::to_path_buf),
-            overlay_temporary: false,
             added_bytes,
-            interface: Interface::Netlink,
-            connections: 1,
-            cache_dir: "/var/cache/esgz-nbd".into(),
-            socket: "socketpair".into(),
-            size_bytes: 1 << 20,
-            timeout_secs: 30,
-            dead_conn_timeout_secs: 60,
-            stats_file: "/run/esgz-nbd/nbd6.stats.json".into(),
-            log_file: None,
-            attached_at: 1,
-            attach_ms: 2,
+            ..sample_state(6, 1)
         }
     }
 

@@ -58,6 +58,9 @@ pub struct DeviceState {
     pub attached_at: u64,
     /// Milliseconds from the start of `attach` to the first read of the device.
     pub attach_ms: u64,
+    /// Bound address of the server's Prometheus endpoint (`--metrics-addr`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics_addr: Option<String>,
 }
 
 /// Paths of one runtime directory.
@@ -202,6 +205,35 @@ pub fn parse_device(path: &Path) -> Option<u32> {
     digits.parse().ok()
 }
 
+/// A read-only device state for tests of the modules that read state files.
+#[cfg(test)]
+pub(crate) fn sample_state(index: u32, pid: u32) -> DeviceState {
+    DeviceState {
+        device: format!("/dev/nbd{index}"),
+        index,
+        image: "oci:/images/app".into(),
+        manifest_digest: "sha256:00".into(),
+        backend: "esgz-nbd:sha256:00".into(),
+        pid,
+        mode: "ro".into(),
+        overlay: None,
+        overlay_temporary: false,
+        added_bytes: None,
+        interface: Interface::Netlink,
+        connections: 2,
+        cache_dir: "/var/cache/esgz-nbd".into(),
+        socket: "socketpair".into(),
+        size_bytes: 1 << 20,
+        timeout_secs: 30,
+        dead_conn_timeout_secs: 60,
+        stats_file: "/run/esgz-nbd/nbd0.stats.json".into(),
+        log_file: None,
+        attached_at: 1,
+        attach_ms: 2,
+        metrics_addr: None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -237,32 +269,6 @@ mod tests {
         }
     }
 
-    fn sample(index: u32, pid: u32) -> DeviceState {
-        DeviceState {
-            device: format!("/dev/nbd{index}"),
-            index,
-            image: "oci:/images/app".into(),
-            manifest_digest: "sha256:00".into(),
-            backend: "esgz-nbd:sha256:00".into(),
-            pid,
-            mode: "ro".into(),
-            overlay: None,
-            overlay_temporary: false,
-            added_bytes: None,
-            interface: Interface::Netlink,
-            connections: 2,
-            cache_dir: "/var/cache/esgz-nbd".into(),
-            socket: "socketpair".into(),
-            size_bytes: 1 << 20,
-            timeout_secs: 30,
-            dead_conn_timeout_secs: 60,
-            stats_file: "/run/esgz-nbd/nbd0.stats.json".into(),
-            log_file: None,
-            attached_at: 1,
-            attach_ms: 2,
-        }
-    }
-
     #[test]
     fn write_read_list_remove() {
         let temp = tempfile::tempdir().unwrap();
@@ -271,15 +277,15 @@ mod tests {
         let mode = fs::metadata(&runtime.dir).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o700);
 
-        runtime.write(&sample(2, 10)).unwrap();
-        runtime.write(&sample(0, 11)).unwrap();
+        runtime.write(&sample_state(2, 10)).unwrap();
+        runtime.write(&sample_state(0, 11)).unwrap();
         let file_mode = fs::metadata(runtime.state_path(2))
             .unwrap()
             .permissions()
             .mode()
             & 0o777;
         assert_eq!(file_mode, 0o600);
-        assert_eq!(runtime.read(2).unwrap(), Some(sample(2, 10)));
+        assert_eq!(runtime.read(2).unwrap(), Some(sample_state(2, 10)));
 
         let listed: Vec<u32> = runtime
             .list()
@@ -307,7 +313,7 @@ mod tests {
             overlay: Some("/data/overlay.img".into()),
             overlay_temporary: true,
             added_bytes: Some(1 << 30),
-            ..sample(4, 12)
+            ..sample_state(4, 12)
         };
         runtime.write(&state).unwrap();
         assert_eq!(runtime.read(4).unwrap(), Some(state));
@@ -315,11 +321,11 @@ mod tests {
 
     #[test]
     fn state_without_overlay_fields_parses() {
-        let mut json = serde_json::to_value(sample(1, 5)).unwrap();
+        let mut json = serde_json::to_value(sample_state(1, 5)).unwrap();
         let object = json.as_object_mut().unwrap();
         object.remove("overlay_temporary");
         assert!(!object.contains_key("overlay"));
         let state: DeviceState = serde_json::from_value(json).unwrap();
-        assert_eq!(state, sample(1, 5));
+        assert_eq!(state, sample_state(1, 5));
     }
 }

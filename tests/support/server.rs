@@ -97,6 +97,11 @@ impl Server {
         self.dir.path()
     }
 
+    /// Process id of the running server; `None` once it was stopped.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     pub fn log(&self) -> String {
         fs::read_to_string(self.dir.path().join("serve.log")).unwrap_or_default()
     }
