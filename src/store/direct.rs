@@ -87,20 +87,19 @@ impl Inner {
             let from = record.data_offset.max(data_offset);
             let to = (record.data_offset + record.size).min(end);
             if state.presence.contains(position) {
-                let bytes = self
-                    .io
-                    .read(layer, from, (to - from) as usize)
+                // A chunk with a changed block is dropped by the check and fetched below.
+                match self
+                    .read_checked(layer, position..position + 1, from, to - from)
                     .await
-                    .map_err(|source| ReadError::CacheIo {
-                        layer: state.index.digest.clone(),
-                        op: "read",
-                        offset: from,
-                        len: to - from,
-                        source: Arc::new(source),
-                    })?;
-                let at = (from - data_offset) as usize;
-                output[at..at + bytes.len()].copy_from_slice(&bytes);
-                continue;
+                {
+                    Ok(bytes) => {
+                        let at = (from - data_offset) as usize;
+                        output[at..at + bytes.len()].copy_from_slice(&bytes);
+                        continue;
+                    }
+                    Err(ReadError::CacheChecksum { .. }) => {}
+                    Err(error) => return Err(error),
+                }
             }
             if let Some(member) = state.table.chunk_member.get(position).copied().flatten() {
                 if members.last() != Some(&member) {

@@ -10,11 +10,15 @@
 //! served from the decoded bytes. Cache file I/O goes through io_uring when the kernel
 //! allows it, else through `pread`/`pwrite`.
 //!
-//! Beside each data file, `layers/sha256-<hex>.index` records the chunks written and
-//! their crc32, so a later run (of this image or another sharing the layer) reuses them
-//! after checking each one's checksum. Sequential reads of a layer trigger read-ahead.
+//! Beside each data file, `layers/sha256-<hex>.index` records the chunks written, their
+//! crc32 and the crc32 of each of their 4 KiB blocks, so a later run (of this image or
+//! another sharing the layer) reuses them after checking each one's checksum. Every read
+//! from the cache file checks the blocks it touches; a chunk with a changed block is
+//! dropped and fetched again. Sequential reads of a layer trigger read-ahead.
 
+mod blocks;
 mod cache;
+mod checked;
 pub mod chunk;
 mod direct;
 mod error;
@@ -48,6 +52,7 @@ pub use evict::{list_layers, prune, CachedLayer, PruneOptions, PruneReport};
 pub use fetch::Priority;
 pub use stats::{LatencyHistogram, StatsSnapshot, FETCH_LATENCY_BOUNDS};
 
+use blocks::BlockSums;
 use cache::Presence;
 use fetch::{Decoded, Flight};
 use io::CacheIo;
@@ -55,6 +60,10 @@ use persist::IndexFile;
 use readahead::ReadAhead;
 use stats::Stats;
 use table::MemberTable;
+
+/// How many times one read fetches chunks again whose cached blocks failed their
+/// checksum, before it fails with [`ReadError::CacheChecksum`].
+pub const CHECKSUM_REFETCHES: u32 = 2;
 
 /// The backend for cache file I/O.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -144,6 +153,9 @@ pub(crate) struct LayerState {
     persisted: Presence,
     /// crc32 of each chunk recorded in the index file (0 where none is).
     persisted_crc: Vec<u32>,
+    /// crc32 of each 4 KiB block of the fetched chunks, checked on every cache read.
+    /// Chunks of a whole layer ([`ChunkSource::Local`]) have none and are not checked.
+    blocks: BlockSums,
     index_file: IndexFile,
     readahead: Mutex<ReadAhead>,
 }
@@ -175,7 +187,9 @@ impl ChunkStore {
                 cache::open_lazy(&path, index.data_size)?
             };
 
-            let (index_file, loaded) = IndexFile::open(&persist::index_path(&path), &index)?;
+            let blocks = BlockSums::new(&index.chunks);
+            let (index_file, loaded) =
+                IndexFile::open(&persist::index_path(&path), &index, blocks.total())?;
             let persisted = Presence::new(index.chunks.len());
             let mut persisted_crc = vec![0u32; index.chunks.len()];
             if has_local {
@@ -190,6 +204,11 @@ impl ChunkStore {
                     if let Some(crc) = record {
                         persisted.insert(position);
                         persisted_crc[position] = *crc;
+                        let first = blocks.first_block(position) as usize;
+                        let count = blocks::blocks_in(index.chunks[position].size) as usize;
+                        if let Some(sums) = loaded.block_sums.get(first..first + count) {
+                            blocks.store(position, sums);
+                        }
                     }
                 }
             }
@@ -207,6 +226,7 @@ impl ChunkStore {
                 flights: Mutex::new(HashMap::new()),
                 persisted,
                 persisted_crc,
+                blocks,
                 index_file,
                 readahead: Mutex::new(ReadAhead::default()),
             });
@@ -234,6 +254,10 @@ impl ChunkStore {
     /// Reads `len` bytes of layer `layer`'s data space at `data_offset`; fetches,
     /// decompresses and verifies missing chunks first.
     ///
+    /// Bytes read from the cache file are checked against their block checksums. A chunk
+    /// with a changed block is dropped and fetched again, up to
+    /// [`CHECKSUM_REFETCHES`] times per read; after that the read fails.
+    ///
     /// Must run inside a tokio runtime: fetches run as spawned tasks, so they finish and
     /// fill the cache even if this future is dropped.
     pub async fn read(&self, layer: u32, data_offset: u64, len: u64) -> Result<Bytes, ReadError> {
@@ -242,46 +266,52 @@ impl ChunkStore {
             return Ok(Bytes::new());
         }
         self.inner.read_ahead(layer as usize, data_offset, len);
-        let decoded = match self
-            .inner
-            .ensure_present(layer as usize, chunks.clone(), Priority::High)
-            .await
-        {
-            Ok(decoded) => decoded,
-            Err(error) if direct::is_cache_write_failure(&error) => {
-                direct::log_cache_write_failure(&error);
-                return self
-                    .inner
-                    .read_direct(layer as usize, data_offset, len)
-                    .await;
+
+        let mut refetches = 0;
+        loop {
+            let decoded = match self
+                .inner
+                .ensure_present(layer as usize, chunks.clone(), Priority::High)
+                .await
+            {
+                Ok(decoded) => decoded,
+                Err(error) if direct::is_cache_write_failure(&error) => {
+                    direct::log_cache_write_failure(&error);
+                    return self
+                        .inner
+                        .read_direct(layer as usize, data_offset, len)
+                        .await;
+                }
+                Err(error) => return Err(error),
+            };
+
+            if let Some(bytes) = assemble(
+                &state.index.chunks,
+                &decoded,
+                chunks.clone(),
+                data_offset,
+                len,
+            ) {
+                Stats::add(&self.inner.stats.reads_from_decoded, 1);
+                Stats::add(&self.inner.stats.bytes_served, len);
+                return Ok(bytes);
             }
-            Err(error) => return Err(error),
-        };
 
-        if let Some(bytes) = assemble(&state.index.chunks, &decoded, chunks, data_offset, len) {
-            Stats::add(&self.inner.stats.reads_from_decoded, 1);
-            Stats::add(&self.inner.stats.bytes_served, len);
-            return Ok(bytes);
+            match self
+                .inner
+                .read_checked(layer as usize, chunks.clone(), data_offset, len)
+                .await
+            {
+                Ok(bytes) => {
+                    Stats::add(&self.inner.stats.bytes_served, len);
+                    return Ok(bytes);
+                }
+                Err(ReadError::CacheChecksum { .. }) if refetches < CHECKSUM_REFETCHES => {
+                    refetches += 1;
+                }
+                Err(error) => return Err(error),
+            }
         }
-
-        let cache_error = |source| ReadError::CacheIo {
-            layer: state.index.digest.clone(),
-            op: "read",
-            offset: data_offset,
-            len,
-            source: Arc::new(source),
-        };
-        let len_usize = usize::try_from(len)
-            .map_err(|_| cache_error(std::io::Error::other("the length does not fit in memory")))?;
-        let bytes = self
-            .inner
-            .io
-            .read(layer as usize, data_offset, len_usize)
-            .await
-            .map_err(cache_error)?;
-
-        Stats::add(&self.inner.stats.bytes_served, len);
-        Ok(bytes)
     }
 
     /// Fetches the chunks covering the range into the cache without returning data
