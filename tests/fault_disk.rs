@@ -207,6 +207,102 @@ fn read_only_cache_serves_from_source() {
     );
 }
 
+impl ScratchMount {
+    /// Remounts the file system read-only; nothing may have a file open for writing.
+    fn remount_read_only(&self) {
+        run(Command::new("mount")
+            .args(["-o", "remount,ro"])
+            .arg(&self.path));
+    }
+
+    /// Fills the file system with one file until it has no free block left.
+    fn fill(&self) {
+        let fill = self.path.join("fill");
+        let status = Command::new("dd")
+            .arg("if=/dev/zero")
+            .arg(format!("of={}", fill.display()))
+            .arg("bs=4096")
+            .stderr(std::process::Stdio::null())
+            .status()
+            .expect("starting dd");
+        assert!(
+            !status.success(),
+            "dd ended before the file system was full"
+        );
+        let available = run_stdout(
+            Command::new("df")
+                .args(["--output=avail", "-B1"])
+                .arg(&self.path),
+        );
+        assert_eq!(
+            available.lines().last().map(str::trim),
+            Some("0"),
+            "free bytes left: {available}"
+        );
+    }
+}
+
+/// The cache file system is read-only before the server starts, once empty
+/// and once holding an earlier run's cache: the server starts, serves every
+/// byte from the source and logs the condition once.
+#[test]
+fn read_only_cache_at_start_serves_from_source() {
+    let expected = expected_disk("basic");
+    for earlier_run in [false, true] {
+        let (dir, scratch) = server_dir_with(|path| ScratchMount::tmpfs(path, "16m"));
+        let dir = if earlier_run {
+            let server = Server::start_in(&layout_image("basic"), &[], dir);
+            assert_same_disk(&copy_disk(&server), &expected, "run before the remount");
+            server.stop().0
+        } else {
+            dir
+        };
+        scratch.remount_read_only();
+
+        let server = Server::start_in(&layout_image("basic"), &[], dir);
+        let case = if earlier_run {
+            "earlier cache"
+        } else {
+            "empty cache"
+        };
+        assert_same_disk(&copy_disk(&server), &expected, case);
+        assert_same_disk(&copy_disk(&server), &expected, case);
+        let log = server.log();
+        assert_eq!(
+            count_matches(&log, FALLBACK_MESSAGE),
+            1,
+            "{case}: the read-only cache is not logged exactly once:\n{log}"
+        );
+        assert!(
+            log.contains("ReadOnly"),
+            "{case}: the log does not say the cache is read-only:\n{log}"
+        );
+    }
+}
+
+/// The cache file system has no free block when the server starts: the server
+/// starts, serves every byte from the source and logs the condition once.
+#[test]
+fn full_cache_at_start_serves_from_source() {
+    let expected = expected_disk("basic");
+    let (dir, scratch) = server_dir_with(|path| ScratchMount::tmpfs(path, "256k"));
+    scratch.fill();
+    let server = Server::start_in(&layout_image("basic"), &["--io", "std"], dir);
+
+    assert_same_disk(&copy_disk(&server), &expected, "copy with a full cache");
+    assert_same_disk(&copy_disk(&server), &expected, "second copy");
+    let log = server.log();
+    assert_eq!(
+        count_matches(&log, FALLBACK_MESSAGE),
+        1,
+        "the full cache is not logged exactly once:\n{log}"
+    );
+    assert!(
+        log.contains("Full"),
+        "the log does not say the cache is full:\n{log}"
+    );
+}
+
 /// The log line of a cached block that no longer matches its checksum.
 const CHANGED_BLOCK_MESSAGE: &str = "a block of a cached chunk changed on disk";
 

@@ -99,7 +99,11 @@ impl Inner {
             actual = format_args!("{:#010x}", mismatch.actual),
             "a block of a cached chunk changed on disk; dropping the chunk from the cache and fetching it again"
         );
-        if let Err(error) = state.index_file.mark_missing(chunk) {
+        let cleared = state
+            .index_file
+            .as_ref()
+            .map(|file| file.mark_missing(chunk));
+        if let Some(Err(error)) = cleared {
             tracing::warn!(layer = %state.index.digest, chunk, %error, "failed to clear the chunk in the cache index");
         }
     }

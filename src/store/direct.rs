@@ -8,7 +8,7 @@ use std::sync::Arc;
 use bytes::{Bytes, BytesMut};
 
 use super::chunk::{self, ChunkOutcome};
-use super::error::ReadError;
+use super::error::{ReadError, StoreError};
 use super::stats::Stats;
 use super::{table, Inner};
 
@@ -41,12 +41,42 @@ pub(crate) fn is_cache_write_failure(error: &ReadError) -> bool {
     matches!(error, ReadError::CacheIo { op: "write", .. })
 }
 
+/// Returns whether an I/O error means a full or read-only file system (or no write
+/// permission), the conditions under which the store serves without its cache.
+pub(crate) fn is_full_or_read_only(error: &io::Error) -> bool {
+    WriteFailure::classify(error) != WriteFailure::Other
+}
+
+/// Returns the I/O error behind a failure to open a layer's cache when it means the
+/// cache directory is full or read-only.
+pub(crate) fn unusable_cache_source(error: &StoreError) -> Option<&io::Error> {
+    let source = match error {
+        StoreError::CreateCacheDir { source, .. }
+        | StoreError::OpenCacheFile { source, .. }
+        | StoreError::ResizeCacheFile { source, .. }
+        | StoreError::OpenIndexFile { source, .. }
+        | StoreError::WriteIndexFile { source, .. } => source,
+        _ => return None,
+    };
+    is_full_or_read_only(source).then_some(source)
+}
+
+/// Logs a layer that is served without its cache because the cache directory was full
+/// or read-only at start, once per condition like [`log_cache_write_failure`].
+pub(crate) fn log_uncached_layer(layer: &str, source: &io::Error) {
+    log_failure(layer, source);
+}
+
 /// Logs a cache write failure at warn level the first time its condition occurs, and
 /// at debug level afterwards.
 pub(crate) fn log_cache_write_failure(error: &ReadError) {
     let ReadError::CacheIo { layer, source, .. } = error else {
         return;
     };
+    log_failure(layer, source);
+}
+
+fn log_failure(layer: &str, source: &io::Error) {
     let failure = WriteFailure::classify(source);
     let bit = failure as u8;
     let first = LOGGED_FAILURES.fetch_or(bit, Ordering::Relaxed) & bit == 0;

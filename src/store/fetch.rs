@@ -75,6 +75,10 @@ impl Inner {
         priority: Priority,
     ) -> Result<Vec<Decoded>, ReadError> {
         let state = &self.layers[layer];
+        if state.uncached {
+            // Nothing is ever stored for the layer; its reads go to `read_direct`.
+            return Ok(Vec::new());
+        }
         self.check_persisted(layer, chunks.clone()).await;
 
         let counted = priority == Priority::High;
@@ -215,7 +219,11 @@ impl Inner {
         state.persisted.remove(chunk);
         Stats::add(&self.stats.cache_checksum_failures, 1);
         tracing::warn!(layer = %state.index.digest, chunk, data_offset = record.data_offset, len = record.size, %failure, "cached chunk failed its check, fetching it again");
-        if let Err(error) = state.index_file.mark_missing(chunk) {
+        let cleared = state
+            .index_file
+            .as_ref()
+            .map(|file| file.mark_missing(chunk));
+        if let Some(Err(error)) = cleared {
             tracing::warn!(layer = %state.index.digest, chunk, %error, "failed to clear the chunk in the cache index");
         }
     }
@@ -472,10 +480,11 @@ impl Inner {
         // The record comes after the data write, and readers check the crc32 of every
         // recorded chunk, so a record never leads to serving bytes that were not written.
         let first_block = state.blocks.first_block(chunk);
-        if let Err(error) = state
+        let recorded = state
             .index_file
-            .mark_present(chunk, crc, first_block, &block_sums)
-        {
+            .as_ref()
+            .map(|file| file.mark_present(chunk, crc, first_block, &block_sums));
+        if let Some(Err(error)) = recorded {
             tracing::warn!(layer = %state.index.digest, chunk, %error, "failed to record the chunk in the cache index; the next run fetches it again");
         }
         Ok(())

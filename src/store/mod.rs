@@ -33,6 +33,7 @@ mod table;
 mod uring;
 
 use std::collections::HashMap;
+use std::fs::File;
 use std::ops::Range;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -156,15 +157,33 @@ pub(crate) struct LayerState {
     /// crc32 of each 4 KiB block of the fetched chunks, checked on every cache read.
     /// Chunks of a whole layer ([`ChunkSource::Local`]) have none and are not checked.
     blocks: BlockSums,
-    index_file: IndexFile,
+    /// `None` for an uncached layer.
+    index_file: Option<IndexFile>,
+    /// Set when the cache directory was full or read-only at open: the layer's chunks are
+    /// always fetched and served without touching the cache (see `direct`).
+    uncached: bool,
     readahead: Mutex<ReadAhead>,
 }
 
 impl ChunkStore {
     /// Checks the layers' chunk tables, creates or opens their cache files and starts the
     /// cache I/O backend.
+    ///
+    /// A cache directory that is full or read-only does not fail the open: the layers
+    /// whose cache files cannot be created or opened for writing are served from their
+    /// blobs without caching, and the condition is logged once. Whole layers still need
+    /// their cache file.
     pub fn open(layers: Vec<StoreLayer>, options: StoreOptions) -> Result<ChunkStore, StoreError> {
-        cache::layers_dir(&options.cache_dir)?;
+        let unusable_dir = match cache::layers_dir(&options.cache_dir) {
+            Ok(_) => None,
+            Err(StoreError::CreateCacheDir { path, source })
+                if direct::is_full_or_read_only(&source) =>
+            {
+                tracing::debug!(path = %path.display(), error = %source, "cannot create the cache's layers directory");
+                Some(source)
+            }
+            Err(error) => return Err(error),
+        };
 
         let mut states = Vec::with_capacity(layers.len());
         let mut files = Vec::with_capacity(layers.len());
@@ -181,18 +200,39 @@ impl ChunkStore {
                     has_local = true;
                 }
             }
-            let file = if has_local {
-                cache::open_whole(&path, &index.digest, index.data_size)?
-            } else {
-                cache::open_lazy(&path, index.data_size)?
-            };
-
             let blocks = BlockSums::new(&index.chunks);
-            let (index_file, loaded) =
-                IndexFile::open(&persist::index_path(&path), &index, blocks.total())?;
+            let opened = if has_local {
+                let file = cache::open_whole(&path, &index.digest, index.data_size)?;
+                let (index_file, loaded) =
+                    IndexFile::open(&persist::index_path(&path), &index, blocks.total())?;
+                Some((file, index_file, loaded))
+            } else if let Some(source) = &unusable_dir {
+                direct::log_uncached_layer(&index.digest, source);
+                None
+            } else {
+                open_lazy_cache(&path, &index, blocks.total())?
+            };
+            let (file, index_file, loaded) = match opened {
+                Some((file, index_file, loaded)) => (file, Some(index_file), loaded),
+                None => {
+                    // NOTE: io_uring needs a file for every layer; an uncached layer gets
+                    // /dev/null, which is never read or written (see `LayerState::uncached`).
+                    let placeholder =
+                        File::open("/dev/null").map_err(|source| StoreError::OpenCacheFile {
+                            path: "/dev/null".into(),
+                            source,
+                        })?;
+                    let loaded = persist::Loaded {
+                        records: vec![None; index.chunks.len()],
+                        block_sums: Vec::new(),
+                    };
+                    (placeholder, None, loaded)
+                }
+            };
+            let uncached = index_file.is_none();
             let persisted = Presence::new(index.chunks.len());
             let mut persisted_crc = vec![0u32; index.chunks.len()];
-            if has_local {
+            if let (true, Some(index_file)) = (has_local, &index_file) {
                 index_file
                     .set_complete(true)
                     .map_err(|source| StoreError::WriteIndexFile {
@@ -228,6 +268,7 @@ impl ChunkStore {
                 persisted_crc,
                 blocks,
                 index_file,
+                uncached,
                 readahead: Mutex::new(ReadAhead::default()),
             });
         }
@@ -264,6 +305,12 @@ impl ChunkStore {
         let (state, chunks) = self.inner.locate(layer, data_offset, len)?;
         if len == 0 {
             return Ok(Bytes::new());
+        }
+        if state.uncached {
+            return self
+                .inner
+                .read_direct(layer as usize, data_offset, len)
+                .await;
         }
         self.inner.read_ahead(layer as usize, data_offset, len);
 
@@ -364,6 +411,9 @@ impl ChunkStore {
         let Some(state) = self.inner.layers.get(layer as usize) else {
             return true;
         };
+        if state.uncached {
+            return true;
+        }
         state.table.members.get(member).is_none_or(|info| {
             info.slices.iter().all(|slice| {
                 state.presence.contains(slice.chunk) || state.persisted.contains(slice.chunk)
@@ -474,6 +524,9 @@ impl Inner {
             return;
         }
         let state = &self.layers[layer];
+        if state.uncached {
+            return;
+        }
         let planned = state
             .readahead
             .lock()
@@ -530,11 +583,38 @@ impl Inner {
     }
 }
 
+/// Opens a lazy layer's cache file and index; `None` when the cache directory is full or
+/// read-only, which is logged once per condition.
+fn open_lazy_cache(
+    path: &std::path::Path,
+    index: &LayerIndex,
+    block_count: u64,
+) -> Result<Option<(File, IndexFile, persist::Loaded)>, StoreError> {
+    let opened = cache::open_lazy(path, index.data_size).and_then(|file| {
+        let (index_file, loaded) = IndexFile::open(&persist::index_path(path), index, block_count)?;
+        Ok((file, index_file, loaded))
+    });
+    match opened {
+        Ok(opened) => Ok(Some(opened)),
+        Err(error) => match direct::unusable_cache_source(&error) {
+            Some(source) => {
+                tracing::debug!(layer = %index.digest, %error, "cannot open the layer's cache");
+                direct::log_uncached_layer(&index.digest, source);
+                Ok(None)
+            }
+            None => Err(error),
+        },
+    }
+}
+
 impl Drop for Inner {
     /// Records the last use of every layer, which eviction orders by.
     fn drop(&mut self) {
         for state in &self.layers {
-            if let Err(error) = state.index_file.touch() {
+            let Some(index_file) = &state.index_file else {
+                continue;
+            };
+            if let Err(error) = index_file.touch() {
                 tracing::debug!(layer = %state.index.digest, %error, "failed to record the layer's last use");
             }
         }
