@@ -18,6 +18,8 @@
 #   VM_TIMEOUT        seconds before the VM is killed [900]
 #   VM_CPUS, VM_MEM   guest CPUs [2] and memory in MiB [1536]
 #   VM_KEEP_LOG       path to copy the serial log to
+#   VM_TESTS_SCRIPT   guest script to run instead of vm-tests.sh, for example a
+#                     copy cut down to the part being debugged
 set -euo pipefail
 
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -32,14 +34,15 @@ die() { log "error: $*"; exit 2; }
 
 source "$root/kernel-tests/lib.sh"
 
-vm_require_tools qemu-system-x86_64 busybox cpio mke2fs apt-get dpkg-deb ldd
+vm_require_tools qemu-system-x86_64 busybox cpio mke2fs apt-get dpkg-deb ldd jq
 shared=$(vm_find_shared "$root")
 mkdir -p "$work"
 
 # --- kernel ---------------------------------------------------------------
 vm_fetch_kernel "$work"
 # ext4 finds crc32c through the crypto API at mount time, not through depends=.
-vm_resolve_modules virtio_pci virtio_blk crc32c_generic ext4 nbd
+# loop mounts the image that the full-pull comparison builds with mke2fs.
+vm_resolve_modules virtio_pci virtio_blk crc32c_generic ext4 nbd loop
 
 # --- binary ---------------------------------------------------------------
 bin=${ESGZ_NBD_BIN:-$root/target/release/esgz-nbd}
@@ -56,11 +59,15 @@ fi
 initramfs_dir="$work/initramfs"
 vm_initramfs_base "$initramfs_dir"
 cp "$bin" "$initramfs_dir/bin/esgz-nbd"
+# mke2fs builds the image of the full-pull path that the guest times next to
+# attach; busybox has no mke2fs that takes -d.
+mke2fs_bin=$(command -v mke2fs)
+cp "$mke2fs_bin" "$initramfs_dir/sbin/mke2fs"
 while read -r lib; do
     mkdir -p "$initramfs_dir$(dirname "$lib")"
     cp -L "$lib" "$initramfs_dir$lib"
-done < <(ldd "$bin" | grep -o '/[^ ]*' | sort -u)
-cp "$root/kernel-tests/vm-tests.sh" "$initramfs_dir/vm-tests.sh"
+done < <(ldd "$bin" "$mke2fs_bin" | grep -o '/[^ ]*' | grep -v ':$' | sort -u)
+cp "${VM_TESTS_SCRIPT:-$root/kernel-tests/vm-tests.sh}" "$initramfs_dir/vm-tests.sh"
 cat > "$initramfs_dir/init" <<'EOF'
 #!/bin/busybox sh
 /bin/busybox --install -s /bin
@@ -99,6 +106,10 @@ if [[ -d "$debian/oci" ]]; then
     mkdir -p "$stage/debian"
     copy_tree "$debian/oci" "$stage/debian/oci"
     "$bin" -q tree-manifest --from-expected "$debian/expected.json" > "$stage/debian/expected.manifest"
+    # The layer blobs in manifest order, for the full-pull path in the guest.
+    manifest=$(jq -r '.manifests[0].digest' "$debian/oci/index.json")
+    jq -r '.layers[].digest' "$debian/oci/blobs/${manifest/://}" \
+        | sed 's|:|/|; s|^|blobs/|' > "$stage/debian/layers.txt"
 fi
 data_bytes=$(du -sb "$stage" | cut -f1)
 disk_mib=$(( data_bytes / 1048576 + 1024 ))

@@ -226,6 +226,14 @@ pub struct AttachArgs {
     /// temporary file, removed at detach].
     #[arg(long, value_name = "PATH", requires = "writable")]
     pub overlay: Option<PathBuf>,
+
+    /// Write the image path of each regular file whose data an NBD client
+    /// reads to this file (mode 0600), one per line in first-read order, as
+    /// `convert --prioritize` reads it. Prefetch and background fetches are
+    /// not recorded. A reattach starts a new
+    /// record.
+    #[arg(long, value_name = "PATH")]
+    pub record_access: Option<PathBuf>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -381,6 +389,13 @@ pub struct ServeArgs {
     /// for powers of 1024); 0 means unlimited.
     #[arg(long, value_name = "BYTES/s", value_parser = parse_size, default_value = "0")]
     pub background_rate: u64,
+
+    /// Write the image path of each regular file whose data an NBD client
+    /// reads to this file (mode 0600), one per line in first-read order, as
+    /// `convert --prioritize` reads it. Prefetch and background fetches are
+    /// not recorded.
+    #[arg(long, value_name = "PATH")]
+    pub record_access: Option<PathBuf>,
 
     /// Size limit of the chunk cache on disk (suffix K, M, G or T for powers of 1024).
     /// At start, least recently used layers that no server uses are removed to fit;

@@ -8,6 +8,7 @@ use bytes::{Bytes, BytesMut};
 use futures::future::try_join_all;
 use tracing::warn;
 
+use crate::access::AccessRecorder;
 use crate::device::BlockDevice;
 use crate::ext4::{
     Layout, LayoutError, LayoutOptions, Segment, SegmentKind, WritableOptions, BLOCK_SIZE,
@@ -22,6 +23,8 @@ pub struct ImageDisk {
     tree: Arc<Tree>,
     layout: Arc<Layout>,
     store: Arc<ChunkStore>,
+    /// Receives the files of every read when access recording is on.
+    recorder: Option<Arc<AccessRecorder>>,
 }
 
 impl ImageDisk {
@@ -30,6 +33,7 @@ impl ImageDisk {
             tree: image.tree.clone(),
             layout: image.layout.clone(),
             store: image.store.clone(),
+            recorder: None,
         }
     }
 
@@ -40,7 +44,15 @@ impl ImageDisk {
             tree: image.tree.clone(),
             layout,
             store: image.store.clone(),
+            recorder: None,
         }
+    }
+
+    /// Reports the files of every later [`BlockDevice::read`] to `recorder`;
+    /// [`BlockDevice::prefetch`] is not reported.
+    pub fn with_recorder(mut self, recorder: Option<Arc<AccessRecorder>>) -> ImageDisk {
+        self.recorder = recorder;
+        self
     }
 
     pub fn layout(&self) -> &Arc<Layout> {
@@ -54,6 +66,9 @@ impl ImageDisk {
     /// Reads the whole blocks `start_block..start_block + block_count`.
     async fn read_blocks(&self, start_block: u64, block_count: u64) -> io::Result<Bytes> {
         let segments = self.layout.segments(start_block, block_count);
+        if let Some(recorder) = &self.recorder {
+            recorder.record_read(&segments);
+        }
         let parts: Vec<Bytes> =
             try_join_all(segments.iter().map(|segment| self.read_segment(*segment))).await?;
         if parts.len() == 1 {

@@ -1,6 +1,7 @@
 //! esgz-nbd: container images with eStargz layers served as lazily fetched
 //! ext4 block devices over NBD.
 
+pub mod access;
 pub mod attach;
 pub mod cli;
 pub mod config;

@@ -12,6 +12,7 @@ use clap::{ArgMatches, CommandFactory, FromArgMatches};
 use tracing::{info, warn};
 use tracing_subscriber::EnvFilter;
 
+use esgz_nbd::access::AccessRecorder;
 use esgz_nbd::attach::disk::WritableSettings;
 use esgz_nbd::attach::{self, state::RuntimeDir, AttachSettings, InterfaceChoice};
 use esgz_nbd::cli::{
@@ -355,13 +356,21 @@ async fn serve_disk(
     settings: &Settings,
     image: &OpenedImage,
 ) -> anyhow::Result<()> {
+    let recorder = args
+        .record_access
+        .as_deref()
+        .map(|path| AccessRecorder::create(&image.tree, path))
+        .transpose()?;
+    if let Some(path) = &args.record_access {
+        info!(record = %path.display(), "recording the files that clients read");
+    }
     if !args.writable {
-        let disk = Arc::new(ImageDisk::new(image));
+        let disk = Arc::new(ImageDisk::new(image).with_recorder(recorder));
         let store = disk.store().clone();
         return run_server(args, settings, image, disk, store).await;
     }
 
-    let disk = Arc::new(open_writable_disk(args, image)?);
+    let disk = Arc::new(open_writable_disk(args, image, recorder)?);
     let store = disk.base().store().clone();
     let result = run_server(args, settings, image, disk.clone(), store).await;
     let flushed = disk.flush().await.with_context(|| {
@@ -381,6 +390,7 @@ const DEFAULT_WRITABLE_SIZE: u64 = 1 << 30;
 fn open_writable_disk(
     args: &ServeArgs,
     image: &OpenedImage,
+    recorder: Option<Arc<AccessRecorder>>,
 ) -> anyhow::Result<OverlayDisk<ImageDisk>> {
     let extra = args.size.unwrap_or(DEFAULT_WRITABLE_SIZE);
     let layout = Arc::new(
@@ -402,7 +412,7 @@ fn open_writable_disk(
         added_bytes = extra,
         "serving writable: writes go to the overlay"
     );
-    let base = Arc::new(ImageDisk::with_layout(image, layout));
+    let base = Arc::new(ImageDisk::with_layout(image, layout).with_recorder(recorder));
     Ok(OverlayDisk::new(base, overlay)?)
 }
 
@@ -624,6 +634,7 @@ async fn attach_command(args: AttachArgs, settings: &Settings) -> anyhow::Result
             overlay: args.overlay.clone(),
             overlay_temporary: false,
         }),
+        record_access: args.record_access.clone(),
         device,
         reattach,
         connections,

@@ -13,51 +13,14 @@ use std::fs;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::OnceLock;
 
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
 use support::{
     assert_tree_matches, e2fsck_clean, esgz_bin, fixture_dir, run, run_stdout, shared_dir,
-    LoopMount, Registry,
+    verify_layout, LoopMount, Registry,
 };
-
-/// Builds the reference checker once per test binary.
-fn estargz_ref() -> &'static Path {
-    static BINARY: OnceLock<PathBuf> = OnceLock::new();
-    BINARY.get_or_init(|| {
-        let output = std::env::temp_dir().join("esgz-nbd-test-estargz-ref");
-        if !output.is_file() {
-            run(Command::new(shared_dir().join("tools/estargz-ref/build.sh")).arg(&output));
-        }
-        output
-    })
-}
-
-/// Runs `estargz-ref verify -require-all` on an OCI layout and returns its
-/// per-layer JSON lines; panics with the output when a layer fails.
-fn verify_layout(dir: &Path, tag: &str) -> Vec<Value> {
-    let output = Command::new(estargz_ref())
-        .arg("verify")
-        .arg("-oci")
-        .arg(format!("{}:{tag}", dir.display()))
-        .arg("-require-all")
-        .output()
-        .expect("estargz-ref runs");
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(
-        output.status.success(),
-        "estargz-ref verify failed for {}:{tag}\nstdout:\n{stdout}\nstderr:\n{}",
-        dir.display(),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    stdout
-        .lines()
-        .filter(|line| line.starts_with('{'))
-        .map(|line| serde_json::from_str(line).expect("verify prints JSON lines"))
-        .collect()
-}
 
 fn sha256_hex(bytes: &[u8]) -> String {
     format!("sha256:{}", hex::encode(Sha256::digest(bytes)))

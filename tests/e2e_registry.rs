@@ -15,13 +15,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-use base64::Engine as _;
 use serde_json::Value;
 
 use support::{
-    assert_tree_matches, copy_layout, e2fsck_clean, esgz_bin, fixture_dir, layer_descriptor,
-    layer_digest, member_range, read_manifest, read_toc, run, run_stdout, shared_dir, skopeo_push,
-    write_blob, NbdMount, Registry, Server,
+    assert_tree_matches, e2fsck_clean, esgz_bin, fixture_dir, layer_descriptor, layer_digest,
+    member_range, read_toc, run, run_stdout, shared_dir, skopeo_push, NbdMount, Registry, Server,
 };
 
 /// How long the test waits for the registry to write its access log lines.
@@ -83,19 +81,6 @@ fn registry_serves_debian() {
     check_served_from_registry("debian");
 }
 
-/// Writes a Docker config.json holding `user:password` for `host`.
-fn write_docker_config(dir: &Path, host: &str, user: &str, password: &str) -> PathBuf {
-    let auth = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"));
-    let config = serde_json::json!({"auths": {host: {"auth": auth}}});
-    let path = dir.join("config.json");
-    fs::write(
-        &path,
-        serde_json::to_vec(&config).expect("encoding config.json"),
-    )
-    .expect("writing config.json");
-    path
-}
-
 /// Runs `esgz-nbd export` with a clean credential environment: `HOME` is an
 /// empty folder and neither `REGISTRY_AUTH_FILE` nor `DOCKER_CONFIG` is set,
 /// unless `auth_env` gives `REGISTRY_AUTH_FILE`.
@@ -130,7 +115,7 @@ fn registry_basic_auth_with_auth_file() {
     let registry = Registry::start_with_auth(user, password);
     let reference = skopeo_push(&layout, "latest", &registry, "private/basic");
     let temp = tempfile::tempdir().expect("temp dir");
-    let config = write_docker_config(temp.path(), &registry.addr(), user, password);
+    let config = support::write_docker_config(temp.path(), &registry.addr(), user, password);
 
     // --auth-file on serve.
     {
@@ -182,86 +167,10 @@ fn registry_basic_auth_with_auth_file() {
     }
 }
 
-/// Builds a layout whose `latest` is an image index: linux/amd64 is the
-/// basic fixture, linux/arm64 is the links fixture with its config's
-/// architecture set to arm64.
-fn build_two_platform_layout() -> tempfile::TempDir {
-    let basic = fixture_dir("basic").join("oci");
-    let links = fixture_dir("links").join("oci");
-    let layout = copy_layout(&basic);
-    for entry in fs::read_dir(links.join("blobs/sha256")).expect("listing links blobs") {
-        let entry = entry.expect("listing links blobs");
-        fs::copy(
-            entry.path(),
-            layout.path().join("blobs/sha256").join(entry.file_name()),
-        )
-        .expect("copying a links blob");
-    }
-
-    let index_of = |dir: &Path| -> Value {
-        serde_json::from_slice(&fs::read(dir.join("index.json")).expect("reading index.json"))
-            .expect("index.json is JSON")
-    };
-    let amd64 = index_of(&basic)["manifests"][0].clone();
-
-    let mut links_manifest = read_manifest(&links);
-    let config_digest = links_manifest["config"]["digest"]
-        .as_str()
-        .expect("config digest")
-        .to_string();
-    let mut config: Value = serde_json::from_slice(
-        &fs::read(support::blob_path(&links, &config_digest)).expect("reading the links config"),
-    )
-    .expect("config is JSON");
-    config["architecture"] = "arm64".into();
-    let config_bytes = serde_json::to_vec(&config).expect("encoding the config");
-    links_manifest["config"]["digest"] = write_blob(layout.path(), &config_bytes).into();
-    links_manifest["config"]["size"] = config_bytes.len().into();
-    let manifest_bytes = serde_json::to_vec(&links_manifest).expect("encoding the manifest");
-    let arm64_digest = write_blob(layout.path(), &manifest_bytes);
-
-    let image_index = serde_json::json!({
-        "schemaVersion": 2,
-        "mediaType": "application/vnd.oci.image.index.v1+json",
-        "manifests": [
-            {
-                "mediaType": "application/vnd.oci.image.manifest.v1+json",
-                "digest": amd64["digest"],
-                "size": amd64["size"],
-                "platform": {"os": "linux", "architecture": "amd64"},
-            },
-            {
-                "mediaType": "application/vnd.oci.image.manifest.v1+json",
-                "digest": arm64_digest,
-                "size": manifest_bytes.len(),
-                "platform": {"os": "linux", "architecture": "arm64"},
-            },
-        ],
-    });
-    let index_bytes = serde_json::to_vec(&image_index).expect("encoding the image index");
-    let index_digest = write_blob(layout.path(), &index_bytes);
-    let top = serde_json::json!({
-        "schemaVersion": 2,
-        "mediaType": "application/vnd.oci.image.index.v1+json",
-        "manifests": [{
-            "mediaType": "application/vnd.oci.image.index.v1+json",
-            "digest": index_digest,
-            "size": index_bytes.len(),
-            "annotations": {"org.opencontainers.image.ref.name": "latest"},
-        }],
-    });
-    fs::write(
-        layout.path().join("index.json"),
-        serde_json::to_vec(&top).expect("encoding index.json"),
-    )
-    .expect("writing index.json");
-    layout
-}
-
 #[test]
 fn registry_index_selects_platform() {
     require_registry_tools();
-    let layout = build_two_platform_layout();
+    let layout = support::two_platform_layout();
     let registry = Registry::start(None);
     let reference = format!("{}/e2e/multiarch:latest", registry.addr());
     run(Command::new("skopeo")

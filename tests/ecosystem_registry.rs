@@ -12,9 +12,7 @@ use std::process::{Command, Output};
 
 use serde_json::Value;
 
-use support::{
-    copy_layout, esgz_bin, fixture_dir, read_manifest, skopeo_push, write_blob, Registry,
-};
+use support::{esgz_bin, fixture_dir, skopeo_push, Registry};
 
 /// Runs esgz-nbd with `args`, a private cache and no default hosts dir.
 fn esgz(args: &[&str], env: &[(&str, &str)]) -> Output {
@@ -315,72 +313,9 @@ fn credential_helpers_supply_basic_auth() {
     );
 }
 
-/// Builds a layout whose `latest` is an image index of basic (linux/amd64)
-/// and links (linux/arm64, its config's architecture changed).
-fn build_two_platform_layout() -> tempfile::TempDir {
-    let basic = fixture_dir("basic").join("oci");
-    let links = fixture_dir("links").join("oci");
-    let layout = copy_layout(&basic);
-    for entry in fs::read_dir(links.join("blobs/sha256")).expect("listing links blobs") {
-        let entry = entry.expect("listing links blobs");
-        fs::copy(
-            entry.path(),
-            layout.path().join("blobs/sha256").join(entry.file_name()),
-        )
-        .expect("copying a links blob");
-    }
-    let index: Value = serde_json::from_slice(&fs::read(basic.join("index.json")).expect("index"))
-        .expect("index.json is JSON");
-    let amd64 = index["manifests"][0].clone();
-
-    let mut links_manifest = read_manifest(&links);
-    let config_digest = links_manifest["config"]["digest"]
-        .as_str()
-        .expect("config digest")
-        .to_string();
-    let mut config: Value = serde_json::from_slice(
-        &fs::read(support::blob_path(&links, &config_digest)).expect("reading the config"),
-    )
-    .expect("config is JSON");
-    config["architecture"] = "arm64".into();
-    let config_bytes = serde_json::to_vec(&config).expect("encoding the config");
-    links_manifest["config"]["digest"] = write_blob(layout.path(), &config_bytes).into();
-    links_manifest["config"]["size"] = config_bytes.len().into();
-    let manifest_bytes = serde_json::to_vec(&links_manifest).expect("encoding the manifest");
-    let arm64_digest = write_blob(layout.path(), &manifest_bytes);
-
-    let image_index = serde_json::json!({
-        "schemaVersion": 2,
-        "mediaType": "application/vnd.oci.image.index.v1+json",
-        "manifests": [
-            {"mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": amd64["digest"],
-             "size": amd64["size"], "platform": {"os": "linux", "architecture": "amd64"}},
-            {"mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": arm64_digest,
-             "size": manifest_bytes.len(), "platform": {"os": "linux", "architecture": "arm64"}},
-        ],
-    });
-    let index_bytes = serde_json::to_vec(&image_index).expect("encoding the image index");
-    let index_digest = write_blob(layout.path(), &index_bytes);
-    let top = serde_json::json!({
-        "schemaVersion": 2,
-        "mediaType": "application/vnd.oci.image.index.v1+json",
-        "manifests": [{
-            "mediaType": "application/vnd.oci.image.index.v1+json",
-            "digest": index_digest, "size": index_bytes.len(),
-            "annotations": {"org.opencontainers.image.ref.name": "latest"},
-        }],
-    });
-    fs::write(
-        layout.path().join("index.json"),
-        serde_json::to_vec(&top).expect("encoding index.json"),
-    )
-    .expect("writing index.json");
-    layout
-}
-
 #[test]
 fn inspect_lists_index_platforms() {
-    let layout = build_two_platform_layout();
+    let layout = support::two_platform_layout();
     let registry = Registry::start(None);
     // Without --all skopeo would copy the host's platform only.
     let reference = format!("{}/esgz/multi:latest", registry.addr());

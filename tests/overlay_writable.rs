@@ -635,3 +635,29 @@ print("ok")
     assert_eq!(nbdsh(&server.uri(), &check).trim(), "ok", "after a restart");
     server.terminate();
 }
+
+/// A completed write survives a SIGKILL of the server even without a FLUSH:
+/// `attach --reattach` gives a new server to a kernel that keeps its
+/// filesystem mounted and trusts every write the killed server completed.
+#[test]
+fn completed_writes_survive_kill_9_without_flush() {
+    let image = image("basic");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let overlay = dir.path().join("overlay");
+
+    let server = Killable::start(&image, dir.path(), &overlay);
+    let script = "h.pwrite(b'\\x5a' * 12288, 40960)\n\
+                  h.zero(8192, 4096)\n\
+                  h.pwrite(b'\\xa5' * 100, 200000)\n\
+                  print('written')";
+    assert_eq!(nbdsh(&server.uri(), script).trim(), "written");
+    server.kill();
+
+    let server = Killable::start(&image, dir.path(), &overlay);
+    let script = "assert h.pread(12288, 40960) == b'\\x5a' * 12288, 'write lost'\n\
+                  assert h.pread(4096, 8192) == bytes(4096), 'zeroing lost'\n\
+                  assert h.pread(100, 200000) == b'\\xa5' * 100, 'partial-block write lost'\n\
+                  print('ok')";
+    assert_eq!(nbdsh(&server.uri(), script).trim(), "ok");
+    server.kill();
+}

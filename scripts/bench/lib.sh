@@ -199,16 +199,23 @@ loadavg() { cut -d' ' -f1 /proc/loadavg; }
 vm_hwm_kib() { awk '/^VmHWM:/ {print $2}' "/proc/$1/status" 2>/dev/null || echo 0; }
 
 # Mount the NBD export at SOCK through nbdfuse and a read-only loop device.
-# Sets MNT.
-mount_nbd() { # SOCK TAG
-  local sock=$1 tag=$2 fuse=$WORK/$2.fuse loop pid
+# With a third argument `unbuffered` the loop device reads with direct I/O
+# and no read-ahead, so the server sees only the blocks the filesystem
+# reads. Sets MNT.
+mount_nbd() { # SOCK TAG [unbuffered]
+  local sock=$1 tag=$2 mode=${3:-} fuse=$WORK/$2.fuse loop pid
   MNT=$WORK/$tag.mnt
   mkdir -p "$fuse" "$MNT"
   nbdfuse --readonly "$fuse/disk" "nbd+unix:///?socket=$sock" &
   pid=$!
   on_exit "umount '$fuse' || fusermount3 -u '$fuse'; wait $pid"
   wait_for_file "$fuse/disk" 30 "$pid" || die "nbdfuse did not expose $fuse/disk"
-  loop=$(losetup --find --show --read-only "$fuse/disk")
+  if [ "$mode" = unbuffered ]; then
+    loop=$(losetup --find --show --read-only --direct-io=on "$fuse/disk")
+    blockdev --setra 0 "$loop"
+  else
+    loop=$(losetup --find --show --read-only "$fuse/disk")
+  fi
   on_exit "losetup -d $loop"
   mount -t ext4 -o ro,noload "$loop" "$MNT"
   on_exit "umount '$MNT'"

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Run every benchmark, then render docs/benchmarks.md and docs/plots/.
 #
-#   sudo scripts/bench/run-all.sh        (env: REPS_COLD=5 REPS_WARM=3 REPS_SEQ=3 REPS_ATTACH=3)
+#   sudo scripts/bench/run-all.sh        (env: REPS_COLD=5 REPS_WARM=3 REPS_SEQ=3 REPS_ATTACH=3 REPS_RECORD=5)
 #
 # Builds the release binary first unless SKIP_BUILD=1. Raw results go to
 # target/bench/ (one .jsonl and one .meta.json per part); a failing part is
@@ -30,6 +30,7 @@ run_part coldstart 1800 "$here/coldstart.sh" "${REPS_COLD:-5}"
 run_part warm 1800 "$here/warm.sh" "${REPS_WARM:-3}"
 run_part coldseq 1800 "$here/coldseq.sh" "${REPS_SEQ:-3}"
 run_part attach 3600 "$here/attach.sh" "${REPS_ATTACH:-3}"
+run_part record 900 "$here/record.sh" "${REPS_RECORD:-5}"
 
 python3 "$here/render.py" || failed+=(render)
 if [ ${#failed[@]} -gt 0 ]; then

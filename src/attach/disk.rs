@@ -10,6 +10,7 @@ use sha2::{Digest, Sha256};
 use tracing::info;
 
 use super::AttachError;
+use crate::access::AccessRecorder;
 use crate::device::BlockDevice;
 use crate::disk::{writable_layout, ImageDisk};
 use crate::image::OpenedImage;
@@ -46,13 +47,17 @@ pub enum AttachDisk {
 
 impl AttachDisk {
     /// Builds the disk of `image`: read-only without `writable`, else the
-    /// writable layout under the overlay that `writable` names.
+    /// writable layout under the overlay that `writable` names. Reads are
+    /// reported to `recorder`, if any.
     pub fn open(
         image: &OpenedImage,
         writable: Option<&WritableSettings>,
+        recorder: Option<Arc<AccessRecorder>>,
     ) -> Result<AttachDisk, AttachError> {
         let Some(writable) = writable else {
-            return Ok(AttachDisk::ReadOnly(ImageDisk::new(image)));
+            return Ok(AttachDisk::ReadOnly(
+                ImageDisk::new(image).with_recorder(recorder),
+            ));
         };
         let layout = writable_layout(image, writable.added_bytes()).map_err(|error| {
             AttachError::OpenOverlay {
@@ -79,7 +84,7 @@ impl AttachDisk {
             added_bytes = writable.added_bytes(),
             "attaching writable: writes go to the overlay"
         );
-        let base = Arc::new(ImageDisk::with_layout(image, layout));
+        let base = Arc::new(ImageDisk::with_layout(image, layout).with_recorder(recorder));
         let disk = OverlayDisk::new(base, overlay).map_err(|error| AttachError::OpenOverlay {
             message: error.to_string(),
         })?;

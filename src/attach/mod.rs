@@ -104,6 +104,9 @@ pub enum AttachError {
     #[error("failed to open image {image}: {message}")]
     OpenImage { image: String, message: String },
 
+    #[error("failed to start access recording: {message}")]
+    RecordAccess { message: String },
+
     #[error(
         "the image is {size} bytes, which is not a multiple of the {BLOCK_SIZE}-byte block size"
     )]

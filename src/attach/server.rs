@@ -22,6 +22,7 @@ use super::{
     device_path, device_size, open_netlink, process_alive, require_root, server_flags, AttachError,
     InterfaceChoice, BLOCK_SIZE,
 };
+use crate::access::AccessRecorder;
 use crate::device::BlockDevice;
 use crate::image::{open_image, OpenOptions, OpenedImage, StartupFetch};
 use crate::nbd::{serve_transmission, ServerOptions};
@@ -41,6 +42,8 @@ pub struct AttachSettings {
     /// Overlay settings of a writable attach. A reattach uses the state
     /// file's overlay and size instead, and rejects settings that differ.
     pub writable: Option<WritableSettings>,
+    /// File that receives the paths of the files clients read (`--record-access`).
+    pub record_access: Option<PathBuf>,
     /// Device index to use, or `None` to let the kernel choose.
     pub device: Option<u32>,
     /// Hand new sockets to `device`, whose server died, instead of connecting it.
@@ -123,7 +126,15 @@ async fn attach(settings: &AttachSettings) -> Result<Attached, AttachError> {
             message: format!("{error:#}"),
         })?;
     let writable = resolve_writable(settings.writable.as_ref(), old_state.as_ref())?;
-    let disk = Arc::new(AttachDisk::open(&image, writable.as_ref())?);
+    let recorder = settings
+        .record_access
+        .as_deref()
+        .map(|path| AccessRecorder::create(&image.tree, path))
+        .transpose()
+        .map_err(|error| AttachError::RecordAccess {
+            message: format!("{error:#}"),
+        })?;
+    let disk = Arc::new(AttachDisk::open(&image, writable.as_ref(), recorder)?);
     let size = disk.size();
     if size % BLOCK_SIZE != 0 {
         return Err(AttachError::UnalignedSize { size });

@@ -1,4 +1,4 @@
-//! The overlay file: creation, identity check, exclusive lock, map log replay, block I/O and the two-step durable flush.
+//! The overlay file: creation, identity check, exclusive lock, map log replay, block I/O and the durable flush.
 
 use std::collections::{BTreeMap, HashSet};
 use std::fs::{File, OpenOptions};
@@ -12,8 +12,9 @@ use std::sync::{Mutex, MutexGuard};
 use tracing::{debug, info, warn};
 
 use super::format::{
-    self, decode_header, decode_record, encode_header, encode_record, record_sums_len, HeaderError,
-    Identity, Record, BLOCK_SIZE, HEADER_SIZE, MAX_DATA_RECORD_BLOCKS, RECORD_SIZE,
+    self, decode_entry, decode_header, encode_commit, encode_header, encode_record,
+    record_sums_len, Entry, HeaderError, Identity, Record, BLOCK_SIZE, HEADER_SIZE,
+    MAX_DATA_RECORD_BLOCKS, RECORD_SIZE,
 };
 use super::map::{BlockState, RangeMap, Run};
 use super::OverlayError;
@@ -25,19 +26,18 @@ const REPLAY_BUFFER: usize = 1 << 20;
 /// number, so a block's slot choice, data and checksum change together.
 const STRIPES: u64 = 64;
 
-/// The slots of one block: the one with its current data and the one a durable record names.
+/// The slots of one block: the one with its current data and the one a confirmed record names.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 struct BlockSlots {
     /// Slot and crc32c of the block's current data; `None` unless the block is data.
     live: Option<(u8, u32)>,
-    /// Slot that a durable map record (or one being written by a flush) points at; never
-    /// written in place.
+    /// Slot that a confirmed map record points at; never written in place.
     durable: Option<u8>,
 }
 
 impl BlockSlots {
-    /// Picks the slot for new data: the current slot unless a durable record points at
-    /// it, else the other one.
+    /// Picks the slot for new data: the current slot unless a confirmed record points
+    /// at it, else the other one.
     fn slot_for_write(&self) -> u8 {
         match (self.live, self.durable) {
             (Some((slot, _)), durable) if durable != Some(slot) => slot,
@@ -47,15 +47,24 @@ impl BlockSlots {
     }
 }
 
-/// The map as readers see it and the changes not yet in the durable log.
+/// The map as readers see it and the changes not yet confirmed by a flush.
 #[derive(Default)]
 struct MapState {
     /// State of every block the overlay has touched.
     current: RangeMap,
     /// Latest state of blocks changed since the last flush.
     pending: RangeMap,
-    /// Slots and checksums of the blocks that hold data or that a durable record points at.
+    /// Slots and checksums of the blocks that hold data or that a confirmed record points at.
     slots: BTreeMap<u64, BlockSlots>,
+}
+
+/// Positions in the map log.
+#[derive(Clone, Copy, Debug)]
+struct LogEnd {
+    /// Byte offset where the next entry goes.
+    end: u64,
+    /// Byte offset just past the last commit entry (or the log start).
+    committed: u64,
 }
 
 /// A copy-on-write overlay file for one device.
@@ -65,15 +74,21 @@ struct MapState {
 /// hold data, in which slot and with which crc32c, and which read as zeros. It is
 /// persisted as an append-only log of records after the data area.
 ///
-/// Crash safety: a map record is written only by [`Overlay::flush`], which
-/// first takes the pending changes, then `fdatasync`s the file (the data of
-/// those changes was written before they became pending), then appends the
-/// records and `fdatasync`s again. A durable record therefore never points
-/// at data that is not durable, and the slot it points at is not written
-/// again until a newer record replaces it. After a crash, replay stops at the
-/// first torn record and truncates the log there; blocks whose records were
-/// lost read as their last durable record records them (or from the image), which is
-/// their state before the unflushed writes, and match their checksums.
+/// Durability has two levels:
+///
+/// - A write or zeroing survives the death of this process once it returns: its data
+///   is in the file and its record is appended to the log (without a sync) before the
+///   call returns. A server killed with SIGKILL therefore loses nothing it completed,
+///   which `attach --reattach` relies on: the kernel keeps a filesystem mounted across
+///   the restart and trusts every completed write.
+/// - [`Overlay::flush`] holds off writes, `fdatasync`s the file, appends a commit entry
+///   and syncs again, so everything completed before it also survives a power loss.
+///
+/// After a power loss, records after the last commit may have reached the disk
+/// without their data. Replay checks the data of those unconfirmed records against
+/// their checksums and drops the ones that do not match; their blocks read as their
+/// confirmed state, which a write never overwrites in place. Replay stops at the
+/// first torn entry.
 ///
 /// Reads check every data block against its crc32c and fail with an I/O error
 /// for a block that does not match.
@@ -82,12 +97,14 @@ pub struct Overlay {
     path: PathBuf,
     device_size: u64,
     state: Mutex<MapState>,
-    /// Byte offset of the end of the durable log; held for a whole flush so
-    /// flushes do not interleave.
-    log_end: Mutex<u64>,
+    /// Where the log ends and where its last commit ends; held while an entry is
+    /// appended.
+    log: Mutex<LogEnd>,
+    /// Held for a whole flush, so flushes do not interleave.
+    flushing: Mutex<()>,
     stripes: Vec<Mutex<()>>,
-    /// Set when a flush failed after it marked slots durable. Writes then fail, because
-    /// a record naming those slots may or may not have reached the disk.
+    /// Set when an append or a flush failed. Writes then fail, because the log may end
+    /// with a partial entry or a commit that may or may not have reached the disk.
     failed: AtomicBool,
     /// Blocks already logged with a checksum mismatch, so each is logged once at warn level.
     reported: Mutex<HashSet<u64>>,
@@ -191,7 +208,11 @@ impl Overlay {
             path,
             device_size: identity.device_size,
             state: Mutex::new(MapState::default()),
-            log_end: Mutex::new(log_offset),
+            log: Mutex::new(LogEnd {
+                end: log_offset,
+                committed: log_offset,
+            }),
+            flushing: Mutex::new(()),
             stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
             failed: AtomicBool::new(false),
             reported: Mutex::new(HashSet::new()),
@@ -269,15 +290,20 @@ impl Overlay {
         Ok(())
     }
 
-    /// Rebuilds the map from the log; truncates a torn tail.
+    /// Rebuilds the map from the log. Records up to the last commit are applied as
+    /// they are; later ones only where their data matches (see [`Overlay::settle`]).
     fn replay(&mut self, file_len: u64) -> Result<(), OverlayError> {
         let log_offset = format::log_offset(self.device_size);
         let device_blocks = self.device_size / BLOCK_SIZE;
         let mut map = MapState::default();
         let mut offset = log_offset;
+        let mut committed = log_offset;
         let mut records = 0u64;
+        // Records after the last commit seen so far.
+        let mut unconfirmed: Vec<Record> = Vec::new();
 
-        let read_error = io_error("read the overlay map log", &self.path);
+        let log_path = self.path.clone();
+        let read_error = io_error("read the overlay map log", &log_path);
         let mut reader = BufReader::with_capacity(REPLAY_BUFFER, &self.file);
         if let Err(error) = reader.seek(SeekFrom::Start(log_offset)) {
             return Err(read_error(error));
@@ -299,53 +325,178 @@ impl Overlay {
                 Ok(false) => break,
                 Err(error) => return Err(read_error(error)),
             }
-            let Some(record) = decode_record(&head, &sums) else {
+            let Some(entry) = decode_entry(&head, &sums) else {
                 break;
+            };
+            offset += (RECORD_SIZE + sums_len) as u64;
+            let record = match entry {
+                Entry::Commit => {
+                    for record in unconfirmed.drain(..) {
+                        apply_durable(&mut map, &record);
+                    }
+                    committed = offset;
+                    continue;
+                }
+                Entry::Change(record) => record,
             };
             let end = record.start.checked_add(record.count);
             if record.count == 0 || end.is_none_or(|end| end > device_blocks) {
                 return Err(OverlayError::RecordOutOfRange {
                     path: self.path.clone(),
-                    offset,
+                    offset: offset - (RECORD_SIZE + sums_len) as u64,
                     start: record.start,
                     count: record.count,
                     device_blocks,
                 });
             }
-            apply_durable(&mut map, &record);
-            offset += (RECORD_SIZE + sums_len) as u64;
+            unconfirmed.push(record);
             records += 1;
         }
         drop(reader);
 
-        if offset < file_len {
-            warn!(
-                path = %self.path.display(),
-                valid_end = offset,
-                file_len,
-                "the overlay map log ends with an incomplete record (a flush interrupted by a crash); dropping it"
-            );
-            self.file
-                .set_len(offset)
-                .map_err(io_error("truncate the torn map log", &self.path))?;
-            self.file
-                .sync_all()
-                .map_err(io_error("sync the truncated map log", &self.path))?;
-        }
-        info!(
-            path = %self.path.display(),
-            records,
-            intervals = map.current.len(),
-            "opened an existing overlay"
-        );
-        *self
-            .log_end
-            .get_mut()
-            .unwrap_or_else(|poison| poison.into_inner()) = offset;
         *self
             .state
             .get_mut()
             .unwrap_or_else(|poison| poison.into_inner()) = map;
+        *self
+            .log
+            .get_mut()
+            .unwrap_or_else(|poison| poison.into_inner()) = LogEnd {
+            end: offset,
+            committed,
+        };
+        if offset < file_len || !unconfirmed.is_empty() {
+            if offset < file_len {
+                warn!(
+                    path = %self.path.display(),
+                    valid_end = offset,
+                    file_len,
+                    "the overlay map log ends with an incomplete entry (a write interrupted by a crash); dropping it"
+                );
+            }
+            self.settle(&unconfirmed)?;
+        }
+        info!(
+            path = %self.path.display(),
+            records,
+            intervals = self.lock_state().current.len(),
+            "opened an existing overlay"
+        );
+        Ok(())
+    }
+
+    /// Applies the records after the last commit whose data reached the disk, then
+    /// rewrites the log as the confirmed part, those records and a commit, and syncs.
+    ///
+    /// A data block is kept when its slot matches the record's checksum. After the
+    /// death of the process that is every block; after a power loss a block whose data
+    /// did not reach the disk is dropped and reads as its confirmed state. A zeroing is
+    /// always kept: zeros are a valid new state whatever reached the disk.
+    fn settle(&mut self, unconfirmed: &[Record]) -> Result<(), OverlayError> {
+        // The final state of each touched block: zero ranges, and data blocks with
+        // their slot and checksum.
+        let mut states = RangeMap::default();
+        let mut data: BTreeMap<u64, (u8, u32)> = BTreeMap::new();
+        for record in unconfirmed {
+            let end = record.start + record.count;
+            states.set(record.start, end, record.state);
+            match record.state {
+                BlockState::Data => {
+                    for (index, sum) in record.sums.iter().enumerate() {
+                        data.insert(record.start + index as u64, (record.slot, *sum));
+                    }
+                }
+                BlockState::Zero => {
+                    let zeroed: Vec<u64> = data.range(record.start..end).map(|(&b, _)| b).collect();
+                    for block in zeroed {
+                        data.remove(&block);
+                    }
+                }
+            }
+        }
+
+        let mut kept = Vec::new();
+        let mut dropped = 0u64;
+        let mut buf = vec![0u8; BLOCK_SIZE as usize];
+        for (start, end, state) in states.iter() {
+            if state == BlockState::Zero {
+                kept.push(Record {
+                    start,
+                    count: end - start,
+                    state,
+                    slot: 0,
+                    sums: Vec::new(),
+                });
+                continue;
+            }
+            for block in start..end {
+                let Some(&(slot, sum)) = data.get(&block) else {
+                    continue;
+                };
+                self.read_slot(slot, block, &mut buf)
+                    .map_err(io_error("read overlay data to check it", &self.path))?;
+                if crc32c::crc32c(&buf) != sum {
+                    dropped += 1;
+                    continue;
+                }
+                match kept.last_mut() {
+                    Some(last)
+                        if last.state == BlockState::Data
+                            && last.slot == slot
+                            && last.start + last.count == block
+                            && last.count < MAX_DATA_RECORD_BLOCKS =>
+                    {
+                        last.count += 1;
+                        last.sums.push(sum);
+                    }
+                    _ => kept.push(Record {
+                        start: block,
+                        count: 1,
+                        state,
+                        slot,
+                        sums: vec![sum],
+                    }),
+                }
+            }
+        }
+        if dropped > 0 {
+            warn!(
+                path = %self.path.display(),
+                blocks = dropped,
+                "overlay blocks written after the last flush did not reach the disk (a power loss?); they read as their state at that flush"
+            );
+        }
+
+        let map = self
+            .state
+            .get_mut()
+            .unwrap_or_else(|poison| poison.into_inner());
+        for record in &kept {
+            apply_durable(map, record);
+        }
+        let log = self
+            .log
+            .get_mut()
+            .unwrap_or_else(|poison| poison.into_inner());
+        let mut bytes = Vec::new();
+        for record in &kept {
+            bytes.extend_from_slice(&encode_record(record));
+        }
+        if !bytes.is_empty() {
+            bytes.extend_from_slice(&encode_commit());
+        }
+        let path = &self.path;
+        self.file
+            .set_len(log.committed)
+            .map_err(io_error("truncate the unconfirmed map log", path))?;
+        self.file
+            .write_all_at(&bytes, log.committed)
+            .map_err(io_error("rewrite the map log", path))?;
+        self.file
+            .sync_all()
+            .map_err(io_error("sync the rewritten map log", path))?;
+        log.committed += bytes.len() as u64;
+        log.end = log.committed;
         Ok(())
     }
 
@@ -534,14 +685,49 @@ impl Overlay {
             .chunks(BLOCK_SIZE as usize)
             .map(crc32c::crc32c)
             .collect();
+        // Every write needs a new record, because its checksum changed.
+        let mut log = Vec::new();
+        let mut run_start = 0usize;
+        while run_start < targets.len() {
+            let slot = targets[run_start];
+            let mut run_end = run_start + 1;
+            while run_end < targets.len()
+                && targets[run_end] == slot
+                && ((run_end - run_start) as u64) < MAX_DATA_RECORD_BLOCKS
+            {
+                run_end += 1;
+            }
+            log.extend_from_slice(&encode_record(&Record {
+                start: first_block + run_start as u64,
+                count: (run_end - run_start) as u64,
+                state: BlockState::Data,
+                slot,
+                sums: sums[run_start..run_end].to_vec(),
+            }));
+            run_start = run_end;
+        }
+        self.append(&log)?;
+
         let mut map = self.lock_state();
         for (index, (slot, sum)) in targets.iter().zip(&sums).enumerate() {
             let entry = map.slots.entry(first_block + index as u64).or_default();
             entry.live = Some((*slot, *sum));
         }
-        // Every write needs a new record, because its checksum changed.
         map.current.set(first_block, end, BlockState::Data);
         map.pending.set(first_block, end, BlockState::Data);
+        Ok(())
+    }
+
+    /// Appends entries to the log. A failure leaves the log ending in an unknown
+    /// state, so it also stops later writes (see `failed`).
+    fn append(&self, bytes: &[u8]) -> io::Result<()> {
+        let mut log = self.log.lock().unwrap_or_else(|poison| poison.into_inner());
+        if let Err(error) = self.file.write_all_at(bytes, log.end) {
+            self.failed.store(true, Ordering::Release);
+            warn!(path = %self.path.display(), %error, "failed to append to the overlay map log; writes are rejected until the server restarts");
+            return Err(error);
+        }
+        log.end += bytes.len() as u64;
         Ok(())
     }
 
@@ -551,17 +737,26 @@ impl Overlay {
         let _stripes = self.lock_stripes(start, end);
         self.check_writable()?;
 
+        let unchanged = self
+            .lock_state()
+            .current
+            .runs(start, end)
+            .iter()
+            .all(|run| run.state == Some(BlockState::Zero));
+        if unchanged {
+            return Ok(());
+        }
+        self.append(&encode_record(&Record {
+            start,
+            count: end - start,
+            state: BlockState::Zero,
+            slot: 0,
+            sums: Vec::new(),
+        }))?;
+
         let mut durable_slots = Vec::new();
         {
             let mut map = self.lock_state();
-            let unchanged = map
-                .current
-                .runs(start, end)
-                .iter()
-                .all(|run| run.state == Some(BlockState::Zero));
-            if unchanged {
-                return Ok(());
-            }
             let touched: Vec<u64> = map
                 .slots
                 .range(start..end)
@@ -636,108 +831,74 @@ impl Overlay {
         }
     }
 
-    /// Makes every write and zeroing completed before the call durable, map
-    /// included. See the type documentation for the order of steps.
+    /// Makes every write and zeroing completed before the call durable across a power
+    /// loss: syncs the file, appends a commit entry and syncs again. Writes wait
+    /// meanwhile, because until the commit is on disk both slots of a block rewritten
+    /// since the last flush may be the one a replay picks.
     ///
-    /// A failure makes the overlay reject writes until it is opened again: the
-    /// snapshot marked the new slots durable, and a record may or may not have
-    /// reached the disk, so neither slot of those blocks is safe to write.
+    /// A failure makes the overlay reject writes until it is opened again: the commit
+    /// may or may not have reached the disk.
     pub fn flush(&self) -> io::Result<()> {
-        let mut log_end = self
-            .log_end
+        let _flushing = self
+            .flushing
             .lock()
             .unwrap_or_else(|poison| poison.into_inner());
         self.check_writable()?;
+        let _stripes = self.lock_stripes(0, STRIPES);
 
-        let records = {
-            let _stripes = self.lock_stripes(0, STRIPES);
-            let mut map = self.lock_state();
-            let pending = std::mem::take(&mut map.pending);
-            take_records(&mut map, &pending)
-        };
-
-        let result = self.persist(&records, &mut log_end);
+        let result = self.commit();
         if let Err(error) = &result {
             self.failed.store(true, Ordering::Release);
             warn!(path = %self.path.display(), %error, "overlay flush failed; writes are rejected until the server restarts");
+            return result;
         }
+        // The slots the commit confirmed are now the ones a replay picks.
+        let mut map = self.lock_state();
+        let pending = std::mem::take(&mut map.pending);
+        confirm(&mut map, &pending);
         result
     }
 
-    fn persist(&self, records: &[Record], log_end: &mut u64) -> io::Result<()> {
+    fn commit(&self) -> io::Result<()> {
         self.file.sync_data()?;
-        if records.is_empty() {
+        let uncommitted = {
+            let log = self.log.lock().unwrap_or_else(|poison| poison.into_inner());
+            log.end > log.committed
+        };
+        if !uncommitted {
             return Ok(());
         }
-
-        let mut log = Vec::new();
-        for record in records {
-            log.extend_from_slice(&encode_record(record));
-        }
-        self.file.write_all_at(&log, *log_end)?;
+        self.append(&encode_commit())?;
         self.file.sync_data()?;
-        *log_end += log.len() as u64;
-        debug!(
-            records = records.len(),
-            log_end = *log_end,
-            "overlay map records are durable"
-        );
+        let mut log = self.log.lock().unwrap_or_else(|poison| poison.into_inner());
+        log.committed = log.end;
+        debug!(log_end = log.end, "overlay map log committed");
         Ok(())
     }
 }
 
-/// Turns the pending changes into map records and marks their slots durable (the
-/// caller holds every stripe, so no write picks one of those slots meanwhile). Data
-/// runs are split where the slot changes and at [`MAX_DATA_RECORD_BLOCKS`].
-fn take_records(map: &mut MapState, pending: &RangeMap) -> Vec<Record> {
-    let mut records = Vec::new();
+/// Marks the slots of the blocks changed since the last flush as confirmed. The
+/// caller holds every stripe, so no write picks one of those slots meanwhile.
+fn confirm(map: &mut MapState, pending: &RangeMap) {
     for (start, end, state) in pending.iter() {
-        if state == BlockState::Zero {
-            records.push(Record {
-                start,
-                count: end - start,
-                state,
-                slot: 0,
-                sums: Vec::new(),
-            });
-            let durable: Vec<u64> = map
-                .slots
-                .range(start..end)
-                .map(|(&block, _)| block)
-                .collect();
-            for block in durable {
-                map.slots.remove(&block);
-            }
-            continue;
-        }
-
-        let mut current: Option<Record> = None;
-        for block in start..end {
-            let entry = map.slots.entry(block).or_default();
-            // A pending data block always has live data. If it had none, slot 0 with sum 0
-            // would make the block read as a checksum error, never as wrong data.
-            let (slot, sum) = entry.live.unwrap_or((0, 0));
-            entry.durable = Some(slot);
-            match current.as_mut() {
-                Some(record) if record.slot == slot && record.count < MAX_DATA_RECORD_BLOCKS => {
-                    record.count += 1;
-                    record.sums.push(sum);
+        let blocks: Vec<u64> = map
+            .slots
+            .range(start..end)
+            .map(|(&block, _)| block)
+            .collect();
+        for block in blocks {
+            match state {
+                BlockState::Zero => {
+                    map.slots.remove(&block);
                 }
-                _ => {
-                    records.extend(current.take());
-                    current = Some(Record {
-                        start: block,
-                        count: 1,
-                        state,
-                        slot,
-                        sums: vec![sum],
-                    });
+                BlockState::Data => {
+                    if let Some(entry) = map.slots.get_mut(&block) {
+                        entry.durable = entry.live.map(|(slot, _)| slot);
+                    }
                 }
             }
         }
-        records.extend(current);
     }
-    records
 }
 
 /// Applies a durable record read back from the log.

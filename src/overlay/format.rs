@@ -10,10 +10,15 @@
 //!
 //! Both slot areas are sparse. A data record names the slot that holds each of its
 //! blocks and the crc32c of each block, so a changed byte in the data area is found on
-//! read. A block that a durable record points at is never written in place: a new
-//! write goes to the block's other slot and becomes durable with the next record. So
-//! after a crash, a block written but not flushed reads as the data of its last durable
-//! record, which still matches its checksum.
+//! read. Each write appends its record before it completes, so a completed write
+//! survives the death of the server process. A flush appends a commit entry: the
+//! records before the last commit are confirmed, the ones after it are not.
+//!
+//! A block that a confirmed record points at is never written in place: a new write
+//! goes to the block's other slot. On open, an unconfirmed data record whose block
+//! does not match its checksum (its data did not reach the disk before a power loss)
+//! is dropped, and the block reads as its confirmed state, which still matches. A
+//! confirmed block that does not match is damage and reads as EIO.
 //!
 //! Version 1 had one slot per block and no data checksums; this program does not
 //! read it (see [`HeaderError::OldVersion`]).
@@ -44,6 +49,7 @@ pub const MAX_DATA_RECORD_BLOCKS: u64 = 1024;
 const RECORD_MAGIC: u32 = 0x524c_564f;
 const STATE_DATA: u8 = 1;
 const STATE_ZERO: u8 = 2;
+const STATE_COMMIT: u8 = 3;
 
 /// The image an overlay belongs to, stored in its header.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -218,15 +224,35 @@ pub fn record_sums_len(head: &[u8]) -> Option<usize> {
                 .ok()
                 .map(|count| count * BLOCK_SUM_SIZE)
         }
-        STATE_ZERO => Some(0),
+        STATE_ZERO | STATE_COMMIT => Some(0),
         _ => None,
     }
 }
 
-/// Decodes a record from its fixed part and its block checksums; `None` for anything
-/// but a whole, intact record, which marks the end of the log (a write torn by a crash,
-/// or no record yet).
-pub fn decode_record(head: &[u8], sums: &[u8]) -> Option<Record> {
+/// One entry of the map log.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Entry {
+    /// Blocks changed state.
+    Change(Record),
+    /// Every entry before this one was covered by a completed flush.
+    Commit,
+}
+
+/// Encodes a commit entry: magic (4), state 3 (1), zero (23), crc32c of the preceding
+/// 28 bytes (4).
+pub fn encode_commit() -> Vec<u8> {
+    let mut out = vec![0u8; RECORD_SIZE];
+    out[0..4].copy_from_slice(&RECORD_MAGIC.to_le_bytes());
+    out[4] = STATE_COMMIT;
+    let crc = crc32c::crc32c(&out[..28]);
+    out[28..32].copy_from_slice(&crc.to_le_bytes());
+    out
+}
+
+/// Decodes a log entry from its fixed part and its block checksums; `None` for
+/// anything but a whole, intact entry, which marks the end of the log (a write torn by
+/// a crash, or no entry yet).
+pub fn decode_entry(head: &[u8], sums: &[u8]) -> Option<Entry> {
     let head = head.get(..RECORD_SIZE)?;
     if record_sums_len(head)? != sums.len() {
         return None;
@@ -238,9 +264,10 @@ pub fn decode_record(head: &[u8], sums: &[u8]) -> Option<Record> {
     let (state, slot) = match head[4] {
         STATE_DATA if head[5] <= 1 => (BlockState::Data, head[5]),
         STATE_ZERO if head[5] == 0 => (BlockState::Zero, 0),
+        STATE_COMMIT if head[5..28].iter().all(|&byte| byte == 0) => return Some(Entry::Commit),
         _ => return None,
     };
-    Some(Record {
+    Some(Entry::Change(Record {
         start: u64_at(head, 8),
         count: u64_at(head, 16),
         state,
@@ -249,7 +276,16 @@ pub fn decode_record(head: &[u8], sums: &[u8]) -> Option<Record> {
             .chunks_exact(BLOCK_SUM_SIZE)
             .map(|sum| u32_at(sum, 0))
             .collect(),
-    })
+    }))
+}
+
+/// Decodes a change record; `None` for a commit entry or anything that is not a
+/// whole, intact record.
+pub fn decode_record(head: &[u8], sums: &[u8]) -> Option<Record> {
+    match decode_entry(head, sums)? {
+        Entry::Change(record) => Some(record),
+        Entry::Commit => None,
+    }
 }
 
 #[cfg(test)]
@@ -352,5 +388,18 @@ mod tests {
             decode_header(&bytes),
             Err(HeaderError::OldVersion { found: 1 })
         );
+    }
+
+    #[test]
+    fn commit_round_trips_and_rejects_damage() {
+        let bytes = encode_commit();
+        assert_eq!(bytes.len(), RECORD_SIZE);
+        assert_eq!(decode_entry(&bytes, &[]), Some(Entry::Commit));
+        assert_eq!(decode_record(&bytes, &[]), None, "not a change record");
+        for at in [0, 4, 9, 28] {
+            let mut damaged = bytes.clone();
+            damaged[at] ^= 1;
+            assert_eq!(decode_entry(&damaged, &[]), None, "flipped byte {at}");
+        }
     }
 }

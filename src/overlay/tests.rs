@@ -127,7 +127,10 @@ async fn random_operations_match_model_and_survive_reopen() {
 }
 
 #[tokio::test]
-async fn unflushed_first_writes_read_from_image_after_reopen() {
+async fn completed_writes_survive_reopen_without_flush() {
+    // A process that dies after a write completes, without a flush, must
+    // not lose it: `attach --reattach` hands the kernel's mounted filesystem
+    // to a new server, and the kernel trusts every completed write.
     let dir = tempfile::tempdir().expect("temp dir");
     let path = dir.path().join("overlay");
     {
@@ -139,14 +142,20 @@ async fn unflushed_first_writes_read_from_image_after_reopen() {
         disk.write(8192, Bytes::from(vec![2u8; 4096]), false)
             .await
             .expect("write");
+        disk.write_zeroes(16384, 8192, false)
+            .await
+            .expect("write zeroes");
+        // Dropped without a flush, as a killed process would be.
     }
     let disk = open_disk(&path);
     let data = read_all(&disk).await;
     assert_eq!(&data[..4096], &[1u8; 4096][..], "flushed block");
+    assert_eq!(&data[8192..12288], &[2u8; 4096][..], "unflushed write");
+    assert_eq!(&data[16384..24576], &[0u8; 8192][..], "unflushed zeroing");
     assert_eq!(
-        &data[8192..12288],
-        &base_model()[8192..12288],
-        "unflushed block"
+        &data[12288..16384],
+        &base_model()[12288..16384],
+        "untouched block"
     );
 }
 
@@ -399,4 +408,59 @@ fn first_version_overlay_is_rejected() {
         }
         other => panic!("expected the old version error, got {other:?}"),
     }
+}
+
+/// A power loss can leave records written after the last flush on disk without
+/// their data. Reopening drops those blocks: they read as their state at the
+/// last flush, never as a checksum error, and later flushes keep that state.
+#[tokio::test]
+async fn unconfirmed_blocks_without_data_read_as_flushed() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("overlay");
+    {
+        let disk = open_disk(&path);
+        disk.write(0, Bytes::from(vec![1u8; 4096]), false)
+            .await
+            .expect("write block 0");
+        disk.flush().await.expect("flush");
+        // Block 0 again (into slot 1, since slot 0 is confirmed), block 2 for the
+        // first time (slot 0), and a zeroing of block 5, none of them flushed.
+        disk.write(0, Bytes::from(vec![2u8; 4096]), false)
+            .await
+            .expect("rewrite block 0");
+        disk.write(2 * 4096, Bytes::from(vec![3u8; 4096]), false)
+            .await
+            .expect("write block 2");
+        disk.write_zeroes(5 * 4096, 4096, false)
+            .await
+            .expect("zero block 5");
+    }
+    // The data of the two unflushed writes never reached the disk.
+    flip_byte(&path, format::slot_offset(SIZE, 1, 0) + 10);
+    flip_byte(&path, format::slot_offset(SIZE, 0, 2) + 10);
+
+    let disk = open_disk(&path);
+    let data = disk
+        .read(0, 6 * 4096)
+        .await
+        .expect("no block fails its checksum");
+    assert_eq!(&data[..4096], &[1u8; 4096][..], "block 0 as flushed");
+    assert_eq!(
+        &data[2 * 4096..3 * 4096],
+        &base_model()[2 * 4096..3 * 4096],
+        "block 2 from the image"
+    );
+    assert_eq!(&data[5 * 4096..], &[0u8; 4096][..], "zeroing kept");
+
+    // The settled log holds: new writes and a flush, then another reopen.
+    disk.write(4096, Bytes::from(vec![4u8; 4096]), false)
+        .await
+        .expect("write block 1");
+    disk.flush().await.expect("flush");
+    drop(disk);
+    let disk = open_disk(&path);
+    let data = disk.read(0, 6 * 4096).await.expect("reads after reopen");
+    assert_eq!(&data[..4096], &[1u8; 4096][..], "block 0 still as flushed");
+    assert_eq!(&data[4096..2 * 4096], &[4u8; 4096][..], "block 1 written");
+    assert_eq!(&data[5 * 4096..], &[0u8; 4096][..], "block 5 still zero");
 }

@@ -17,6 +17,8 @@ use std::path::{Path, PathBuf};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
+use super::fixture_dir;
+
 /// Layer annotation with the sha256 of the TOC JSON.
 pub const TOC_DIGEST_ANNOTATION: &str = "containerd.io/snapshot/stargz/toc.digest";
 /// Layer annotation with the decimal size of the decompressed blob.
@@ -391,4 +393,80 @@ pub fn registry_blob_data(root: &Path, digest: &str) -> PathBuf {
         .join(&hex[..2])
         .join(hex)
         .join("data")
+}
+
+/// Builds a layout whose `latest` is an image index: linux/amd64 is the
+/// basic fixture, linux/arm64 is the links fixture with its config's
+/// architecture set to arm64.
+pub fn two_platform_layout() -> tempfile::TempDir {
+    let basic = fixture_dir("basic").join("oci");
+    let links = fixture_dir("links").join("oci");
+    let layout = copy_layout(&basic);
+    for entry in fs::read_dir(links.join("blobs/sha256")).expect("listing links blobs") {
+        let entry = entry.expect("listing links blobs");
+        fs::copy(
+            entry.path(),
+            layout.path().join("blobs/sha256").join(entry.file_name()),
+        )
+        .expect("copying a links blob");
+    }
+
+    let index_of = |dir: &Path| -> Value {
+        serde_json::from_slice(&fs::read(dir.join("index.json")).expect("reading index.json"))
+            .expect("index.json is JSON")
+    };
+    let amd64 = index_of(&basic)["manifests"][0].clone();
+
+    let mut links_manifest = read_manifest(&links);
+    let config_digest = links_manifest["config"]["digest"]
+        .as_str()
+        .expect("config digest")
+        .to_string();
+    let mut config: Value = serde_json::from_slice(
+        &fs::read(blob_path(&links, &config_digest)).expect("reading the links config"),
+    )
+    .expect("config is JSON");
+    config["architecture"] = "arm64".into();
+    let config_bytes = serde_json::to_vec(&config).expect("encoding the config");
+    links_manifest["config"]["digest"] = write_blob(layout.path(), &config_bytes).into();
+    links_manifest["config"]["size"] = config_bytes.len().into();
+    let manifest_bytes = serde_json::to_vec(&links_manifest).expect("encoding the manifest");
+    let arm64_digest = write_blob(layout.path(), &manifest_bytes);
+
+    let image_index = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.index.v1+json",
+        "manifests": [
+            {
+                "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                "digest": amd64["digest"],
+                "size": amd64["size"],
+                "platform": {"os": "linux", "architecture": "amd64"},
+            },
+            {
+                "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                "digest": arm64_digest,
+                "size": manifest_bytes.len(),
+                "platform": {"os": "linux", "architecture": "arm64"},
+            },
+        ],
+    });
+    let index_bytes = serde_json::to_vec(&image_index).expect("encoding the image index");
+    let index_digest = write_blob(layout.path(), &index_bytes);
+    let top = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.index.v1+json",
+        "manifests": [{
+            "mediaType": "application/vnd.oci.image.index.v1+json",
+            "digest": index_digest,
+            "size": index_bytes.len(),
+            "annotations": {"org.opencontainers.image.ref.name": "latest"},
+        }],
+    });
+    fs::write(
+        layout.path().join("index.json"),
+        serde_json::to_vec(&top).expect("encoding index.json"),
+    )
+    .expect("writing index.json");
+    layout
 }

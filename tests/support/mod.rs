@@ -13,6 +13,7 @@ mod command;
 mod fault_proxy;
 mod layout;
 mod mount;
+mod reference;
 mod registry;
 mod server;
 mod tree;
@@ -25,11 +26,14 @@ pub use layout::{
     blob_path, copy_layout, edit_manifest, footer, footer_toc_offset, gzip, layer_descriptor,
     layer_digest, member_range, patch_layer_blob, read_layer_blob, read_manifest, read_toc,
     registry_blob_data, replace_layer_blob, replace_toc_member, rewrite_toc, set_footer_toc_offset,
-    set_toc_digest_annotation, sha256_digest, toc_entries, toc_member, write_blob, FOOTER_SIZE,
-    TOC_DIGEST_ANNOTATION, TOC_TAR_NAME, UNCOMPRESSED_SIZE_ANNOTATION,
+    set_toc_digest_annotation, sha256_digest, toc_entries, toc_member, two_platform_layout,
+    write_blob, FOOTER_SIZE, TOC_DIGEST_ANNOTATION, TOC_TAR_NAME, UNCOMPRESSED_SIZE_ANNOTATION,
 };
 pub use mount::{e2fsck_clean, LoopMount, NbdMount};
-pub use registry::{port_is_open, skopeo_manifest_digest, skopeo_push, Registry};
+pub use reference::{estargz_ref, verify_layout};
+pub use registry::{
+    port_is_open, skopeo_manifest_digest, skopeo_push, write_docker_config, Registry,
+};
 pub use server::Server;
 pub use tree::{assert_tree_matches, compare_tree};
 

@@ -46,7 +46,7 @@ impl LoopMount {
     /// Attaches `image` read-only to a free loop device and mounts it.
     pub fn new(image: &Path) -> LoopMount {
         let mut mounted = Mounted::new("loop");
-        mounted.attach_and_mount(image);
+        mounted.attach_and_mount(image, ReadAhead::Kernel);
         LoopMount { mounted }
     }
 
@@ -88,8 +88,19 @@ impl NbdMount {
         NbdMount::with_export(socket_path, "")
     }
 
+    /// Like [`NbdMount::new`], but without read-ahead: the loop device reads
+    /// the nbdfuse file with direct I/O and its own read-ahead is 0, so the
+    /// server sees the blocks the filesystem asks for and no neighbours.
+    pub fn unbuffered(socket_path: &Path) -> NbdMount {
+        NbdMount::start(socket_path, "", ReadAhead::Off)
+    }
+
     /// Connects to the export `export_name` of the NBD server on `socket_path`.
     pub fn with_export(socket_path: &Path, export_name: &str) -> NbdMount {
+        NbdMount::start(socket_path, export_name, ReadAhead::Kernel)
+    }
+
+    fn start(socket_path: &Path, export_name: &str, read_ahead: ReadAhead) -> NbdMount {
         let mounted = Mounted::new("nbd");
         let fuse_dir = mounted.work_dir().join("fuse");
         let log = mounted.work_dir().join("nbdfuse.log");
@@ -124,7 +135,7 @@ impl NbdMount {
         };
 
         mount.wait_until_ready(&pid_file, &line);
-        mount.mounted.attach_and_mount(&disk);
+        mount.mounted.attach_and_mount(&disk, read_ahead);
         mount
     }
 
@@ -217,6 +228,15 @@ impl Drop for NbdMount {
 
 /// The loop device and ext4 mount that both mount kinds share. A private temp
 /// folder contains the mount point.
+/// Read-ahead of the loop device under a mount.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum ReadAhead {
+    /// The kernel's defaults: buffered reads of the backing file.
+    Kernel,
+    /// Direct I/O on the backing file and no device read-ahead.
+    Off,
+}
+
 struct Mounted {
     work: Option<tempfile::TempDir>,
     mount_point: PathBuf,
@@ -262,13 +282,19 @@ impl Mounted {
     /// Attaches `file` read-only to a free loop device and mounts that device
     /// as ext4. `noload` skips journal replay, which a read-only device cannot
     /// take.
-    fn attach_and_mount(&mut self, file: &Path) {
-        let device = run_stdout(
-            Command::new("losetup")
-                .args(["--find", "--show", "--read-only"])
-                .arg(file),
-        );
+    fn attach_and_mount(&mut self, file: &Path, read_ahead: ReadAhead) {
+        let mut losetup = Command::new("losetup");
+        losetup.args(["--find", "--show", "--read-only"]);
+        if read_ahead == ReadAhead::Off {
+            losetup.arg("--direct-io=on");
+        }
+        let device = run_stdout(losetup.arg(file));
         self.loop_device = Some(PathBuf::from(device));
+        if read_ahead == ReadAhead::Off {
+            run(Command::new("blockdev")
+                .args(["--setra", "0"])
+                .arg(self.loop_device()));
+        }
         run(Command::new("mount")
             .args(["-t", "ext4", "-o", "ro,noload"])
             .arg(self.loop_device())

@@ -2,11 +2,14 @@
 //! started through the shared `scripts/start-registry.sh`, and pushes with
 //! skopeo.
 
+use std::fs;
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::thread::sleep;
 use std::time::{Duration, Instant};
+
+use base64::Engine as _;
 
 use super::command::{run, run_stdout, try_run};
 use super::shared_dir;
@@ -190,4 +193,17 @@ pub fn skopeo_manifest_digest(reference: &str, registry: &Registry) -> String {
     }
     command.arg(format!("docker://{reference}"));
     run_stdout(&mut command)
+}
+
+/// Writes a Docker config.json holding `user:password` for `host`.
+pub fn write_docker_config(dir: &Path, host: &str, user: &str, password: &str) -> PathBuf {
+    let auth = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"));
+    let config = serde_json::json!({"auths": {host: {"auth": auth}}});
+    let path = dir.join("config.json");
+    fs::write(
+        &path,
+        serde_json::to_vec(&config).expect("encoding config.json"),
+    )
+    .expect("writing config.json");
+    path
 }
