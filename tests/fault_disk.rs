@@ -1,18 +1,23 @@
 //! Cache directory faults while `esgz-nbd serve` runs: a full file system and
 //! one remounted read-only keep serving from the image source, a flipped byte
-//! in a cache file is not served after a restart, and the cache is private.
+//! in a cache file is refetched instead of served, during a run and after a
+//! restart, and the cache is private.
 //!
-//! Needs root (tmpfs and ext4 mounts), loop devices, e2fsprogs and libnbd-bin.
+//! Needs root (tmpfs and ext4 mounts), loop devices, e2fsprogs, libnbd-bin,
+//! docker-registry and skopeo.
 
 #[path = "support/mod.rs"]
 mod support;
 
 use std::fs;
-use std::os::unix::fs::PermissionsExt as _;
+use std::os::unix::fs::{FileExt as _, PermissionsExt as _};
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::Arc;
 
-use support::{esgz_bin, fixture_dir, run, run_stdout, Server};
+use support::{
+    esgz_bin, fixture_dir, run, run_stdout, skopeo_push, Fault, FaultProxy, Registry, Server,
+};
 
 /// The log line that a cache write failure produces the first time.
 const FALLBACK_MESSAGE: &str = "the cache cannot store chunks";
@@ -202,11 +207,200 @@ fn read_only_cache_serves_from_source() {
     );
 }
 
-/// A byte flipped in a cache file between two runs is not served: chunk
-/// presence is kept in memory only, so a new run fetches every chunk again.
-// TODO: once the cache stores a crc32 per chunk, add the same check for a
-// byte flipped while the server runs: the read must refetch the chunk and
-// return the original bytes. Today such a byte would be served.
+impl ScratchMount {
+    /// Remounts the file system read-only; nothing may have a file open for writing.
+    fn remount_read_only(&self) {
+        run(Command::new("mount")
+            .args(["-o", "remount,ro"])
+            .arg(&self.path));
+    }
+
+    /// Fills the file system with one file until it has no free block left.
+    fn fill(&self) {
+        let fill = self.path.join("fill");
+        let status = Command::new("dd")
+            .arg("if=/dev/zero")
+            .arg(format!("of={}", fill.display()))
+            .arg("bs=4096")
+            .stderr(std::process::Stdio::null())
+            .status()
+            .expect("starting dd");
+        assert!(
+            !status.success(),
+            "dd ended before the file system was full"
+        );
+        let available = run_stdout(
+            Command::new("df")
+                .args(["--output=avail", "-B1"])
+                .arg(&self.path),
+        );
+        assert_eq!(
+            available.lines().last().map(str::trim),
+            Some("0"),
+            "free bytes left: {available}"
+        );
+    }
+}
+
+/// The cache file system is read-only before the server starts, once empty
+/// and once holding an earlier run's cache: the server starts, serves every
+/// byte from the source and logs the condition once.
+#[test]
+fn read_only_cache_at_start_serves_from_source() {
+    let expected = expected_disk("basic");
+    for earlier_run in [false, true] {
+        let (dir, scratch) = server_dir_with(|path| ScratchMount::tmpfs(path, "16m"));
+        let dir = if earlier_run {
+            let server = Server::start_in(&layout_image("basic"), &[], dir);
+            assert_same_disk(&copy_disk(&server), &expected, "run before the remount");
+            server.stop().0
+        } else {
+            dir
+        };
+        scratch.remount_read_only();
+
+        let server = Server::start_in(&layout_image("basic"), &[], dir);
+        let case = if earlier_run {
+            "earlier cache"
+        } else {
+            "empty cache"
+        };
+        assert_same_disk(&copy_disk(&server), &expected, case);
+        assert_same_disk(&copy_disk(&server), &expected, case);
+        let log = server.log();
+        assert_eq!(
+            count_matches(&log, FALLBACK_MESSAGE),
+            1,
+            "{case}: the read-only cache is not logged exactly once:\n{log}"
+        );
+        assert!(
+            log.contains("ReadOnly"),
+            "{case}: the log does not say the cache is read-only:\n{log}"
+        );
+    }
+}
+
+/// The cache file system has no free block when the server starts: the server
+/// starts, serves every byte from the source and logs the condition once.
+#[test]
+fn full_cache_at_start_serves_from_source() {
+    let expected = expected_disk("basic");
+    let (dir, scratch) = server_dir_with(|path| ScratchMount::tmpfs(path, "256k"));
+    scratch.fill();
+    let server = Server::start_in(&layout_image("basic"), &["--io", "std"], dir);
+
+    assert_same_disk(&copy_disk(&server), &expected, "copy with a full cache");
+    assert_same_disk(&copy_disk(&server), &expected, "second copy");
+    let log = server.log();
+    assert_eq!(
+        count_matches(&log, FALLBACK_MESSAGE),
+        1,
+        "the full cache is not logged exactly once:\n{log}"
+    );
+    assert!(
+        log.contains("Full"),
+        "the log does not say the cache is full:\n{log}"
+    );
+}
+
+/// The log line of a cached block that no longer matches its checksum.
+const CHANGED_BLOCK_MESSAGE: &str = "a block of a cached chunk changed on disk";
+
+/// Flips the first non-zero byte of every layer data file in `layers`, in place
+/// (the file keeps its length and other bytes); returns how many were flipped.
+fn flip_first_data_byte(layers: &Path) -> usize {
+    let mut flipped = 0;
+    for entry in fs::read_dir(layers).expect("listing the cache files") {
+        let path = entry.expect("a cache entry").path();
+        if path.extension().is_none_or(|extension| extension != "data") {
+            continue;
+        }
+        let bytes = fs::read(&path).expect("reading a cache file");
+        let Some(offset) = bytes.iter().position(|byte| *byte != 0) else {
+            continue;
+        };
+        let file = fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .expect("opening a cache file for writing");
+        file.write_all_at(&[bytes[offset] ^ 0xff], offset as u64)
+            .expect("flipping a cache byte");
+        flipped += 1;
+    }
+    flipped
+}
+
+/// A byte flipped in the cache file while the server runs, after every chunk
+/// was cached, is caught by the block checksums: the copy after the damage
+/// still equals the expected disk, the server logs the changed block, and the
+/// registry sees the chunk fetched again.
+#[test]
+fn flipped_cache_byte_refetched_while_serving() {
+    let expected = expected_disk("basic");
+    let registry = Registry::start(None);
+    let reference = skopeo_push(
+        &fixture_dir("basic").join("oci"),
+        "latest",
+        &registry,
+        "faults/flip",
+    );
+    let path = reference
+        .strip_prefix(&format!("{}/", registry.addr()))
+        .expect("the reference starts with the registry address")
+        .to_string();
+    let proxy = FaultProxy::start(&registry.addr(), Arc::new(|_| Fault::Pass));
+    let server = Server::start(&format!("{}/{path}", proxy.addr()), &[]);
+
+    assert_same_disk(&copy_disk(&server), &expected, "first copy");
+    assert_same_disk(&copy_disk(&server), &expected, "warm copy");
+    let requests_warm = proxy.requests();
+    assert_same_disk(&copy_disk(&server), &expected, "second warm copy");
+    assert_eq!(
+        proxy.requests(),
+        requests_warm,
+        "a warm copy sent requests to the registry"
+    );
+    assert_eq!(
+        count_matches(&server.log(), CHANGED_BLOCK_MESSAGE),
+        0,
+        "a block was reported changed before any damage:\n{}",
+        server.log()
+    );
+
+    let flipped = flip_first_data_byte(&server.dir().join("cache/layers"));
+    assert!(flipped > 0, "no cache file had data to damage");
+
+    assert_same_disk(&copy_disk(&server), &expected, "copy after the damage");
+    let log = server.log();
+    assert_eq!(
+        count_matches(&log, CHANGED_BLOCK_MESSAGE),
+        flipped,
+        "each flipped byte is not logged exactly once:\n{log}"
+    );
+    assert!(
+        proxy.requests() > requests_warm,
+        "the registry saw no refetch after the damage"
+    );
+    let stats = server.stats();
+    assert_eq!(
+        stats["store"]["cache_checksum_failures"].as_u64(),
+        Some(flipped as u64),
+        "stats: {stats}"
+    );
+
+    // The refetched chunks are good again: one more copy needs no request.
+    let requests_after = proxy.requests();
+    assert_same_disk(&copy_disk(&server), &expected, "copy after the refetch");
+    assert_eq!(
+        proxy.requests(),
+        requests_after,
+        "the refetched chunks were not cached again"
+    );
+}
+
+/// A byte flipped in a cache file between two runs is not served: each
+/// chunk's crc32 in the index file is checked on its first read after the
+/// restart, and a changed chunk is fetched again.
 #[test]
 fn flipped_cache_byte_not_served_after_restart() {
     let expected = expected_disk("basic");

@@ -1,7 +1,8 @@
 //! Writable serving end to end: `serve --writable` mounted read-write by the
 //! kernel's ext4 through nbdfuse and a loop device, writes kept in the
 //! overlay across restarts, the chunk cache untouched, TRIM and
-//! WRITE_ZEROES through nbdsh, and FLUSH durability across `kill -9`.
+//! WRITE_ZEROES through nbdsh, FLUSH durability across `kill -9`, and EIO
+//! for an overlay data block whose bytes changed on disk.
 //!
 //! Needs root, loop devices, FUSE, e2fsprogs, libnbd-bin and python3-libnbd.
 
@@ -506,12 +507,21 @@ fn flushed_writes_survive_kill_9() {
         nbdsh(&server.uri(), &script);
         flushed.push((offset, length, byte));
 
-        // Unflushed writes far from those, interrupted by SIGKILL at a random point.
-        let noise = "import itertools\nfor i in itertools.count():\n    h.pwrite(b'\\xee' * 65536, (128 << 20) + (i % 512) * 65536)\n";
+        // The rewritten area of the previous round: every block as flushed (0xdd)
+        // or as rewritten without a flush (0xee), and none fails its checksum.
+        if round > 0 {
+            check_rewritten_area(&server.uri());
+        }
+        let script = format!("h.pwrite(b'\\xdd' * {REWRITTEN_LEN}, {REWRITTEN_AT}); h.flush()");
+        nbdsh(&server.uri(), &script);
+
+        // Unflushed writes over the 0xdd area, far from the checked writes,
+        // interrupted by SIGKILL at a random point.
+        let noise = format!("import itertools\nfor i in itertools.count():\n    h.pwrite(b'\\xee' * 65536, {REWRITTEN_AT} + (i % 512) * 65536)\n");
         let path = format!("/usr/bin:{}", std::env::var("PATH").unwrap_or_default());
         let mut writer = Command::new("nbdsh")
             .env("PATH", path)
-            .args(["-u", &server.uri(), "-c", noise])
+            .args(["-u", &server.uri(), "-c", &noise])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -529,7 +539,101 @@ fn flushed_writes_survive_kill_9() {
         );
         nbdsh(&server.uri(), &script);
     }
+    check_rewritten_area(&server.uri());
     server.kill();
+}
+
+/// Start and length of the area that the crash test flushes as 0xdd and then
+/// rewrites as 0xee without a flush.
+const REWRITTEN_AT: u64 = 128 << 20;
+const REWRITTEN_LEN: u64 = 32 << 20;
+
+/// Checks that every 4 KiB block of the rewritten area reads as all 0xdd or all 0xee.
+fn check_rewritten_area(uri: &str) {
+    let script = format!(
+        "data = h.pread({REWRITTEN_LEN}, {REWRITTEN_AT})\n\
+         for i in range(0, len(data), 4096):\n\
+         \x20   block = data[i:i + 4096]\n\
+         \x20   assert block in (b'\\xdd' * 4096, b'\\xee' * 4096), f'block at {{i}} is mixed'\n\
+         print('ok')"
+    );
+    assert_eq!(nbdsh(uri, &script).trim(), "ok");
+}
+
+/// A byte flipped in the overlay data area under a running server: the read of
+/// that block fails with EIO, its neighbours read as written, and the server
+/// keeps serving, also after a restart.
+#[test]
+fn damaged_overlay_block_reads_eio() {
+    let image = image("basic");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let overlay = dir.path().join("overlay");
+    let server = Killable::start(&image, dir.path(), &overlay);
+
+    // Blocks 16384..16387 (64 MiB on), written once and flushed, so they are in slot 0.
+    let first_block: u64 = 16384;
+    let write = format!(
+        "h.pwrite(bytes(range(256)) * 48, {}); h.flush()",
+        first_block * 4096
+    );
+    nbdsh(&server.uri(), &write);
+
+    // Slot 0 of block N is at byte 4096 + N * 4096 of the overlay file.
+    let damaged = first_block + 1;
+    let file = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&overlay)
+        .expect("open the overlay file");
+    let at = 4096 + damaged * 4096 + 77;
+    let mut byte = [0u8; 1];
+    std::os::unix::fs::FileExt::read_exact_at(&file, &mut byte, at).expect("read a byte");
+    byte[0] ^= 0x01;
+    std::os::unix::fs::FileExt::write_all_at(&file, &byte, at).expect("flip the byte");
+    drop(file);
+
+    let check = format!(
+        r#"
+import errno
+import nbd
+pattern = bytes(range(256)) * 16
+assert h.pread(4096, {before}) == pattern, "block before the damaged one"
+assert h.pread(4096, {after}) == pattern, "block after the damaged one"
+for offset, length in (({damaged}, 4096), ({damaged} + 100, 1), ({before}, 12288)):
+    try:
+        h.pread(length, offset)
+    except nbd.Error as error:
+        # libnbd's Python binding gives the errno as a number or as its name.
+        name = errno.errorcode.get(error.errno, error.errno)
+        assert name == "EIO", f"errno {{error.errno}}: {{error}}"
+    else:
+        raise AssertionError(f"read of {{length}} bytes at {{offset}} succeeded")
+assert len(h.pread(1 << 20, 0)) == 1 << 20, "the server still serves image blocks"
+print("ok")
+"#,
+        before = first_block * 4096,
+        damaged = damaged * 4096,
+        after = (first_block + 2) * 4096,
+    );
+    assert_eq!(nbdsh(&server.uri(), &check).trim(), "ok");
+    assert_eq!(
+        nbdsh(&server.uri(), &check).trim(),
+        "ok",
+        "the server serves a second connection"
+    );
+    server.terminate();
+
+    let log = fs::read_to_string(dir.path().join("crash.log")).expect("server log");
+    assert_eq!(
+        log.matches("an overlay data block does not match its checksum")
+            .count(),
+        1,
+        "the damaged block is not logged once at warn level:\n{log}"
+    );
+
+    let server = Killable::start(&image, dir.path(), &overlay);
+    assert_eq!(nbdsh(&server.uri(), &check).trim(), "ok", "after a restart");
+    server.terminate();
 }
 
 /// A completed write survives a SIGKILL of the server even without a FLUSH:

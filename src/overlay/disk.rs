@@ -84,12 +84,11 @@ impl<D: BlockDevice> OverlayDisk<D> {
             Some(BlockState::Zero) => Ok(Bytes::from(vec![0u8; run_len])),
             Some(BlockState::Data) => {
                 let overlay = self.overlay.clone();
-                blocking(move || {
-                    let mut buf = vec![0u8; run_len];
-                    overlay.read_data(start, &mut buf)?;
-                    Ok(Bytes::from(buf))
-                })
-                .await
+                let first_block = start / BLOCK_SIZE;
+                let end_block = end.div_ceil(BLOCK_SIZE);
+                let within = (start - first_block * BLOCK_SIZE) as usize;
+                let blocks = blocking(move || overlay.read_blocks(first_block, end_block)).await?;
+                Ok(Bytes::from(blocks).slice(within..within + run_len))
             }
         }
     }

@@ -1,57 +1,113 @@
-//! The overlay file: creation, identity check, exclusive lock, map log replay, block I/O and the two-step durable flush.
+//! The overlay file: creation, identity check, exclusive lock, map log replay, block I/O and the durable flush.
 
+use std::collections::{BTreeMap, HashSet};
 use std::fs::{File, OpenOptions};
-use std::io;
+use std::io::{self, BufReader, Read, Seek, SeekFrom};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Mutex, MutexGuard};
 
 use tracing::{debug, info, warn};
 
 use super::format::{
-    self, decode_header, decode_record, encode_header, encode_record, Identity, Record, BLOCK_SIZE,
-    HEADER_SIZE, RECORD_SIZE,
+    self, decode_entry, decode_header, encode_commit, encode_header, encode_record,
+    record_sums_len, Entry, HeaderError, Identity, Record, BLOCK_SIZE, HEADER_SIZE,
+    MAX_DATA_RECORD_BLOCKS, RECORD_SIZE,
 };
 use super::map::{BlockState, RangeMap, Run};
 use super::OverlayError;
 
 /// Bytes of map log read per step during replay.
-const REPLAY_CHUNK: usize = 1 << 20;
+const REPLAY_BUFFER: usize = 1 << 20;
+
+/// Locks that serialize writes, zeroing and a flush's snapshot per block, picked by block
+/// number, so a block's slot choice, data and checksum change together.
+const STRIPES: u64 = 64;
+
+/// The slots of one block: the one with its current data and the one a confirmed record names.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct BlockSlots {
+    /// Slot and crc32c of the block's current data; `None` unless the block is data.
+    live: Option<(u8, u32)>,
+    /// Slot that a confirmed map record points at; never written in place.
+    durable: Option<u8>,
+}
+
+impl BlockSlots {
+    /// Picks the slot for new data: the current slot unless a confirmed record points
+    /// at it, else the other one.
+    fn slot_for_write(&self) -> u8 {
+        match (self.live, self.durable) {
+            (Some((slot, _)), durable) if durable != Some(slot) => slot,
+            (_, Some(durable)) => 1 - durable,
+            (_, None) => 0,
+        }
+    }
+}
+
+/// The map as readers see it and the changes not yet confirmed by a flush.
+#[derive(Default)]
+struct MapState {
+    /// State of every block the overlay has touched.
+    current: RangeMap,
+    /// Latest state of blocks changed since the last flush.
+    pending: RangeMap,
+    /// Slots and checksums of the blocks that hold data or that a confirmed record points at.
+    slots: BTreeMap<u64, BlockSlots>,
+}
+
+/// Positions in the map log.
+#[derive(Clone, Copy, Debug)]
+struct LogEnd {
+    /// Byte offset where the next entry goes.
+    end: u64,
+    /// Byte offset just past the last commit entry (or the log start).
+    committed: u64,
+}
 
 /// A copy-on-write overlay file for one device.
 ///
-/// Block N of the device lives at byte `HEADER_SIZE + N * 4096` of the file,
-/// so the data area is sparse and needs no slot allocation. The map records
-/// which blocks hold data and which read as zeros. It is persisted as an
-/// append-only log of records after the data area.
+/// Block N of the device has two fixed slots in the file (see [`format`](mod@format)),
+/// so the data area is sparse and needs no allocation. The map records which blocks
+/// hold data, in which slot and with which crc32c, and which read as zeros. It is
+/// persisted as an append-only log of records after the data area.
 ///
 /// Durability has two levels:
 ///
-/// - A write or zeroing survives the death of this process as soon as it
-///   returns: its data is in the file, and a block whose state changes gets
-///   its map record appended to the log (without a sync) before the call
-///   returns. A server killed with SIGKILL therefore loses nothing it
-///   acknowledged, which `attach --reattach` relies on: the kernel keeps a
-///   filesystem mounted across the restart and trusts every completed write.
-/// - [`Overlay::flush`] `fdatasync`s the file, so everything completed before
-///   it also survives a power loss or a kernel crash.
+/// - A write or zeroing survives the death of this process once it returns: its data
+///   is in the file and its record is appended to the log (without a sync) before the
+///   call returns. A server killed with SIGKILL therefore loses nothing it completed,
+///   which `attach --reattach` relies on: the kernel keeps a filesystem mounted across
+///   the restart and trusts every completed write.
+/// - [`Overlay::flush`] holds off writes, `fdatasync`s the file, appends a commit entry
+///   and syncs again, so everything completed before it also survives a power loss.
 ///
-/// After a power loss, records appended since the last flush may or may not
-/// be on disk, and their data may be missing while the record is there, so
-/// those blocks read as their old state, their new data or zeros. That is the
-/// contract of a volatile write cache: only flushed writes are promised.
-/// Replay stops at the first torn record and truncates the log there.
+/// After a power loss, records after the last commit may have reached the disk
+/// without their data. Replay checks the data of those unconfirmed records against
+/// their checksums and drops the ones that do not match; their blocks read as their
+/// confirmed state, which a write never overwrites in place. Replay stops at the
+/// first torn entry.
+///
+/// Reads check every data block against its crc32c and fail with an I/O error
+/// for a block that does not match.
 pub struct Overlay {
     file: File,
     path: PathBuf,
     device_size: u64,
-    /// State of every block the overlay has touched.
-    state: Mutex<RangeMap>,
-    /// Byte offset of the end of the log. Held while a record is appended,
-    /// and taken before `state`, so records reach the log in the order their
-    /// changes reach the map.
-    log_end: Mutex<u64>,
+    state: Mutex<MapState>,
+    /// Where the log ends and where its last commit ends; held while an entry is
+    /// appended.
+    log: Mutex<LogEnd>,
+    /// Held for a whole flush, so flushes do not interleave.
+    flushing: Mutex<()>,
+    stripes: Vec<Mutex<()>>,
+    /// Set when an append or a flush failed. Writes then fail, because the log may end
+    /// with a partial entry or a commit that may or may not have reached the disk.
+    failed: AtomicBool,
+    /// Blocks already logged with a checksum mismatch, so each is logged once at warn level.
+    reported: Mutex<HashSet<u64>>,
     /// The private directory of a temporary overlay, removed on drop.
     _temporary: Option<tempfile::TempDir>,
 }
@@ -151,8 +207,15 @@ impl Overlay {
             file,
             path,
             device_size: identity.device_size,
-            state: Mutex::new(RangeMap::default()),
-            log_end: Mutex::new(log_offset),
+            state: Mutex::new(MapState::default()),
+            log: Mutex::new(LogEnd {
+                end: log_offset,
+                committed: log_offset,
+            }),
+            flushing: Mutex::new(()),
+            stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
+            failed: AtomicBool::new(false),
+            reported: Mutex::new(HashSet::new()),
             _temporary: temporary,
         };
         if metadata.len() == 0 {
@@ -197,9 +260,15 @@ impl Overlay {
         let read = read_up_to(&self.file, &mut header, 0)
             .map_err(io_error("read the overlay header", &self.path))?;
         header.truncate(read);
-        let recorded = decode_header(&header).map_err(|source| OverlayError::Header {
-            path: self.path.clone(),
-            source,
+        let recorded = decode_header(&header).map_err(|source| match source {
+            HeaderError::OldVersion { found } => OverlayError::OldVersion {
+                path: self.path.clone(),
+                found,
+            },
+            source => OverlayError::Header {
+                path: self.path.clone(),
+                source,
+            },
         })?;
         if recorded != *expected {
             let reason = if recorded.manifest_digest != expected.manifest_digest {
@@ -221,71 +290,213 @@ impl Overlay {
         Ok(())
     }
 
-    /// Rebuilds the map from the log; truncates a torn tail.
+    /// Rebuilds the map from the log. Records up to the last commit are applied as
+    /// they are; later ones only where their data matches (see [`Overlay::settle`]).
     fn replay(&mut self, file_len: u64) -> Result<(), OverlayError> {
         let log_offset = format::log_offset(self.device_size);
         let device_blocks = self.device_size / BLOCK_SIZE;
-        let mut map = RangeMap::default();
+        let mut map = MapState::default();
         let mut offset = log_offset;
+        let mut committed = log_offset;
         let mut records = 0u64;
-        let mut buffer = vec![0u8; REPLAY_CHUNK];
+        // Records after the last commit seen so far.
+        let mut unconfirmed: Vec<Record> = Vec::new();
 
-        'chunks: while offset < file_len {
-            let want = usize::try_from((file_len - offset).min(REPLAY_CHUNK as u64))
-                .unwrap_or(REPLAY_CHUNK);
-            let read = read_up_to(&self.file, &mut buffer[..want], offset)
-                .map_err(io_error("read the overlay map log", &self.path))?;
-            if read < RECORD_SIZE {
+        let log_path = self.path.clone();
+        let read_error = io_error("read the overlay map log", &log_path);
+        let mut reader = BufReader::with_capacity(REPLAY_BUFFER, &self.file);
+        if let Err(error) = reader.seek(SeekFrom::Start(log_offset)) {
+            return Err(read_error(error));
+        }
+        let mut head = [0u8; RECORD_SIZE];
+        let mut sums = Vec::new();
+        while offset < file_len {
+            match read_full(&mut reader, &mut head) {
+                Ok(true) => {}
+                Ok(false) => break,
+                Err(error) => return Err(read_error(error)),
+            }
+            let Some(sums_len) = record_sums_len(&head) else {
                 break;
+            };
+            sums.resize(sums_len, 0);
+            match read_full(&mut reader, &mut sums) {
+                Ok(true) => {}
+                Ok(false) => break,
+                Err(error) => return Err(read_error(error)),
             }
-            for bytes in buffer[..read].chunks_exact(RECORD_SIZE) {
-                let Some(record) = decode_record(bytes) else {
-                    break 'chunks;
-                };
-                let end = record.start.checked_add(record.count);
-                if record.count == 0 || end.is_none_or(|end| end > device_blocks) {
-                    return Err(OverlayError::RecordOutOfRange {
-                        path: self.path.clone(),
-                        offset,
-                        start: record.start,
-                        count: record.count,
-                        device_blocks,
-                    });
+            let Some(entry) = decode_entry(&head, &sums) else {
+                break;
+            };
+            offset += (RECORD_SIZE + sums_len) as u64;
+            let record = match entry {
+                Entry::Commit => {
+                    for record in unconfirmed.drain(..) {
+                        apply_durable(&mut map, &record);
+                    }
+                    committed = offset;
+                    continue;
                 }
-                map.set(record.start, record.start + record.count, record.state);
-                offset += RECORD_SIZE as u64;
-                records += 1;
+                Entry::Change(record) => record,
+            };
+            let end = record.start.checked_add(record.count);
+            if record.count == 0 || end.is_none_or(|end| end > device_blocks) {
+                return Err(OverlayError::RecordOutOfRange {
+                    path: self.path.clone(),
+                    offset: offset - (RECORD_SIZE + sums_len) as u64,
+                    start: record.start,
+                    count: record.count,
+                    device_blocks,
+                });
             }
+            unconfirmed.push(record);
+            records += 1;
         }
+        drop(reader);
 
-        if offset < file_len {
-            warn!(
-                path = %self.path.display(),
-                valid_end = offset,
-                file_len,
-                "the overlay map log ends with an incomplete record (a flush interrupted by a crash); dropping it"
-            );
-            self.file
-                .set_len(offset)
-                .map_err(io_error("truncate the torn map log", &self.path))?;
-            self.file
-                .sync_all()
-                .map_err(io_error("sync the truncated map log", &self.path))?;
-        }
-        info!(
-            path = %self.path.display(),
-            records,
-            intervals = map.len(),
-            "opened an existing overlay"
-        );
-        *self
-            .log_end
-            .get_mut()
-            .unwrap_or_else(|poison| poison.into_inner()) = offset;
         *self
             .state
             .get_mut()
             .unwrap_or_else(|poison| poison.into_inner()) = map;
+        *self
+            .log
+            .get_mut()
+            .unwrap_or_else(|poison| poison.into_inner()) = LogEnd {
+            end: offset,
+            committed,
+        };
+        if offset < file_len || !unconfirmed.is_empty() {
+            if offset < file_len {
+                warn!(
+                    path = %self.path.display(),
+                    valid_end = offset,
+                    file_len,
+                    "the overlay map log ends with an incomplete entry (a write interrupted by a crash); dropping it"
+                );
+            }
+            self.settle(&unconfirmed)?;
+        }
+        info!(
+            path = %self.path.display(),
+            records,
+            intervals = self.lock_state().current.len(),
+            "opened an existing overlay"
+        );
+        Ok(())
+    }
+
+    /// Applies the records after the last commit whose data reached the disk, then
+    /// rewrites the log as the confirmed part, those records and a commit, and syncs.
+    ///
+    /// A data block is kept when its slot matches the record's checksum. After the
+    /// death of the process that is every block; after a power loss a block whose data
+    /// did not reach the disk is dropped and reads as its confirmed state. A zeroing is
+    /// always kept: zeros are a valid new state whatever reached the disk.
+    fn settle(&mut self, unconfirmed: &[Record]) -> Result<(), OverlayError> {
+        // The final state of each touched block: zero ranges, and data blocks with
+        // their slot and checksum.
+        let mut states = RangeMap::default();
+        let mut data: BTreeMap<u64, (u8, u32)> = BTreeMap::new();
+        for record in unconfirmed {
+            let end = record.start + record.count;
+            states.set(record.start, end, record.state);
+            match record.state {
+                BlockState::Data => {
+                    for (index, sum) in record.sums.iter().enumerate() {
+                        data.insert(record.start + index as u64, (record.slot, *sum));
+                    }
+                }
+                BlockState::Zero => {
+                    let zeroed: Vec<u64> = data.range(record.start..end).map(|(&b, _)| b).collect();
+                    for block in zeroed {
+                        data.remove(&block);
+                    }
+                }
+            }
+        }
+
+        let mut kept = Vec::new();
+        let mut dropped = 0u64;
+        let mut buf = vec![0u8; BLOCK_SIZE as usize];
+        for (start, end, state) in states.iter() {
+            if state == BlockState::Zero {
+                kept.push(Record {
+                    start,
+                    count: end - start,
+                    state,
+                    slot: 0,
+                    sums: Vec::new(),
+                });
+                continue;
+            }
+            for block in start..end {
+                let Some(&(slot, sum)) = data.get(&block) else {
+                    continue;
+                };
+                self.read_slot(slot, block, &mut buf)
+                    .map_err(io_error("read overlay data to check it", &self.path))?;
+                if crc32c::crc32c(&buf) != sum {
+                    dropped += 1;
+                    continue;
+                }
+                match kept.last_mut() {
+                    Some(last)
+                        if last.state == BlockState::Data
+                            && last.slot == slot
+                            && last.start + last.count == block
+                            && last.count < MAX_DATA_RECORD_BLOCKS =>
+                    {
+                        last.count += 1;
+                        last.sums.push(sum);
+                    }
+                    _ => kept.push(Record {
+                        start: block,
+                        count: 1,
+                        state,
+                        slot,
+                        sums: vec![sum],
+                    }),
+                }
+            }
+        }
+        if dropped > 0 {
+            warn!(
+                path = %self.path.display(),
+                blocks = dropped,
+                "overlay blocks written after the last flush did not reach the disk (a power loss?); they read as their state at that flush"
+            );
+        }
+
+        let map = self
+            .state
+            .get_mut()
+            .unwrap_or_else(|poison| poison.into_inner());
+        for record in &kept {
+            apply_durable(map, record);
+        }
+        let log = self
+            .log
+            .get_mut()
+            .unwrap_or_else(|poison| poison.into_inner());
+        let mut bytes = Vec::new();
+        for record in &kept {
+            bytes.extend_from_slice(&encode_record(record));
+        }
+        if !bytes.is_empty() {
+            bytes.extend_from_slice(&encode_commit());
+        }
+        let path = &self.path;
+        self.file
+            .set_len(log.committed)
+            .map_err(io_error("truncate the unconfirmed map log", path))?;
+        self.file
+            .write_all_at(&bytes, log.committed)
+            .map_err(io_error("rewrite the map log", path))?;
+        self.file
+            .sync_all()
+            .map_err(io_error("sync the rewritten map log", path))?;
+        log.committed += bytes.len() as u64;
+        log.end = log.committed;
         Ok(())
     }
 
@@ -297,9 +508,9 @@ impl Overlay {
         self.device_size
     }
 
-    fn lock_state(&self) -> std::sync::MutexGuard<'_, RangeMap> {
-        // The map stays consistent even if a holder panicked: every update
-        // is a single `set` call.
+    fn lock_state(&self) -> MutexGuard<'_, MapState> {
+        // No update of the map panics halfway, so a poisoned lock still guards a
+        // consistent map.
         self.state
             .lock()
             .unwrap_or_else(|poison| poison.into_inner())
@@ -307,12 +518,130 @@ impl Overlay {
 
     /// Splits blocks `start..end` into runs by overlay state.
     pub fn runs(&self, start: u64, end: u64) -> Vec<Run> {
-        self.lock_state().runs(start, end)
+        self.lock_state().current.runs(start, end)
     }
 
-    /// Reads `buf.len()` bytes of overlay data at device byte `offset`.
-    pub fn read_data(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
-        let read = read_up_to(&self.file, buf, HEADER_SIZE + offset)?;
+    /// Locks the stripes of blocks `start..end` in stripe order, so two callers never
+    /// wait for each other's stripes crosswise.
+    fn lock_stripes(&self, start: u64, end: u64) -> Vec<MutexGuard<'_, ()>> {
+        let mut indices: Vec<u64> = if end - start >= STRIPES {
+            (0..STRIPES).collect()
+        } else {
+            (start..end).map(|block| block % STRIPES).collect()
+        };
+        indices.sort_unstable();
+        indices.dedup();
+        indices
+            .into_iter()
+            .map(|index| {
+                self.stripes[index as usize]
+                    .lock()
+                    .unwrap_or_else(|poison| poison.into_inner())
+            })
+            .collect()
+    }
+
+    fn check_writable(&self) -> io::Result<()> {
+        if self.failed.load(Ordering::Acquire) {
+            return Err(io::Error::other(format!(
+                "overlay {} rejects writes after a failed flush; restart the server to replay the durable map",
+                self.path.display()
+            )));
+        }
+        Ok(())
+    }
+
+    /// Reads data blocks `start..end` and checks each against its crc32c; fails with
+    /// an I/O error naming the first block that does not match.
+    pub fn read_blocks(&self, start: u64, end: u64) -> io::Result<Vec<u8>> {
+        let slots: Vec<Option<(u8, u32)>> = {
+            let map = self.lock_state();
+            (start..end)
+                .map(|block| map.slots.get(&block).and_then(|slots| slots.live))
+                .collect()
+        };
+        let len = usize::try_from((end - start) * BLOCK_SIZE)
+            .map_err(|_| io::Error::other("overlay read does not fit in memory"))?;
+        let mut buf = vec![0u8; len];
+
+        // Consecutive blocks in the same slot are contiguous in the file.
+        let mut run_start = 0usize;
+        while run_start < slots.len() {
+            let slot = slots[run_start].map_or(0, |(slot, _)| slot);
+            let mut run_end = run_start + 1;
+            while run_end < slots.len() && slots[run_end].map_or(0, |(slot, _)| slot) == slot {
+                run_end += 1;
+            }
+            let block = start + run_start as u64;
+            let bytes = &mut buf[run_start * BLOCK_SIZE as usize..run_end * BLOCK_SIZE as usize];
+            self.read_slot(slot, block, bytes)?;
+            run_start = run_end;
+        }
+
+        for (index, expected) in slots.iter().enumerate() {
+            let block = start + index as u64;
+            let bytes = &mut buf[index * BLOCK_SIZE as usize..(index + 1) * BLOCK_SIZE as usize];
+            if expected.is_some_and(|(_, sum)| crc32c::crc32c(bytes) == sum) {
+                continue;
+            }
+            self.recheck_block(block, bytes)?;
+        }
+        Ok(buf)
+    }
+
+    /// Reads one block again under its stripe lock after its first read did not match
+    /// (or it was not data any more): a write or zeroing that ran alongside the first
+    /// read is finished now. Fails when the block still does not match its crc32c.
+    fn recheck_block(&self, block: u64, bytes: &mut [u8]) -> io::Result<()> {
+        let _stripe = self.lock_stripes(block, block + 1);
+        let live = self
+            .lock_state()
+            .slots
+            .get(&block)
+            .and_then(|slots| slots.live);
+        let Some((slot, expected)) = live else {
+            // Zeroed or trimmed since the read started.
+            bytes.fill(0);
+            return Ok(());
+        };
+        self.read_slot(slot, block, bytes)?;
+        let actual = crc32c::crc32c(bytes);
+        if actual == expected {
+            return Ok(());
+        }
+
+        let file_offset = format::slot_offset(self.device_size, slot, block);
+        let first = self
+            .reported
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner())
+            .insert(block);
+        if first {
+            warn!(
+                path = %self.path.display(),
+                block,
+                slot,
+                file_offset,
+                expected = format_args!("{expected:#010x}"),
+                actual = format_args!("{actual:#010x}"),
+                "an overlay data block does not match its checksum; reads of it fail with EIO"
+            );
+        } else {
+            debug!(
+                block,
+                "read of an overlay block that does not match its checksum"
+            );
+        }
+        Err(io::Error::other(format!(
+            "overlay block {block} (device offset {:#x}) does not match its checksum: crc32c {actual:#010x}, expected {expected:#010x}; the overlay file {} is damaged at byte {file_offset:#x}",
+            block * BLOCK_SIZE,
+            self.path.display()
+        )))
+    }
+
+    fn read_slot(&self, slot: u8, block: u64, buf: &mut [u8]) -> io::Result<()> {
+        let offset = format::slot_offset(self.device_size, slot, block);
+        let read = read_up_to(&self.file, buf, offset)?;
         // A sparse file reads zeros in holes, so a short read can only come
         // from a file truncated behind our back.
         buf[read..].fill(0);
@@ -322,52 +651,160 @@ impl Overlay {
     /// Writes whole blocks starting at `first_block` and marks them as data.
     pub fn write_blocks(&self, first_block: u64, data: &[u8]) -> io::Result<()> {
         let count = data.len() as u64 / BLOCK_SIZE;
-        self.file
-            .write_all_at(data, HEADER_SIZE + first_block * BLOCK_SIZE)?;
-        self.mark(first_block, first_block + count, BlockState::Data)
-    }
+        let end = first_block + count;
+        let _stripes = self.lock_stripes(first_block, end);
+        self.check_writable()?;
 
-    /// Marks blocks `start..end` as zero and punches a hole over their data.
-    pub fn zero_blocks(&self, start: u64, end: u64) -> io::Result<()> {
-        self.mark(start, end, BlockState::Zero)?;
-        self.punch_hole(start, end);
+        let targets: Vec<u8> = {
+            let map = self.lock_state();
+            (first_block..end)
+                .map(|block| {
+                    map.slots
+                        .get(&block)
+                        .copied()
+                        .unwrap_or_default()
+                        .slot_for_write()
+                })
+                .collect()
+        };
+        let mut run_start = 0usize;
+        while run_start < targets.len() {
+            let slot = targets[run_start];
+            let mut run_end = run_start + 1;
+            while run_end < targets.len() && targets[run_end] == slot {
+                run_end += 1;
+            }
+            let bytes = &data[run_start * BLOCK_SIZE as usize..run_end * BLOCK_SIZE as usize];
+            let offset =
+                format::slot_offset(self.device_size, slot, first_block + run_start as u64);
+            self.file.write_all_at(bytes, offset)?;
+            run_start = run_end;
+        }
+
+        let sums: Vec<u32> = data
+            .chunks(BLOCK_SIZE as usize)
+            .map(crc32c::crc32c)
+            .collect();
+        // Every write needs a new record, because its checksum changed.
+        let mut log = Vec::new();
+        let mut run_start = 0usize;
+        while run_start < targets.len() {
+            let slot = targets[run_start];
+            let mut run_end = run_start + 1;
+            while run_end < targets.len()
+                && targets[run_end] == slot
+                && ((run_end - run_start) as u64) < MAX_DATA_RECORD_BLOCKS
+            {
+                run_end += 1;
+            }
+            log.extend_from_slice(&encode_record(&Record {
+                start: first_block + run_start as u64,
+                count: (run_end - run_start) as u64,
+                state: BlockState::Data,
+                slot,
+                sums: sums[run_start..run_end].to_vec(),
+            }));
+            run_start = run_end;
+        }
+        self.append(&log)?;
+
+        let mut map = self.lock_state();
+        for (index, (slot, sum)) in targets.iter().zip(&sums).enumerate() {
+            let entry = map.slots.entry(first_block + index as u64).or_default();
+            entry.live = Some((*slot, *sum));
+        }
+        map.current.set(first_block, end, BlockState::Data);
+        map.pending.set(first_block, end, BlockState::Data);
         Ok(())
     }
 
-    /// Gives blocks `start..end` the state `state`: appends a map record to
-    /// the log, then updates the map. A failed append leaves the map as it
-    /// was, so readers never see a state the log does not hold.
-    fn mark(&self, start: u64, end: u64, state: BlockState) -> io::Result<()> {
-        let mut log_end = self
-            .log_end
-            .lock()
-            .unwrap_or_else(|poison| poison.into_inner());
-        // Blocks already in this state need no new record: an overwrite of
-        // data in place is covered by the fdatasync of the next flush.
+    /// Appends entries to the log. A failure leaves the log ending in an unknown
+    /// state, so it also stops later writes (see `failed`).
+    fn append(&self, bytes: &[u8]) -> io::Result<()> {
+        let mut log = self.log.lock().unwrap_or_else(|poison| poison.into_inner());
+        if let Err(error) = self.file.write_all_at(bytes, log.end) {
+            self.failed.store(true, Ordering::Release);
+            warn!(path = %self.path.display(), %error, "failed to append to the overlay map log; writes are rejected until the server restarts");
+            return Err(error);
+        }
+        log.end += bytes.len() as u64;
+        Ok(())
+    }
+
+    /// Marks blocks `start..end` as zero and punches holes over their slots that no
+    /// durable record points at.
+    pub fn zero_blocks(&self, start: u64, end: u64) -> io::Result<()> {
+        let _stripes = self.lock_stripes(start, end);
+        self.check_writable()?;
+
         let unchanged = self
             .lock_state()
+            .current
             .runs(start, end)
             .iter()
-            .all(|run| run.state == Some(state));
+            .all(|run| run.state == Some(BlockState::Zero));
         if unchanged {
             return Ok(());
         }
-        let record = encode_record(&Record {
+        self.append(&encode_record(&Record {
             start,
             count: end - start,
-            state,
-        });
-        self.file.write_all_at(&record, *log_end)?;
-        *log_end += RECORD_SIZE as u64;
-        self.lock_state().set(start, end, state);
+            state: BlockState::Zero,
+            slot: 0,
+            sums: Vec::new(),
+        }))?;
+
+        let mut durable_slots = Vec::new();
+        {
+            let mut map = self.lock_state();
+            let touched: Vec<u64> = map
+                .slots
+                .range(start..end)
+                .map(|(&block, _)| block)
+                .collect();
+            for block in touched {
+                let Some(entry) = map.slots.get_mut(&block) else {
+                    continue;
+                };
+                entry.live = None;
+                match entry.durable {
+                    Some(slot) => durable_slots.push((block, slot)),
+                    None => {
+                        map.slots.remove(&block);
+                    }
+                }
+            }
+            map.current.set(start, end, BlockState::Zero);
+            map.pending.set(start, end, BlockState::Zero);
+        }
+
+        // Holes go where no durable record points: slot 0 of every block without a
+        // durable slot 0, and slot 1 of the blocks with one. Slot 1 of the other blocks
+        // keeps stale bytes at most, which the map never reads.
+        let mut cursor = start;
+        for &(block, slot) in &durable_slots {
+            if slot == 0 {
+                self.punch_hole(0, cursor, block);
+                cursor = block + 1;
+            }
+        }
+        self.punch_hole(0, cursor, end);
+        for &(block, slot) in &durable_slots {
+            if slot == 0 {
+                self.punch_hole(1, block, block + 1);
+            }
+        }
         Ok(())
     }
 
-    /// Frees the file space of blocks `start..end`. Zero blocks read as
+    /// Frees the file space of slot `slot` of blocks `start..end`. Zero blocks read as
     /// zeros whatever the file holds, so a failure only costs disk space.
-    fn punch_hole(&self, start: u64, end: u64) {
+    fn punch_hole(&self, slot: u8, start: u64, end: u64) {
+        if start >= end {
+            return;
+        }
         let (Ok(offset), Ok(len)) = (
-            libc::off_t::try_from(HEADER_SIZE + start * BLOCK_SIZE),
+            libc::off_t::try_from(format::slot_offset(self.device_size, slot, start)),
             libc::off_t::try_from((end - start) * BLOCK_SIZE),
         ) else {
             return;
@@ -385,6 +822,7 @@ impl Overlay {
         if result != 0 {
             debug!(
                 path = %self.path.display(),
+                slot,
                 start,
                 end,
                 error = %io::Error::last_os_error(),
@@ -393,10 +831,111 @@ impl Overlay {
         }
     }
 
-    /// Makes every write and zeroing completed before the call durable
-    /// across a power loss, map records included.
+    /// Makes every write and zeroing completed before the call durable across a power
+    /// loss: syncs the file, appends a commit entry and syncs again. Writes wait
+    /// meanwhile, because until the commit is on disk both slots of a block rewritten
+    /// since the last flush may be the one a replay picks.
+    ///
+    /// A failure makes the overlay reject writes until it is opened again: the commit
+    /// may or may not have reached the disk.
     pub fn flush(&self) -> io::Result<()> {
-        self.file.sync_data()
+        let _flushing = self
+            .flushing
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner());
+        self.check_writable()?;
+        let _stripes = self.lock_stripes(0, STRIPES);
+
+        let result = self.commit();
+        if let Err(error) = &result {
+            self.failed.store(true, Ordering::Release);
+            warn!(path = %self.path.display(), %error, "overlay flush failed; writes are rejected until the server restarts");
+            return result;
+        }
+        // The slots the commit confirmed are now the ones a replay picks.
+        let mut map = self.lock_state();
+        let pending = std::mem::take(&mut map.pending);
+        confirm(&mut map, &pending);
+        result
+    }
+
+    fn commit(&self) -> io::Result<()> {
+        self.file.sync_data()?;
+        let uncommitted = {
+            let log = self.log.lock().unwrap_or_else(|poison| poison.into_inner());
+            log.end > log.committed
+        };
+        if !uncommitted {
+            return Ok(());
+        }
+        self.append(&encode_commit())?;
+        self.file.sync_data()?;
+        let mut log = self.log.lock().unwrap_or_else(|poison| poison.into_inner());
+        log.committed = log.end;
+        debug!(log_end = log.end, "overlay map log committed");
+        Ok(())
+    }
+}
+
+/// Marks the slots of the blocks changed since the last flush as confirmed. The
+/// caller holds every stripe, so no write picks one of those slots meanwhile.
+fn confirm(map: &mut MapState, pending: &RangeMap) {
+    for (start, end, state) in pending.iter() {
+        let blocks: Vec<u64> = map
+            .slots
+            .range(start..end)
+            .map(|(&block, _)| block)
+            .collect();
+        for block in blocks {
+            match state {
+                BlockState::Zero => {
+                    map.slots.remove(&block);
+                }
+                BlockState::Data => {
+                    if let Some(entry) = map.slots.get_mut(&block) {
+                        entry.durable = entry.live.map(|(slot, _)| slot);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Applies a durable record read back from the log.
+fn apply_durable(map: &mut MapState, record: &Record) {
+    let end = record.start + record.count;
+    map.current.set(record.start, end, record.state);
+    match record.state {
+        BlockState::Zero => {
+            let blocks: Vec<u64> = map
+                .slots
+                .range(record.start..end)
+                .map(|(&block, _)| block)
+                .collect();
+            for block in blocks {
+                map.slots.remove(&block);
+            }
+        }
+        BlockState::Data => {
+            for (index, sum) in record.sums.iter().enumerate() {
+                map.slots.insert(
+                    record.start + index as u64,
+                    BlockSlots {
+                        live: Some((record.slot, *sum)),
+                        durable: Some(record.slot),
+                    },
+                );
+            }
+        }
+    }
+}
+
+/// Fills `buf` from `reader`; returns `false` when the input ends first.
+fn read_full(reader: &mut impl Read, buf: &mut [u8]) -> io::Result<bool> {
+    match reader.read_exact(buf) {
+        Ok(()) => Ok(true),
+        Err(error) if error.kind() == io::ErrorKind::UnexpectedEof => Ok(false),
+        Err(error) => Err(error),
     }
 }
 

@@ -1,10 +1,27 @@
-//! On-disk format of the overlay file: a 4 KiB header, the data area (block N at data offset + N * 4096) and an append-only map log of checksummed records.
+//! On-disk format of the overlay file (version 2): a 4 KiB header, two data slots per
+//! device block and an append-only map log of checksummed records.
 //!
 //! ```text
-//! 0                 header (HEADER_SIZE bytes, crc32c in its last 4 bytes)
-//! HEADER_SIZE       data area: one 4 KiB slot per device block, sparse
-//! HEADER_SIZE+size  map log: RECORD_SIZE-byte records up to the end of the file
+//! 0                   header (HEADER_SIZE bytes, crc32c in its last 4 bytes)
+//! HEADER_SIZE         slot 0 of every device block: block N at HEADER_SIZE + N * 4096
+//! HEADER_SIZE+size    slot 1 of every device block: block N at HEADER_SIZE + size + N * 4096
+//! HEADER_SIZE+2*size  map log: records up to the end of the file
 //! ```
+//!
+//! Both slot areas are sparse. A data record names the slot that holds each of its
+//! blocks and the crc32c of each block, so a changed byte in the data area is found on
+//! read. Each write appends its record before it completes, so a completed write
+//! survives the death of the server process. A flush appends a commit entry: the
+//! records before the last commit are confirmed, the ones after it are not.
+//!
+//! A block that a confirmed record points at is never written in place: a new write
+//! goes to the block's other slot. On open, an unconfirmed data record whose block
+//! does not match its checksum (its data did not reach the disk before a power loss)
+//! is dropped, and the block reads as its confirmed state, which still matches. A
+//! confirmed block that does not match is damage and reads as EIO.
+//!
+//! Version 1 had one slot per block and no data checksums; this program does not
+//! read it (see [`HeaderError::OldVersion`]).
 //!
 //! All integers are little-endian.
 
@@ -13,7 +30,7 @@ use super::map::BlockState;
 /// Magic at the start of an overlay file.
 pub const MAGIC: [u8; 8] = *b"ESGZOVL1";
 /// Format version this code writes and reads.
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
 /// Size of the header, also the offset of the data area.
 pub const HEADER_SIZE: u64 = 4096;
 /// Size of the overlay's blocks, the granularity of copy-on-write.
@@ -21,12 +38,18 @@ pub const BLOCK_SIZE: u64 = 4096;
 /// Maximum length of the manifest digest in the header.
 pub const MAX_MANIFEST_LEN: usize = 256;
 
-/// Size of one map log record.
+/// Size of a map log record without its block checksums.
 pub const RECORD_SIZE: usize = 32;
+/// Bytes per block checksum after a data record's fixed part.
+pub const BLOCK_SUM_SIZE: usize = 4;
+/// Maximum number of blocks in one data record, so a record with its checksums stays
+/// within 4 KiB + 32 bytes.
+pub const MAX_DATA_RECORD_BLOCKS: u64 = 1024;
 /// `OVLR`: starts every map log record.
 const RECORD_MAGIC: u32 = 0x524c_564f;
 const STATE_DATA: u8 = 1;
 const STATE_ZERO: u8 = 2;
+const STATE_COMMIT: u8 = 3;
 
 /// The image an overlay belongs to, stored in its header.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -49,6 +72,8 @@ pub enum HeaderError {
     Checksum { found: u32, computed: u32 },
     #[error("the header has format version {found}; this program reads version {VERSION}")]
     Version { found: u32 },
+    #[error("the overlay has format version {found}, which has no data checksums; this program reads only version {VERSION}")]
+    OldVersion { found: u32 },
     #[error("the header has block size {found}; this program uses {BLOCK_SIZE}")]
     BlockSize { found: u32 },
     #[error("the header records device size {found}, which is not a multiple of {BLOCK_SIZE}")]
@@ -73,7 +98,12 @@ fn u64_at(bytes: &[u8], at: usize) -> u64 {
 
 /// Byte offset of the map log for a device of `device_size` bytes.
 pub fn log_offset(device_size: u64) -> u64 {
-    HEADER_SIZE + device_size
+    HEADER_SIZE + 2 * device_size
+}
+
+/// Byte offset of slot `slot` (0 or 1) of device block `block`.
+pub fn slot_offset(device_size: u64, slot: u8, block: u64) -> u64 {
+    HEADER_SIZE + u64::from(slot) * device_size + block * BLOCK_SIZE
 }
 
 /// Encodes the header:
@@ -114,6 +144,9 @@ pub fn decode_header(bytes: &[u8]) -> Result<Identity, HeaderError> {
         return Err(HeaderError::Checksum { found, computed });
     }
     let version = u32_at(bytes, 8);
+    if version == 1 {
+        return Err(HeaderError::OldVersion { found: version });
+    }
     if version != VERSION {
         return Err(HeaderError::Version { found: version });
     }
@@ -142,46 +175,117 @@ pub fn decode_header(bytes: &[u8]) -> Result<Identity, HeaderError> {
 }
 
 /// One map log entry: blocks `start..start + count` now have `state`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Record {
     pub start: u64,
     pub count: u64,
     pub state: BlockState,
+    /// The slot of every block of a data record (0 for a zero record).
+    pub slot: u8,
+    /// crc32c of each block of a data record, in block order; empty for a zero record.
+    pub sums: Vec<u32>,
 }
 
-/// Encodes a record: magic (4), state (1), zero (3), start block (8), block
-/// count (8), zero (4), crc32c of the preceding 28 bytes (4).
-pub fn encode_record(record: &Record) -> [u8; RECORD_SIZE] {
-    let mut out = [0u8; RECORD_SIZE];
+/// Encodes a record: magic (4), state (1), slot (1), zero (2), start block (8), block
+/// count (8), zero (4), crc32c (4) of the preceding 28 bytes and the block checksums,
+/// then for a data record one crc32c (4) per block.
+pub fn encode_record(record: &Record) -> Vec<u8> {
+    let mut out = vec![0u8; RECORD_SIZE];
     out[0..4].copy_from_slice(&RECORD_MAGIC.to_le_bytes());
     out[4] = match record.state {
         BlockState::Data => STATE_DATA,
         BlockState::Zero => STATE_ZERO,
     };
+    out[5] = record.slot;
     out[8..16].copy_from_slice(&record.start.to_le_bytes());
     out[16..24].copy_from_slice(&record.count.to_le_bytes());
+    for sum in &record.sums {
+        out.extend_from_slice(&sum.to_le_bytes());
+    }
+    let crc = crc32c::crc32c_append(crc32c::crc32c(&out[..28]), &out[RECORD_SIZE..]);
+    out[28..32].copy_from_slice(&crc.to_le_bytes());
+    out
+}
+
+/// Returns the number of checksum bytes that follow the fixed part `head` of a record,
+/// or `None` when the fixed part cannot start a record (which ends the log).
+pub fn record_sums_len(head: &[u8]) -> Option<usize> {
+    let head = head.get(..RECORD_SIZE)?;
+    if u32_at(head, 0) != RECORD_MAGIC {
+        return None;
+    }
+    match head[4] {
+        STATE_DATA => {
+            let count = u64_at(head, 16);
+            if count > MAX_DATA_RECORD_BLOCKS {
+                return None;
+            }
+            usize::try_from(count)
+                .ok()
+                .map(|count| count * BLOCK_SUM_SIZE)
+        }
+        STATE_ZERO | STATE_COMMIT => Some(0),
+        _ => None,
+    }
+}
+
+/// One entry of the map log.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Entry {
+    /// Blocks changed state.
+    Change(Record),
+    /// Every entry before this one was covered by a completed flush.
+    Commit,
+}
+
+/// Encodes a commit entry: magic (4), state 3 (1), zero (23), crc32c of the preceding
+/// 28 bytes (4).
+pub fn encode_commit() -> Vec<u8> {
+    let mut out = vec![0u8; RECORD_SIZE];
+    out[0..4].copy_from_slice(&RECORD_MAGIC.to_le_bytes());
+    out[4] = STATE_COMMIT;
     let crc = crc32c::crc32c(&out[..28]);
     out[28..32].copy_from_slice(&crc.to_le_bytes());
     out
 }
 
-/// Decodes a record; `None` for anything but a whole, intact record, which
-/// marks the end of the log (a write torn by a crash, or no record yet).
-pub fn decode_record(bytes: &[u8]) -> Option<Record> {
-    let bytes = bytes.get(..RECORD_SIZE)?;
-    if u32_at(bytes, 0) != RECORD_MAGIC || u32_at(bytes, 28) != crc32c::crc32c(&bytes[..28]) {
+/// Decodes a log entry from its fixed part and its block checksums; `None` for
+/// anything but a whole, intact entry, which marks the end of the log (a write torn by
+/// a crash, or no entry yet).
+pub fn decode_entry(head: &[u8], sums: &[u8]) -> Option<Entry> {
+    let head = head.get(..RECORD_SIZE)?;
+    if record_sums_len(head)? != sums.len() {
         return None;
     }
-    let state = match bytes[4] {
-        STATE_DATA => BlockState::Data,
-        STATE_ZERO => BlockState::Zero,
+    let crc = crc32c::crc32c_append(crc32c::crc32c(&head[..28]), sums);
+    if u32_at(head, 28) != crc {
+        return None;
+    }
+    let (state, slot) = match head[4] {
+        STATE_DATA if head[5] <= 1 => (BlockState::Data, head[5]),
+        STATE_ZERO if head[5] == 0 => (BlockState::Zero, 0),
+        STATE_COMMIT if head[5..28].iter().all(|&byte| byte == 0) => return Some(Entry::Commit),
         _ => return None,
     };
-    Some(Record {
-        start: u64_at(bytes, 8),
-        count: u64_at(bytes, 16),
+    Some(Entry::Change(Record {
+        start: u64_at(head, 8),
+        count: u64_at(head, 16),
         state,
-    })
+        slot,
+        sums: sums
+            .chunks_exact(BLOCK_SUM_SIZE)
+            .map(|sum| u32_at(sum, 0))
+            .collect(),
+    }))
+}
+
+/// Decodes a change record; `None` for a commit entry or anything that is not a
+/// whole, intact record.
+pub fn decode_record(head: &[u8], sums: &[u8]) -> Option<Record> {
+    match decode_entry(head, sums)? {
+        Entry::Change(record) => Some(record),
+        Entry::Commit => None,
+    }
 }
 
 #[cfg(test)]
@@ -241,19 +345,61 @@ mod tests {
 
     #[test]
     fn record_round_trips_and_rejects_damage() {
-        let record = Record {
-            start: 0x1234_5678,
-            count: 42,
-            state: BlockState::Zero,
-        };
-        let bytes = encode_record(&record);
-        assert_eq!(decode_record(&bytes), Some(record));
-        for at in [0, 4, 8, 16, 28] {
-            let mut damaged = bytes;
-            damaged[at] ^= 1;
-            assert_eq!(decode_record(&damaged), None, "flipped byte {at}");
+        let records = [
+            Record {
+                start: 0x1234_5678,
+                count: 42,
+                state: BlockState::Zero,
+                slot: 0,
+                sums: Vec::new(),
+            },
+            Record {
+                start: 7,
+                count: 3,
+                state: BlockState::Data,
+                slot: 1,
+                sums: vec![1, 0xdead_beef, 3],
+            },
+        ];
+        for record in records {
+            let bytes = encode_record(&record);
+            let (head, sums) = bytes.split_at(RECORD_SIZE);
+            assert_eq!(record_sums_len(head), Some(sums.len()));
+            assert_eq!(decode_record(head, sums), Some(record.clone()));
+            for at in (0..bytes.len()).step_by(3) {
+                let mut damaged = bytes.clone();
+                damaged[at] ^= 1;
+                let (head, sums) = damaged.split_at(RECORD_SIZE);
+                assert_eq!(decode_record(head, sums), None, "flipped byte {at}");
+            }
+            assert_eq!(decode_record(&bytes[..31], &[]), None);
         }
-        assert_eq!(decode_record(&bytes[..31]), None);
-        assert_eq!(decode_record(&[0u8; RECORD_SIZE]), None);
+        assert_eq!(record_sums_len(&[0u8; RECORD_SIZE]), None);
+    }
+
+    #[test]
+    fn first_version_is_named() {
+        let mut bytes = encode_header(&identity()).expect("encodes");
+        bytes[8..12].copy_from_slice(&1u32.to_le_bytes());
+        let end = bytes.len() - 4;
+        let crc = crc32c::crc32c(&bytes[..end]);
+        bytes[end..].copy_from_slice(&crc.to_le_bytes());
+        assert_eq!(
+            decode_header(&bytes),
+            Err(HeaderError::OldVersion { found: 1 })
+        );
+    }
+
+    #[test]
+    fn commit_round_trips_and_rejects_damage() {
+        let bytes = encode_commit();
+        assert_eq!(bytes.len(), RECORD_SIZE);
+        assert_eq!(decode_entry(&bytes, &[]), Some(Entry::Commit));
+        assert_eq!(decode_record(&bytes, &[]), None, "not a change record");
+        for at in [0, 4, 9, 28] {
+            let mut damaged = bytes.clone();
+            damaged[at] ^= 1;
+            assert_eq!(decode_entry(&damaged, &[]), None, "flipped byte {at}");
+        }
     }
 }

@@ -42,6 +42,9 @@ pub enum OverlayError {
         source: HeaderError,
     },
 
+    #[error("overlay {path} has format version {found}, written by an earlier esgz-nbd without data checksums; this version reads only format version 2. Serve it with the earlier esgz-nbd and copy the data out, or give a new path for --overlay")]
+    OldVersion { path: PathBuf, found: u32 },
+
     #[error(
         "overlay {path} does not match this image: {reason}. The overlay records image \
          {recorded_manifest} with a {recorded_size}-byte disk, but this serve has image \

@@ -262,3 +262,205 @@ fn file_that_is_not_an_overlay_is_rejected() {
         Err(OverlayError::Header { .. })
     ));
 }
+
+/// Flips one byte of the overlay file at `offset`, in place.
+fn flip_byte(path: &Path, offset: u64) {
+    use std::os::unix::fs::FileExt;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .expect("open the overlay file");
+    let mut byte = [0u8; 1];
+    file.read_exact_at(&mut byte, offset).expect("read a byte");
+    byte[0] ^= 0x20;
+    file.write_all_at(&byte, offset)
+        .expect("write the flipped byte");
+}
+
+#[tokio::test]
+async fn damaged_data_block_reads_eio() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("overlay");
+    let disk = open_disk(&path);
+    let data: Vec<u8> = (0..3 * 4096u32).map(|i| (i % 253) as u8).collect();
+    disk.write(3 * 4096, Bytes::from(data.clone()), false)
+        .await
+        .expect("write blocks 3..6");
+    disk.flush().await.expect("flush");
+
+    // Block 4 of a new overlay lives in slot 0.
+    flip_byte(&path, format::slot_offset(SIZE, 0, 4) + 100);
+
+    let error = disk
+        .read(4 * 4096, 4096)
+        .await
+        .expect_err("block 4 is damaged");
+    assert!(
+        error.to_string().contains("overlay block 4"),
+        "the error names the block: {error}"
+    );
+    let error = disk
+        .read(3 * 4096 + 10, 8192)
+        .await
+        .expect_err("a read across block 4 fails");
+    assert!(error.to_string().contains("checksum"), "{error}");
+    assert_eq!(
+        &disk.read(3 * 4096, 4096).await.expect("block 3")[..],
+        &data[..4096]
+    );
+    assert_eq!(
+        &disk.read(5 * 4096, 4096).await.expect("block 5")[..],
+        &data[8192..]
+    );
+    assert_eq!(
+        &disk
+            .read(6 * 4096, 4096)
+            .await
+            .expect("block 6, from the image")[..],
+        &base_model()[6 * 4096..7 * 4096]
+    );
+
+    // The damage is found again after a restart, and overwriting the block heals it.
+    drop(disk);
+    let disk = open_disk(&path);
+    assert!(disk.read(4 * 4096, 4096).await.is_err(), "after reopen");
+    disk.write(4 * 4096, Bytes::from(vec![7u8; 4096]), true)
+        .await
+        .expect("overwrite block 4");
+    assert_eq!(
+        &disk.read(4 * 4096, 4096).await.expect("rewritten block")[..],
+        &[7u8; 4096][..]
+    );
+}
+
+/// Random writes, zeroing and trims with flushes in between; the overlay is then
+/// dropped without a flush, as by a crash. After reopening, every block reads as its
+/// flushed state or its latest state, and no read fails its checksum.
+#[tokio::test]
+async fn unflushed_changes_read_old_or_new_after_crash() {
+    for seed in 1..6 {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("overlay");
+        let mut model = base_model();
+        let mut flushed = model.clone();
+        let mut random = Lcg(seed);
+        {
+            let disk = open_disk(&path);
+            for step in 0..200u64 {
+                let offset = random.below(SIZE - 1);
+                let len = (random.below(3 * 4096) + 1).min(SIZE - offset);
+                let range = offset as usize..(offset + len) as usize;
+                match random.below(5) {
+                    0..=2 => {
+                        let byte = (step % 255 + 1) as u8;
+                        disk.write(offset, Bytes::from(vec![byte; len as usize]), false)
+                            .await
+                            .expect("write");
+                        model[range].fill(byte);
+                    }
+                    3 => {
+                        disk.write_zeroes(offset, len as u32, false)
+                            .await
+                            .expect("write zeroes");
+                        model[range].fill(0);
+                    }
+                    _ => {
+                        disk.flush().await.expect("flush");
+                        flushed.clone_from(&model);
+                    }
+                }
+            }
+        }
+
+        let disk = open_disk(&path);
+        let data = disk
+            .read(0, SIZE as u32)
+            .await
+            .expect("no block fails its checksum");
+        for block in 0..BLOCKS as usize {
+            let span = block * 4096..(block + 1) * 4096;
+            assert!(
+                data[span.clone()] == flushed[span.clone()] || data[span.clone()] == model[span],
+                "seed {seed}: block {block} is neither its flushed nor its latest state"
+            );
+        }
+    }
+}
+
+#[test]
+fn first_version_overlay_is_rejected() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("overlay");
+    drop(Overlay::open(&path, &identity("sha256:aa", SIZE)).expect("creates"));
+
+    // Rewrite the header as version 1 with a valid checksum.
+    let mut bytes = std::fs::read(&path).expect("read");
+    bytes[8..12].copy_from_slice(&1u32.to_le_bytes());
+    let end = format::HEADER_SIZE as usize - 4;
+    let crc = crc32c::crc32c(&bytes[..end]);
+    bytes[end..end + 4].copy_from_slice(&crc.to_le_bytes());
+    std::fs::write(&path, &bytes).expect("write");
+
+    match Overlay::open(&path, &identity("sha256:aa", SIZE)) {
+        Err(error @ OverlayError::OldVersion { found: 1, .. }) => {
+            assert!(error.to_string().contains("format version 1"), "{error}");
+        }
+        other => panic!("expected the old version error, got {other:?}"),
+    }
+}
+
+/// A power loss can leave records written after the last flush on disk without
+/// their data. Reopening drops those blocks: they read as their state at the
+/// last flush, never as a checksum error, and later flushes keep that state.
+#[tokio::test]
+async fn unconfirmed_blocks_without_data_read_as_flushed() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("overlay");
+    {
+        let disk = open_disk(&path);
+        disk.write(0, Bytes::from(vec![1u8; 4096]), false)
+            .await
+            .expect("write block 0");
+        disk.flush().await.expect("flush");
+        // Block 0 again (into slot 1, since slot 0 is confirmed), block 2 for the
+        // first time (slot 0), and a zeroing of block 5, none of them flushed.
+        disk.write(0, Bytes::from(vec![2u8; 4096]), false)
+            .await
+            .expect("rewrite block 0");
+        disk.write(2 * 4096, Bytes::from(vec![3u8; 4096]), false)
+            .await
+            .expect("write block 2");
+        disk.write_zeroes(5 * 4096, 4096, false)
+            .await
+            .expect("zero block 5");
+    }
+    // The data of the two unflushed writes never reached the disk.
+    flip_byte(&path, format::slot_offset(SIZE, 1, 0) + 10);
+    flip_byte(&path, format::slot_offset(SIZE, 0, 2) + 10);
+
+    let disk = open_disk(&path);
+    let data = disk
+        .read(0, 6 * 4096)
+        .await
+        .expect("no block fails its checksum");
+    assert_eq!(&data[..4096], &[1u8; 4096][..], "block 0 as flushed");
+    assert_eq!(
+        &data[2 * 4096..3 * 4096],
+        &base_model()[2 * 4096..3 * 4096],
+        "block 2 from the image"
+    );
+    assert_eq!(&data[5 * 4096..], &[0u8; 4096][..], "zeroing kept");
+
+    // The settled log holds: new writes and a flush, then another reopen.
+    disk.write(4096, Bytes::from(vec![4u8; 4096]), false)
+        .await
+        .expect("write block 1");
+    disk.flush().await.expect("flush");
+    drop(disk);
+    let disk = open_disk(&path);
+    let data = disk.read(0, 6 * 4096).await.expect("reads after reopen");
+    assert_eq!(&data[..4096], &[1u8; 4096][..], "block 0 still as flushed");
+    assert_eq!(&data[4096..2 * 4096], &[4u8; 4096][..], "block 1 written");
+    assert_eq!(&data[5 * 4096..], &[0u8; 4096][..], "block 5 still zero");
+}

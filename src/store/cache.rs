@@ -108,9 +108,10 @@ pub(crate) fn open_whole(path: &Path, layer: &str, data_size: u64) -> Result<Fil
 
 /// One bit per chunk of a layer.
 ///
-/// The store keeps two: chunks whose bytes in the cache file are known good in this
-/// process (set once, never cleared), and chunks an earlier run recorded in the index
-/// file whose checksum was not checked yet (cleared when checked).
+/// The store keeps two: chunks whose bytes in the cache file were written or checked in
+/// this process (cleared only when a read finds a changed block), and chunks an earlier
+/// run recorded in the index file whose checksum was not checked yet (cleared when
+/// checked).
 pub(crate) struct Presence {
     words: Vec<AtomicU64>,
 }
@@ -136,10 +137,12 @@ impl Presence {
         }
     }
 
-    pub(crate) fn remove(&self, chunk: usize) {
-        if let Some(word) = self.words.get(chunk / 64) {
-            word.fetch_and(!(1 << (chunk % 64)), Ordering::Release);
-        }
+    /// Clears a chunk's bit; returns whether it was set.
+    pub(crate) fn remove(&self, chunk: usize) -> bool {
+        let bit = 1 << (chunk % 64);
+        self.words
+            .get(chunk / 64)
+            .is_some_and(|word| word.fetch_and(!bit, Ordering::AcqRel) & bit != 0)
     }
 
     /// Number of chunks set.

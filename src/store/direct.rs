@@ -8,7 +8,7 @@ use std::sync::Arc;
 use bytes::{Bytes, BytesMut};
 
 use super::chunk::{self, ChunkOutcome};
-use super::error::ReadError;
+use super::error::{ReadError, StoreError};
 use super::stats::Stats;
 use super::{table, Inner};
 
@@ -41,12 +41,42 @@ pub(crate) fn is_cache_write_failure(error: &ReadError) -> bool {
     matches!(error, ReadError::CacheIo { op: "write", .. })
 }
 
+/// Returns whether an I/O error means a full or read-only file system (or no write
+/// permission), the conditions under which the store serves without its cache.
+pub(crate) fn is_full_or_read_only(error: &io::Error) -> bool {
+    WriteFailure::classify(error) != WriteFailure::Other
+}
+
+/// Returns the I/O error behind a failure to open a layer's cache when it means the
+/// cache directory is full or read-only.
+pub(crate) fn unusable_cache_source(error: &StoreError) -> Option<&io::Error> {
+    let source = match error {
+        StoreError::CreateCacheDir { source, .. }
+        | StoreError::OpenCacheFile { source, .. }
+        | StoreError::ResizeCacheFile { source, .. }
+        | StoreError::OpenIndexFile { source, .. }
+        | StoreError::WriteIndexFile { source, .. } => source,
+        _ => return None,
+    };
+    is_full_or_read_only(source).then_some(source)
+}
+
+/// Logs a layer that is served without its cache because the cache directory was full
+/// or read-only at start, once per condition like [`log_cache_write_failure`].
+pub(crate) fn log_uncached_layer(layer: &str, source: &io::Error) {
+    log_failure(layer, source);
+}
+
 /// Logs a cache write failure at warn level the first time its condition occurs, and
 /// at debug level afterwards.
 pub(crate) fn log_cache_write_failure(error: &ReadError) {
     let ReadError::CacheIo { layer, source, .. } = error else {
         return;
     };
+    log_failure(layer, source);
+}
+
+fn log_failure(layer: &str, source: &io::Error) {
     let failure = WriteFailure::classify(source);
     let bit = failure as u8;
     let first = LOGGED_FAILURES.fetch_or(bit, Ordering::Relaxed) & bit == 0;
@@ -87,20 +117,19 @@ impl Inner {
             let from = record.data_offset.max(data_offset);
             let to = (record.data_offset + record.size).min(end);
             if state.presence.contains(position) {
-                let bytes = self
-                    .io
-                    .read(layer, from, (to - from) as usize)
+                // A chunk with a changed block is dropped by the check and fetched below.
+                match self
+                    .read_checked(layer, position..position + 1, from, to - from)
                     .await
-                    .map_err(|source| ReadError::CacheIo {
-                        layer: state.index.digest.clone(),
-                        op: "read",
-                        offset: from,
-                        len: to - from,
-                        source: Arc::new(source),
-                    })?;
-                let at = (from - data_offset) as usize;
-                output[at..at + bytes.len()].copy_from_slice(&bytes);
-                continue;
+                {
+                    Ok(bytes) => {
+                        let at = (from - data_offset) as usize;
+                        output[at..at + bytes.len()].copy_from_slice(&bytes);
+                        continue;
+                    }
+                    Err(ReadError::CacheChecksum { .. }) => {}
+                    Err(error) => return Err(error),
+                }
             }
             if let Some(member) = state.table.chunk_member.get(position).copied().flatten() {
                 if members.last() != Some(&member) {

@@ -123,6 +123,15 @@ pub enum ReadError {
         source: Arc<io::Error>,
     },
 
+    #[error("the cache file of layer {layer} still fails its block checksum at data offset {data_offset:#x} (entry {name:?}) after the chunk was fetched again: crc32 {actual:#010x}, expected {expected:#010x}; check the disk under the cache directory")]
+    CacheChecksum {
+        layer: String,
+        name: String,
+        data_offset: u64,
+        expected: u32,
+        actual: u32,
+    },
+
     #[error("fetch task for layer {layer} stopped before finishing ({detail}); this is a bug")]
     TaskFailed { layer: String, detail: String },
 }

@@ -123,14 +123,14 @@ fn describe_layer(data_path: &Path, digest: String) -> io::Result<CachedLayer> {
     layer.last_use = header.last_use;
     layer.complete = header.flags & persist::FLAG_COMPLETE != 0;
     layer.chunk_count = Some(header.chunk_count);
-    layer.chunks_cached = count_present(&index, header.chunk_count, metadata.len());
+    layer.chunks_cached = count_present(&index, &header, metadata.len());
     Ok(layer)
 }
 
-/// Counts the present records; `None` when the file is shorter than its header says.
-fn count_present(index: &File, chunk_count: u64, file_len: u64) -> Option<u64> {
-    let records_len = chunk_count.checked_mul(RECORD_LEN)?;
-    if file_len != HEADER_LEN.checked_add(records_len)? {
+/// Counts the present records; `None` when the file length differs from what its header says.
+fn count_present(index: &File, header: &Header, file_len: u64) -> Option<u64> {
+    let records_len = header.chunk_count.checked_mul(RECORD_LEN)?;
+    if file_len != header.file_len()? {
         return None;
     }
     let mut present = 0u64;

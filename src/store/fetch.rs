@@ -10,6 +10,7 @@ use bytes::{Bytes, BytesMut};
 use futures::future::{self, BoxFuture, FutureExt, Shared};
 use tokio::sync::oneshot;
 
+use super::blocks;
 use super::chunk::{self, ChunkOutcome};
 use super::error::ReadError;
 use super::stats::Stats;
@@ -22,6 +23,9 @@ pub(crate) type Decoded = Arc<Vec<(usize, Bytes)>>;
 pub(crate) type Flight = Shared<BoxFuture<'static, Result<Decoded, ReadError>>>;
 
 type FlightSender = oneshot::Sender<Result<Decoded, ReadError>>;
+
+/// Rounds of joining or starting member fetches in one [`Inner::ensure_present`] call.
+const FETCH_ROUNDS: u32 = 3;
 
 /// Members fetched with one Range request, in compressed order.
 struct Group {
@@ -61,7 +65,9 @@ impl Inner {
     /// Chunks an earlier run recorded are checked against their crc32 first. Each missing
     /// chunk's member is either joined (another reader fetches it already) or fetched by a
     /// task spawned here. Afterwards the chunks are checked again: a chunk still missing
-    /// means its member's fetch failed, and that error is returned.
+    /// means its member's fetch failed, and that error is returned. A chunk dropped for a
+    /// changed block while a fetch of its member was running is still missing after a
+    /// successful fetch; it gets up to [`FETCH_ROUNDS`] rounds in all.
     pub(crate) async fn ensure_present(
         self: &Arc<Self>,
         layer: usize,
@@ -69,68 +75,97 @@ impl Inner {
         priority: Priority,
     ) -> Result<Vec<Decoded>, ReadError> {
         let state = &self.layers[layer];
-        self.check_persisted(layer, chunks.clone()).await;
-
-        let mut waits = Vec::new();
-        let mut owned = Vec::new();
-        {
-            // Presence is read under the lock: a finished fetch sets its chunks' bits
-            // before it removes its flight, so a chunk seen missing here either has a
-            // flight or needs a new one.
-            let mut flights = state.flights.lock().unwrap_or_else(PoisonError::into_inner);
-            let missing: BTreeSet<usize> = chunks
-                .clone()
-                .filter(|&chunk| !state.presence.contains(chunk))
-                .filter_map(|chunk| state.table.chunk_member.get(chunk).copied().flatten())
-                .collect();
-            for member in missing {
-                if let Some(flight) = flights.get(&member) {
-                    waits.push(flight.clone());
-                    continue;
-                }
-                let (sender, receiver) = oneshot::channel();
-                let layer_digest = state.index.digest.clone();
-                let flight: Flight = receiver
-                    .map(move |result| {
-                        result.unwrap_or_else(|_| {
-                            Err(ReadError::TaskFailed {
-                                layer: layer_digest,
-                                detail: "the fetch task was dropped".into(),
-                            })
-                        })
-                    })
-                    .boxed()
-                    .shared();
-                flights.insert(member, flight.clone());
-                waits.push(flight);
-                owned.push((member, sender));
-            }
-        }
-        let counted = priority == Priority::High;
-        if waits.is_empty() {
-            if counted {
-                Stats::add(&self.stats.cache_hits, 1);
-            }
+        if state.uncached {
+            // Nothing is ever stored for the layer; its reads go to `read_direct`.
             return Ok(Vec::new());
         }
-        if counted {
-            Stats::add(&self.stats.cache_misses, 1);
-        }
-        let _waiting = (priority == Priority::High).then(|| WaitingGuard::new(&self.high_waiting));
+        self.check_persisted(layer, chunks.clone()).await;
 
-        for group in self.coalesce(state, owned) {
-            tokio::spawn(Arc::clone(self).fetch_group(layer, group));
-        }
-        let results = future::join_all(waits).await;
+        let counted = priority == Priority::High;
+        let mut decoded = Vec::new();
+        for round in 1..=FETCH_ROUNDS {
+            let (waits, owned) = self.join_or_start_flights(state, chunks.clone());
+            if waits.is_empty() {
+                if counted && round == 1 {
+                    Stats::add(&self.stats.cache_hits, 1);
+                }
+                return Ok(decoded);
+            }
+            if counted && round == 1 {
+                Stats::add(&self.stats.cache_misses, 1);
+            }
+            let _waiting = counted.then(|| WaitingGuard::new(&self.high_waiting));
 
-        if chunks.clone().all(|chunk| state.presence.contains(chunk)) {
-            return Ok(results.into_iter().filter_map(Result::ok).collect());
+            for group in self.coalesce(state, owned) {
+                tokio::spawn(Arc::clone(self).fetch_group(layer, group));
+            }
+            let results = future::join_all(waits).await;
+
+            let mut first_error = None;
+            for result in results {
+                match result {
+                    Ok(member) => decoded.push(member),
+                    Err(error) => {
+                        first_error.get_or_insert(error);
+                    }
+                }
+            }
+            if chunks.clone().all(|chunk| state.presence.contains(chunk)) {
+                return Ok(decoded);
+            }
+            if let Some(error) = first_error {
+                return Err(error);
+            }
         }
-        let first_error = results.into_iter().find_map(Result::err);
-        Err(first_error.unwrap_or_else(|| ReadError::TaskFailed {
+        Err(ReadError::TaskFailed {
             layer: state.index.digest.clone(),
-            detail: "a member fetch succeeded without caching its chunks".into(),
-        }))
+            detail: format!(
+                "member fetches succeeded {FETCH_ROUNDS} times without caching all chunks"
+            ),
+        })
+    }
+
+    /// Returns the flights to wait for so that every chunk of `chunks` is present: the
+    /// running flights of their members, and new ones for members nobody fetches yet,
+    /// whose senders are returned for the caller to start.
+    fn join_or_start_flights(
+        &self,
+        state: &LayerState,
+        chunks: impl Iterator<Item = usize>,
+    ) -> (Vec<Flight>, Vec<(usize, FlightSender)>) {
+        let mut waits = Vec::new();
+        let mut owned = Vec::new();
+        // Presence is read under the lock: a finished fetch sets its chunks' bits
+        // before it removes its flight, so a chunk seen missing here either has a
+        // flight or needs a new one.
+        let mut flights = state.flights.lock().unwrap_or_else(PoisonError::into_inner);
+        let missing: BTreeSet<usize> = chunks
+            .filter(|&chunk| !state.presence.contains(chunk))
+            .filter_map(|chunk| state.table.chunk_member.get(chunk).copied().flatten())
+            .collect();
+        for member in missing {
+            if let Some(flight) = flights.get(&member) {
+                waits.push(flight.clone());
+                continue;
+            }
+            let (sender, receiver) = oneshot::channel();
+            let layer_digest = state.index.digest.clone();
+            let flight: Flight = receiver
+                .map(move |result| {
+                    result.unwrap_or_else(|_| {
+                        Err(ReadError::TaskFailed {
+                            layer: layer_digest,
+                            detail: "the fetch task was dropped".into(),
+                        })
+                    })
+                })
+                .boxed()
+                .shared();
+            flights.insert(member, flight.clone());
+            waits.push(flight);
+            owned.push((member, sender));
+        }
+        (waits, owned)
     }
 
     /// Checks the chunks an earlier run recorded against their crc32: a good chunk becomes
@@ -159,25 +194,36 @@ impl Inner {
         let expected = state.persisted_crc.get(chunk).copied().unwrap_or_default();
         let outcome = self.io.read(layer, record.data_offset, len).await;
         let failure = match outcome {
-            Ok(bytes) if crc32fast::hash(&bytes) == expected => {
-                // Present before no longer persisted, so a concurrent reader never sees
-                // neither bit and fetches a good chunk again.
-                state.presence.insert(chunk);
-                state.persisted.remove(chunk);
-                Stats::add(&self.stats.chunks_reused, 1);
-                return;
+            Ok(bytes) => {
+                let crc = crc32fast::hash(&bytes);
+                let block_check = state.blocks.check(chunk, 0, &bytes);
+                if crc != expected {
+                    format!("crc32 {crc:#010x}, expected {expected:#010x}")
+                } else if let Err(mismatch) = block_check {
+                    format!(
+                        "block {} has crc32 {:#010x}, expected {:#010x}",
+                        mismatch.block, mismatch.actual, mismatch.expected
+                    )
+                } else {
+                    // Present before no longer persisted, so a concurrent reader never sees
+                    // neither bit and fetches a good chunk again.
+                    state.presence.insert(chunk);
+                    state.persisted.remove(chunk);
+                    Stats::add(&self.stats.chunks_reused, 1);
+                    return;
+                }
             }
-            Ok(bytes) => format!(
-                "crc32 {:#010x}, expected {expected:#010x}",
-                crc32fast::hash(&bytes)
-            ),
             Err(error) => error.to_string(),
         };
 
         state.persisted.remove(chunk);
         Stats::add(&self.stats.cache_checksum_failures, 1);
         tracing::warn!(layer = %state.index.digest, chunk, data_offset = record.data_offset, len = record.size, %failure, "cached chunk failed its check, fetching it again");
-        if let Err(error) = state.index_file.mark_missing(chunk) {
+        let cleared = state
+            .index_file
+            .as_ref()
+            .map(|file| file.mark_missing(chunk));
+        if let Some(Err(error)) = cleared {
             tracing::warn!(layer = %state.index.digest, chunk, %error, "failed to clear the chunk in the cache index");
         }
     }
@@ -415,6 +461,7 @@ impl Inner {
         let state = &self.layers[layer];
         let record = &state.index.chunks[chunk];
         let crc = crc32fast::hash(&bytes);
+        let block_sums = blocks::compute(&bytes);
         self.io.write(layer, record.data_offset, bytes).await.map_err(|source| {
             tracing::debug!(layer = %state.index.digest, data_offset = record.data_offset, error = %source, "cache write failed");
             ReadError::CacheIo {
@@ -425,12 +472,19 @@ impl Inner {
                 source: Arc::new(source),
             }
         })?;
+        // Readers check blocks only of present chunks, so the sums go in first.
+        state.blocks.store(chunk, &block_sums);
         state.presence.insert(chunk);
         Stats::add(&self.stats.chunks_fetched, 1);
 
         // The record comes after the data write, and readers check the crc32 of every
         // recorded chunk, so a record never leads to serving bytes that were not written.
-        if let Err(error) = state.index_file.mark_present(chunk, crc) {
+        let first_block = state.blocks.first_block(chunk);
+        let recorded = state
+            .index_file
+            .as_ref()
+            .map(|file| file.mark_present(chunk, crc, first_block, &block_sums));
+        if let Some(Err(error)) = recorded {
             tracing::warn!(layer = %state.index.digest, chunk, %error, "failed to record the chunk in the cache index; the next run fetches it again");
         }
         Ok(())

@@ -10,11 +10,15 @@
 //! served from the decoded bytes. Cache file I/O goes through io_uring when the kernel
 //! allows it, else through `pread`/`pwrite`.
 //!
-//! Beside each data file, `layers/sha256-<hex>.index` records the chunks written and
-//! their crc32, so a later run (of this image or another sharing the layer) reuses them
-//! after checking each one's checksum. Sequential reads of a layer trigger read-ahead.
+//! Beside each data file, `layers/sha256-<hex>.index` records the chunks written, their
+//! crc32 and the crc32 of each of their 4 KiB blocks, so a later run (of this image or
+//! another sharing the layer) reuses them after checking each one's checksum. Every read
+//! from the cache file checks the blocks it touches; a chunk with a changed block is
+//! dropped and fetched again. Sequential reads of a layer trigger read-ahead.
 
+mod blocks;
 mod cache;
+mod checked;
 pub mod chunk;
 mod direct;
 mod error;
@@ -29,6 +33,7 @@ mod table;
 mod uring;
 
 use std::collections::HashMap;
+use std::fs::File;
 use std::ops::Range;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -48,6 +53,7 @@ pub use evict::{list_layers, prune, CachedLayer, PruneOptions, PruneReport};
 pub use fetch::Priority;
 pub use stats::{LatencyHistogram, StatsSnapshot, FETCH_LATENCY_BOUNDS};
 
+use blocks::BlockSums;
 use cache::Presence;
 use fetch::{Decoded, Flight};
 use io::CacheIo;
@@ -55,6 +61,10 @@ use persist::IndexFile;
 use readahead::ReadAhead;
 use stats::Stats;
 use table::MemberTable;
+
+/// How many times one read fetches chunks again whose cached blocks failed their
+/// checksum, before it fails with [`ReadError::CacheChecksum`].
+pub const CHECKSUM_REFETCHES: u32 = 2;
 
 /// The backend for cache file I/O.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -144,15 +154,36 @@ pub(crate) struct LayerState {
     persisted: Presence,
     /// crc32 of each chunk recorded in the index file (0 where none is).
     persisted_crc: Vec<u32>,
-    index_file: IndexFile,
+    /// crc32 of each 4 KiB block of the fetched chunks, checked on every cache read.
+    /// Chunks of a whole layer ([`ChunkSource::Local`]) have none and are not checked.
+    blocks: BlockSums,
+    /// `None` for an uncached layer.
+    index_file: Option<IndexFile>,
+    /// Set when the cache directory was full or read-only at open: the layer's chunks are
+    /// always fetched and served without touching the cache (see `direct`).
+    uncached: bool,
     readahead: Mutex<ReadAhead>,
 }
 
 impl ChunkStore {
     /// Checks the layers' chunk tables, creates or opens their cache files and starts the
     /// cache I/O backend.
+    ///
+    /// A cache directory that is full or read-only does not fail the open: the layers
+    /// whose cache files cannot be created or opened for writing are served from their
+    /// blobs without caching, and the condition is logged once. Whole layers still need
+    /// their cache file.
     pub fn open(layers: Vec<StoreLayer>, options: StoreOptions) -> Result<ChunkStore, StoreError> {
-        cache::layers_dir(&options.cache_dir)?;
+        let unusable_dir = match cache::layers_dir(&options.cache_dir) {
+            Ok(_) => None,
+            Err(StoreError::CreateCacheDir { path, source })
+                if direct::is_full_or_read_only(&source) =>
+            {
+                tracing::debug!(path = %path.display(), error = %source, "cannot create the cache's layers directory");
+                Some(source)
+            }
+            Err(error) => return Err(error),
+        };
 
         let mut states = Vec::with_capacity(layers.len());
         let mut files = Vec::with_capacity(layers.len());
@@ -169,16 +200,39 @@ impl ChunkStore {
                     has_local = true;
                 }
             }
-            let file = if has_local {
-                cache::open_whole(&path, &index.digest, index.data_size)?
+            let blocks = BlockSums::new(&index.chunks);
+            let opened = if has_local {
+                let file = cache::open_whole(&path, &index.digest, index.data_size)?;
+                let (index_file, loaded) =
+                    IndexFile::open(&persist::index_path(&path), &index, blocks.total())?;
+                Some((file, index_file, loaded))
+            } else if let Some(source) = &unusable_dir {
+                direct::log_uncached_layer(&index.digest, source);
+                None
             } else {
-                cache::open_lazy(&path, index.data_size)?
+                open_lazy_cache(&path, &index, blocks.total())?
             };
-
-            let (index_file, loaded) = IndexFile::open(&persist::index_path(&path), &index)?;
+            let (file, index_file, loaded) = match opened {
+                Some((file, index_file, loaded)) => (file, Some(index_file), loaded),
+                None => {
+                    // NOTE: io_uring needs a file for every layer; an uncached layer gets
+                    // /dev/null, which is never read or written (see `LayerState::uncached`).
+                    let placeholder =
+                        File::open("/dev/null").map_err(|source| StoreError::OpenCacheFile {
+                            path: "/dev/null".into(),
+                            source,
+                        })?;
+                    let loaded = persist::Loaded {
+                        records: vec![None; index.chunks.len()],
+                        block_sums: Vec::new(),
+                    };
+                    (placeholder, None, loaded)
+                }
+            };
+            let uncached = index_file.is_none();
             let persisted = Presence::new(index.chunks.len());
             let mut persisted_crc = vec![0u32; index.chunks.len()];
-            if has_local {
+            if let (true, Some(index_file)) = (has_local, &index_file) {
                 index_file
                     .set_complete(true)
                     .map_err(|source| StoreError::WriteIndexFile {
@@ -190,6 +244,11 @@ impl ChunkStore {
                     if let Some(crc) = record {
                         persisted.insert(position);
                         persisted_crc[position] = *crc;
+                        let first = blocks.first_block(position) as usize;
+                        let count = blocks::blocks_in(index.chunks[position].size) as usize;
+                        if let Some(sums) = loaded.block_sums.get(first..first + count) {
+                            blocks.store(position, sums);
+                        }
                     }
                 }
             }
@@ -207,7 +266,9 @@ impl ChunkStore {
                 flights: Mutex::new(HashMap::new()),
                 persisted,
                 persisted_crc,
+                blocks,
                 index_file,
+                uncached,
                 readahead: Mutex::new(ReadAhead::default()),
             });
         }
@@ -234,6 +295,10 @@ impl ChunkStore {
     /// Reads `len` bytes of layer `layer`'s data space at `data_offset`; fetches,
     /// decompresses and verifies missing chunks first.
     ///
+    /// Bytes read from the cache file are checked against their block checksums. A chunk
+    /// with a changed block is dropped and fetched again, up to
+    /// [`CHECKSUM_REFETCHES`] times per read; after that the read fails.
+    ///
     /// Must run inside a tokio runtime: fetches run as spawned tasks, so they finish and
     /// fill the cache even if this future is dropped.
     pub async fn read(&self, layer: u32, data_offset: u64, len: u64) -> Result<Bytes, ReadError> {
@@ -241,47 +306,59 @@ impl ChunkStore {
         if len == 0 {
             return Ok(Bytes::new());
         }
-        self.inner.read_ahead(layer as usize, data_offset, len);
-        let decoded = match self
-            .inner
-            .ensure_present(layer as usize, chunks.clone(), Priority::High)
-            .await
-        {
-            Ok(decoded) => decoded,
-            Err(error) if direct::is_cache_write_failure(&error) => {
-                direct::log_cache_write_failure(&error);
-                return self
-                    .inner
-                    .read_direct(layer as usize, data_offset, len)
-                    .await;
-            }
-            Err(error) => return Err(error),
-        };
-
-        if let Some(bytes) = assemble(&state.index.chunks, &decoded, chunks, data_offset, len) {
-            Stats::add(&self.inner.stats.reads_from_decoded, 1);
-            Stats::add(&self.inner.stats.bytes_served, len);
-            return Ok(bytes);
+        if state.uncached {
+            return self
+                .inner
+                .read_direct(layer as usize, data_offset, len)
+                .await;
         }
+        self.inner.read_ahead(layer as usize, data_offset, len);
 
-        let cache_error = |source| ReadError::CacheIo {
-            layer: state.index.digest.clone(),
-            op: "read",
-            offset: data_offset,
-            len,
-            source: Arc::new(source),
-        };
-        let len_usize = usize::try_from(len)
-            .map_err(|_| cache_error(std::io::Error::other("the length does not fit in memory")))?;
-        let bytes = self
-            .inner
-            .io
-            .read(layer as usize, data_offset, len_usize)
-            .await
-            .map_err(cache_error)?;
+        let mut refetches = 0;
+        loop {
+            let decoded = match self
+                .inner
+                .ensure_present(layer as usize, chunks.clone(), Priority::High)
+                .await
+            {
+                Ok(decoded) => decoded,
+                Err(error) if direct::is_cache_write_failure(&error) => {
+                    direct::log_cache_write_failure(&error);
+                    return self
+                        .inner
+                        .read_direct(layer as usize, data_offset, len)
+                        .await;
+                }
+                Err(error) => return Err(error),
+            };
 
-        Stats::add(&self.inner.stats.bytes_served, len);
-        Ok(bytes)
+            if let Some(bytes) = assemble(
+                &state.index.chunks,
+                &decoded,
+                chunks.clone(),
+                data_offset,
+                len,
+            ) {
+                Stats::add(&self.inner.stats.reads_from_decoded, 1);
+                Stats::add(&self.inner.stats.bytes_served, len);
+                return Ok(bytes);
+            }
+
+            match self
+                .inner
+                .read_checked(layer as usize, chunks.clone(), data_offset, len)
+                .await
+            {
+                Ok(bytes) => {
+                    Stats::add(&self.inner.stats.bytes_served, len);
+                    return Ok(bytes);
+                }
+                Err(ReadError::CacheChecksum { .. }) if refetches < CHECKSUM_REFETCHES => {
+                    refetches += 1;
+                }
+                Err(error) => return Err(error),
+            }
+        }
     }
 
     /// Fetches the chunks covering the range into the cache without returning data
@@ -334,6 +411,9 @@ impl ChunkStore {
         let Some(state) = self.inner.layers.get(layer as usize) else {
             return true;
         };
+        if state.uncached {
+            return true;
+        }
         state.table.members.get(member).is_none_or(|info| {
             info.slices.iter().all(|slice| {
                 state.presence.contains(slice.chunk) || state.persisted.contains(slice.chunk)
@@ -444,6 +524,9 @@ impl Inner {
             return;
         }
         let state = &self.layers[layer];
+        if state.uncached {
+            return;
+        }
         let planned = state
             .readahead
             .lock()
@@ -500,11 +583,38 @@ impl Inner {
     }
 }
 
+/// Opens a lazy layer's cache file and index; `None` when the cache directory is full or
+/// read-only, which is logged once per condition.
+fn open_lazy_cache(
+    path: &std::path::Path,
+    index: &LayerIndex,
+    block_count: u64,
+) -> Result<Option<(File, IndexFile, persist::Loaded)>, StoreError> {
+    let opened = cache::open_lazy(path, index.data_size).and_then(|file| {
+        let (index_file, loaded) = IndexFile::open(&persist::index_path(path), index, block_count)?;
+        Ok((file, index_file, loaded))
+    });
+    match opened {
+        Ok(opened) => Ok(Some(opened)),
+        Err(error) => match direct::unusable_cache_source(&error) {
+            Some(source) => {
+                tracing::debug!(layer = %index.digest, %error, "cannot open the layer's cache");
+                direct::log_uncached_layer(&index.digest, source);
+                Ok(None)
+            }
+            None => Err(error),
+        },
+    }
+}
+
 impl Drop for Inner {
     /// Records the last use of every layer, which eviction orders by.
     fn drop(&mut self) {
         for state in &self.layers {
-            if let Err(error) = state.index_file.touch() {
+            let Some(index_file) = &state.index_file else {
+                continue;
+            };
+            if let Err(error) = index_file.touch() {
                 tracing::debug!(layer = %state.index.digest, %error, "failed to record the layer's last use");
             }
         }

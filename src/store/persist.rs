@@ -1,25 +1,29 @@
 //! The persistent chunk index of a layer's cache file, `layers/sha256-<hex>.index`: which
-//! chunks a previous run wrote, each with the crc32 (IEEE, `crc32fast`) of its bytes, and
-//! when the layer was last used.
+//! chunks a previous run wrote, each with the crc32 (IEEE, `crc32fast`) of its bytes and
+//! of each of its 4 KiB blocks, and when the layer was last used.
 //!
 //! Layout, all integers little-endian:
 //!
 //! ```text
-//! 0   8  magic "ESGZIDX1"
+//! 0   8  magic "ESGZIDX2" (version 1, "ESGZIDX1", had no block checksums)
 //! 8   8  chunk count
 //! 16  8  data size of the layer
 //! 24  8  fingerprint of the chunk table (first 8 bytes of a sha256 of every chunk's
 //!        data offset and size), so a table computed differently is never trusted
 //! 32  8  last use, seconds since the Unix epoch
 //! 40  8  flags: bit 0 means the data file is complete (a whole, non-lazy layer)
-//! 48 16  reserved, zero
+//! 48  8  block count: the sum over all chunks of ceil(chunk size / 4096)
+//! 56  8  reserved, zero
 //! 64     one 8-byte record per chunk: crc32 (4), present flag (1), reserved (3)
+//! 64 + 8 * chunk count
+//!        one crc32 (4) per block, chunk by chunk, each chunk's blocks counted from its
+//!        start (see `blocks`)
 //! ```
 //!
-//! A record is written only after the chunk's bytes were written to the data file. The
-//! data file is not synced first, so after a crash a record may describe bytes that never
-//! reached the disk: readers therefore check every persisted chunk against its crc32 before
-//! serving it, and refetch it on a mismatch.
+//! A record is written only after the chunk's bytes and its block checksums were written.
+//! Neither file is synced, so after a crash a record may describe bytes that never reached
+//! the disk: readers therefore check every persisted chunk against its crc32 and its block
+//! checksums before serving it, and refetch it on a mismatch.
 
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -34,9 +38,13 @@ use crate::layer::LayerIndex;
 
 use super::error::StoreError;
 
-pub(crate) const MAGIC: &[u8; 8] = b"ESGZIDX1";
+pub(crate) const MAGIC: &[u8; 8] = b"ESGZIDX2";
+/// Magic of the first index format, which had no block checksums.
+const MAGIC_V1: &[u8; 8] = b"ESGZIDX1";
 pub(crate) const HEADER_LEN: u64 = 64;
 pub(crate) const RECORD_LEN: u64 = 8;
+/// Bytes per block checksum.
+pub(crate) const BLOCK_SUM_LEN: u64 = 4;
 const LAST_USE_OFFSET: u64 = 32;
 const FLAGS_OFFSET: u64 = 40;
 pub(crate) const FLAG_COMPLETE: u64 = 1;
@@ -50,6 +58,7 @@ pub(crate) struct Header {
     pub(crate) fingerprint: u64,
     pub(crate) last_use: u64,
     pub(crate) flags: u64,
+    pub(crate) block_count: u64,
 }
 
 impl Header {
@@ -61,6 +70,7 @@ impl Header {
         bytes[24..32].copy_from_slice(&self.fingerprint.to_le_bytes());
         bytes[32..40].copy_from_slice(&self.last_use.to_le_bytes());
         bytes[40..48].copy_from_slice(&self.flags.to_le_bytes());
+        bytes[48..56].copy_from_slice(&self.block_count.to_le_bytes());
         bytes
     }
 
@@ -79,7 +89,16 @@ impl Header {
             fingerprint: field(24)?,
             last_use: field(32)?,
             flags: field(40)?,
+            block_count: field(48)?,
         })
+    }
+
+    /// Length of an index file with this header: header, chunk records, block checksums.
+    pub(crate) fn file_len(&self) -> Option<u64> {
+        self.chunk_count
+            .checked_mul(RECORD_LEN)?
+            .checked_add(HEADER_LEN)?
+            .checked_add(self.block_count.checked_mul(BLOCK_SUM_LEN)?)
     }
 }
 
@@ -112,6 +131,8 @@ pub(crate) fn fingerprint(index: &LayerIndex) -> u64 {
 pub(crate) struct Loaded {
     /// `Some(crc)` for each chunk marked present, by chunk index.
     pub(crate) records: Vec<Option<u32>>,
+    /// The block checksums of all chunks, in block order (meaningful for present chunks).
+    pub(crate) block_sums: Vec<u32>,
 }
 
 /// An open index file, locked shared while the store uses the layer so that pruning
@@ -119,14 +140,21 @@ pub(crate) struct Loaded {
 pub(crate) struct IndexFile {
     file: File,
     path: PathBuf,
+    /// Offset of the block checksums: after the header and the chunk records.
+    block_sums_offset: u64,
 }
 
 impl IndexFile {
     /// Opens or creates the index of a layer and returns what a previous run recorded.
     ///
-    /// An index with a different chunk count, data size or chunk table fingerprint is
-    /// reset to empty, because its records describe other chunks.
-    pub(crate) fn open(path: &Path, index: &LayerIndex) -> Result<(IndexFile, Loaded), StoreError> {
+    /// An index with a different chunk count, data size, block count or chunk table
+    /// fingerprint, or of the first format, is reset to empty, because its records
+    /// describe other chunks or lack block checksums.
+    pub(crate) fn open(
+        path: &Path,
+        index: &LayerIndex,
+        block_count: u64,
+    ) -> Result<(IndexFile, Loaded), StoreError> {
         let open_error = |source| StoreError::OpenIndexFile {
             path: path.to_path_buf(),
             source,
@@ -148,10 +176,10 @@ impl IndexFile {
             fingerprint: fingerprint(index),
             last_use: now_seconds(),
             flags: 0,
+            block_count,
         };
-        let records_len = chunk_count
-            .checked_mul(RECORD_LEN)
-            .and_then(|len| len.checked_add(HEADER_LEN))
+        let records_len = expected
+            .file_len()
             .ok_or_else(|| open_error(io::Error::other("the chunk count is too large")))?;
 
         let mut header_bytes = [0u8; HEADER_LEN as usize];
@@ -160,30 +188,36 @@ impl IndexFile {
             Err(error) if error.kind() == io::ErrorKind::UnexpectedEof => None,
             Err(error) => return Err(open_error(error)),
         };
+        let first_format = header_bytes.starts_with(MAGIC_V1);
         let file_len = file.metadata().map_err(open_error)?.len();
         let reusable = previous.is_some_and(|header| {
             header.chunk_count == expected.chunk_count
                 && header.data_size == expected.data_size
                 && header.fingerprint == expected.fingerprint
+                && header.block_count == expected.block_count
                 && file_len == records_len
         });
 
         let index_file = IndexFile {
             file,
             path: path.to_path_buf(),
+            block_sums_offset: HEADER_LEN + chunk_count * RECORD_LEN,
         };
         if !reusable {
-            if previous.is_some() {
+            if first_format {
+                tracing::info!(index = %path.display(), "cache index has the first format, without block checksums; starting the layer's cache empty");
+            } else if previous.is_some() {
                 tracing::info!(index = %path.display(), "cache index does not match the layer's chunk table, starting empty");
             }
             index_file.reset(&expected, records_len)?;
             let loaded = Loaded {
                 records: vec![None; index.chunks.len()],
+                block_sums: vec![0; usize::try_from(block_count).unwrap_or(0)],
             };
             return Ok((index_file, loaded));
         }
 
-        let loaded = index_file.load_records(index.chunks.len())?;
+        let loaded = index_file.load_records(index.chunks.len(), block_count)?;
         index_file.touch()?;
         Ok((index_file, loaded))
     }
@@ -201,14 +235,15 @@ impl IndexFile {
             .map_err(write_error)
     }
 
-    fn load_records(&self, chunks: usize) -> Result<Loaded, StoreError> {
+    fn load_records(&self, chunks: usize, block_count: u64) -> Result<Loaded, StoreError> {
+        let read_error = |source| StoreError::OpenIndexFile {
+            path: self.path.clone(),
+            source,
+        };
         let mut raw = vec![0u8; chunks * RECORD_LEN as usize];
         self.file
             .read_exact_at(&mut raw, HEADER_LEN)
-            .map_err(|source| StoreError::OpenIndexFile {
-                path: self.path.clone(),
-                source,
-            })?;
+            .map_err(read_error)?;
         let records = raw
             .chunks_exact(RECORD_LEN as usize)
             .map(|record| {
@@ -216,11 +251,40 @@ impl IndexFile {
                 (record[4] == 1).then_some(crc)
             })
             .collect();
-        Ok(Loaded { records })
+
+        let sums_len = usize::try_from(block_count * BLOCK_SUM_LEN)
+            .map_err(|_| read_error(io::Error::other("the block count is too large")))?;
+        let mut raw = vec![0u8; sums_len];
+        self.file
+            .read_exact_at(&mut raw, self.block_sums_offset)
+            .map_err(read_error)?;
+        let block_sums = raw
+            .chunks_exact(BLOCK_SUM_LEN as usize)
+            .map(|sum| u32::from_le_bytes([sum[0], sum[1], sum[2], sum[3]]))
+            .collect();
+        Ok(Loaded {
+            records,
+            block_sums,
+        })
     }
 
-    /// Records that chunk `chunk` is in the data file with checksum `crc`.
-    pub(crate) fn mark_present(&self, chunk: usize, crc: u32) -> io::Result<()> {
+    /// Records that chunk `chunk`, whose blocks start at block `first_block`, is in the
+    /// data file with checksum `crc` and block checksums `block_sums`. The block
+    /// checksums are written before the record that makes them count.
+    pub(crate) fn mark_present(
+        &self,
+        chunk: usize,
+        crc: u32,
+        first_block: u64,
+        block_sums: &[u32],
+    ) -> io::Result<()> {
+        let sums: Vec<u8> = block_sums
+            .iter()
+            .flat_map(|sum| sum.to_le_bytes())
+            .collect();
+        self.file
+            .write_all_at(&sums, self.block_sums_offset + first_block * BLOCK_SUM_LEN)?;
+
         let mut record = [0u8; RECORD_LEN as usize];
         record[0..4].copy_from_slice(&crc.to_le_bytes());
         record[4] = 1;
@@ -299,6 +363,7 @@ mod tests {
             fingerprint: 0xdead_beef,
             last_use: 1_700_000_000,
             flags: FLAG_COMPLETE,
+            block_count: 5,
         };
         assert_eq!(Header::decode(&header.encode()), Some(header));
         assert_eq!(Header::decode(b"ESGZIDX1short"), None);
@@ -311,26 +376,29 @@ mod tests {
         let path = dir.path().join("x.index");
         let index = layer(&[10, 20, 30]);
 
-        let (file, loaded) = IndexFile::open(&path, &index).expect("create");
+        // One block per chunk.
+        let (file, loaded) = IndexFile::open(&path, &index, 3).expect("create");
         assert_eq!(loaded.records, vec![None, None, None]);
-        file.mark_present(1, 0x1234_5678).expect("mark");
-        file.mark_present(2, 7).expect("mark");
+        file.mark_present(1, 0x1234_5678, 1, &[0xabcd])
+            .expect("mark");
+        file.mark_present(2, 7, 2, &[9]).expect("mark");
         file.mark_missing(2).expect("clear");
         file.set_complete(true).expect("flag");
         drop(file);
 
         let header = Header::decode(&std::fs::read(&path).expect("read index")).expect("header");
         assert_eq!(header.flags, FLAG_COMPLETE);
-        let (_, loaded) = IndexFile::open(&path, &index).expect("reopen");
+        let (_, loaded) = IndexFile::open(&path, &index, 3).expect("reopen");
         assert_eq!(loaded.records, vec![None, Some(0x1234_5678), None]);
+        assert_eq!(loaded.block_sums, vec![0, 0xabcd, 9]);
     }
 
     #[test]
     fn other_table_resets_records() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("x.index");
-        let (file, _) = IndexFile::open(&path, &layer(&[10, 20])).expect("create");
-        file.mark_present(0, 1).expect("mark");
+        let (file, _) = IndexFile::open(&path, &layer(&[10, 20]), 2).expect("create");
+        file.mark_present(0, 1, 0, &[1]).expect("mark");
         drop(file);
 
         let cases = [
@@ -338,8 +406,34 @@ mod tests {
             ("more chunks", layer(&[10, 20, 1])),
         ];
         for (name, index) in cases {
-            let (_, loaded) = IndexFile::open(&path, &index).expect("reopen");
+            let blocks = index.chunks.len() as u64;
+            let (_, loaded) = IndexFile::open(&path, &index, blocks).expect("reopen");
             assert!(loaded.records.iter().all(Option::is_none), "case {name}");
         }
+    }
+
+    #[test]
+    fn first_format_index_starts_empty() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("x.index");
+        let index = layer(&[10, 20]);
+        let (file, _) = IndexFile::open(&path, &index, 2).expect("create");
+        file.mark_present(0, 1, 0, &[1]).expect("mark");
+        drop(file);
+
+        // The same index with the first format's magic and no block checksums.
+        let mut bytes = std::fs::read(&path).expect("read index");
+        bytes[0..8].copy_from_slice(MAGIC_V1);
+        bytes.truncate((HEADER_LEN + 2 * RECORD_LEN) as usize);
+        bytes[48..56].fill(0);
+        std::fs::write(&path, &bytes).expect("write first-format index");
+
+        let (_, loaded) = IndexFile::open(&path, &index, 2).expect("reopen");
+        assert_eq!(loaded.records, vec![None, None]);
+        let header = Header::decode(&std::fs::read(&path).expect("read")).expect("header");
+        assert_eq!(
+            header.block_count, 2,
+            "the index was rewritten in the new format"
+        );
     }
 }

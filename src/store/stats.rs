@@ -54,7 +54,8 @@ pub struct StatsSnapshot {
     pub fetch_latency: LatencyHistogram,
     /// Chunks written by an earlier run whose crc32 matched, so they were not fetched.
     pub chunks_reused: u64,
-    /// Chunks written by an earlier run whose crc32 did not match (fetched again).
+    /// Cached chunks whose bytes no longer matched their crc32 or a block's crc32,
+    /// found after a restart or on a read (dropped and fetched again).
     pub cache_checksum_failures: u64,
     /// Read-ahead fetches started after sequential reads.
     pub readaheads: u64,
