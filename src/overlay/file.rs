@@ -700,14 +700,7 @@ fn take_records(map: &mut MapState, pending: &RangeMap) -> Vec<Record> {
                 slot: 0,
                 sums: Vec::new(),
             });
-            let durable: Vec<u64> = map
-                .slots
-                .range(start..end)
-                .map(|(&block, _)| block)
-                .collect();
-            for block in durable {
-                map.slots.remove(&block);
-            }
+            remove_slots(&mut map.slots, start, end);
             continue;
         }
 
@@ -740,21 +733,19 @@ fn take_records(map: &mut MapState, pending: &RangeMap) -> Vec<Record> {
     records
 }
 
+/// Removes the entries of blocks `start..end`.
+fn remove_slots(slots: &mut BTreeMap<u64, BlockSlots>, start: u64, end: u64) {
+    let mut from_start = slots.split_off(&start);
+    let mut from_end = from_start.split_off(&end);
+    slots.append(&mut from_end);
+}
+
 /// Applies a durable record read back from the log.
 fn apply_durable(map: &mut MapState, record: &Record) {
     let end = record.start + record.count;
     map.current.set(record.start, end, record.state);
     match record.state {
-        BlockState::Zero => {
-            let blocks: Vec<u64> = map
-                .slots
-                .range(record.start..end)
-                .map(|(&block, _)| block)
-                .collect();
-            for block in blocks {
-                map.slots.remove(&block);
-            }
-        }
+        BlockState::Zero => remove_slots(&mut map.slots, record.start, end),
         BlockState::Data => {
             for (index, sum) in record.sums.iter().enumerate() {
                 map.slots.insert(
