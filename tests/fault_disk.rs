@@ -267,16 +267,7 @@ fn read_only_cache_at_start_serves_from_source() {
         };
         assert_same_disk(&copy_disk(&server), &expected, case);
         assert_same_disk(&copy_disk(&server), &expected, case);
-        let log = server.log();
-        assert_eq!(
-            count_matches(&log, FALLBACK_MESSAGE),
-            1,
-            "{case}: the read-only cache is not logged exactly once:\n{log}"
-        );
-        assert!(
-            log.contains("ReadOnly"),
-            "{case}: the log does not say the cache is read-only:\n{log}"
-        );
+        assert_fallback_logged_once(&server.log(), "ReadOnly", case);
     }
 }
 
@@ -291,15 +282,20 @@ fn full_cache_at_start_serves_from_source() {
 
     assert_same_disk(&copy_disk(&server), &expected, "copy with a full cache");
     assert_same_disk(&copy_disk(&server), &expected, "second copy");
-    let log = server.log();
+    assert_fallback_logged_once(&server.log(), "Full", "full cache at start");
+}
+
+/// Checks that the server log has the cache fallback warning exactly once and
+/// names `condition` (`Full` or `ReadOnly`).
+fn assert_fallback_logged_once(log: &str, condition: &str, case: &str) {
     assert_eq!(
-        count_matches(&log, FALLBACK_MESSAGE),
+        count_matches(log, FALLBACK_MESSAGE),
         1,
-        "the full cache is not logged exactly once:\n{log}"
+        "{case}: the fallback is not logged exactly once:\n{log}"
     );
     assert!(
-        log.contains("Full"),
-        "the log does not say the cache is full:\n{log}"
+        log.contains(condition),
+        "{case}: the log does not name the condition {condition}:\n{log}"
     );
 }
 

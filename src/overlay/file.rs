@@ -881,24 +881,22 @@ impl Overlay {
 /// caller holds every stripe, so no write picks one of those slots meanwhile.
 fn confirm(map: &mut MapState, pending: &RangeMap) {
     for (start, end, state) in pending.iter() {
-        let blocks: Vec<u64> = map
-            .slots
-            .range(start..end)
-            .map(|(&block, _)| block)
-            .collect();
-        for block in blocks {
-            match state {
-                BlockState::Zero => {
-                    map.slots.remove(&block);
-                }
-                BlockState::Data => {
-                    if let Some(entry) = map.slots.get_mut(&block) {
-                        entry.durable = entry.live.map(|(slot, _)| slot);
-                    }
+        match state {
+            BlockState::Zero => remove_slots(&mut map.slots, start, end),
+            BlockState::Data => {
+                for (_, entry) in map.slots.range_mut(start..end) {
+                    entry.durable = entry.live.map(|(slot, _)| slot);
                 }
             }
         }
     }
+}
+
+/// Removes the entries of blocks `start..end`.
+fn remove_slots(slots: &mut BTreeMap<u64, BlockSlots>, start: u64, end: u64) {
+    let mut from_start = slots.split_off(&start);
+    let mut from_end = from_start.split_off(&end);
+    slots.append(&mut from_end);
 }
 
 /// Applies a durable record read back from the log.
@@ -906,16 +904,7 @@ fn apply_durable(map: &mut MapState, record: &Record) {
     let end = record.start + record.count;
     map.current.set(record.start, end, record.state);
     match record.state {
-        BlockState::Zero => {
-            let blocks: Vec<u64> = map
-                .slots
-                .range(record.start..end)
-                .map(|(&block, _)| block)
-                .collect();
-            for block in blocks {
-                map.slots.remove(&block);
-            }
-        }
+        BlockState::Zero => remove_slots(&mut map.slots, record.start, end),
         BlockState::Data => {
             for (index, sum) in record.sums.iter().enumerate() {
                 map.slots.insert(

@@ -140,24 +140,9 @@ pub(crate) fn widen(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::layer::ChunkSource;
 
     fn chunks(sizes: &[u64]) -> Vec<ChunkRecord> {
-        let mut offset = 0;
-        sizes
-            .iter()
-            .map(|&size| {
-                let record = ChunkRecord {
-                    data_offset: offset,
-                    size,
-                    source: ChunkSource::Local,
-                    digest: None,
-                    name: "f".into(),
-                };
-                offset += size;
-                record
-            })
-            .collect()
+        super::super::persist::tests::layer(sizes).chunks
     }
 
     #[test]

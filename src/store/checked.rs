@@ -12,7 +12,7 @@ use crate::layer::ChunkSource;
 use super::blocks::{self, BlockMismatch, CHECK_BLOCK};
 use super::error::ReadError;
 use super::stats::Stats;
-use super::Inner;
+use super::{Inner, LayerState};
 
 impl Inner {
     /// Reads `data_offset..data_offset + len` (non-empty) of layer `layer` from the cache
@@ -99,12 +99,20 @@ impl Inner {
             actual = format_args!("{:#010x}", mismatch.actual),
             "a block of a cached chunk changed on disk; dropping the chunk from the cache and fetching it again"
         );
-        let cleared = state
+        state.clear_index_record(chunk);
+    }
+}
+
+impl LayerState {
+    /// Clears a chunk's record in the layer's index file, so the next run fetches it
+    /// again; a failure is logged.
+    pub(crate) fn clear_index_record(&self, chunk: usize) {
+        let cleared = self
             .index_file
             .as_ref()
             .map(|file| file.mark_missing(chunk));
         if let Some(Err(error)) = cleared {
-            tracing::warn!(layer = %state.index.digest, chunk, %error, "failed to clear the chunk in the cache index");
+            tracing::warn!(layer = %self.index.digest, chunk, %error, "failed to clear the chunk in the cache index");
         }
     }
 }

@@ -219,13 +219,7 @@ impl Inner {
         state.persisted.remove(chunk);
         Stats::add(&self.stats.cache_checksum_failures, 1);
         tracing::warn!(layer = %state.index.digest, chunk, data_offset = record.data_offset, len = record.size, %failure, "cached chunk failed its check, fetching it again");
-        let cleared = state
-            .index_file
-            .as_ref()
-            .map(|file| file.mark_missing(chunk));
-        if let Some(Err(error)) = cleared {
-            tracing::warn!(layer = %state.index.digest, chunk, %error, "failed to clear the chunk in the cache index");
-        }
+        state.clear_index_record(chunk);
     }
 
     /// Splits members (sorted by compressed offset) into Range requests: a member joins

@@ -330,11 +330,12 @@ pub(crate) fn lock(file: &File, operation: libc::c_int) -> io::Result<()> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::layer::{ChunkRecord, ChunkSource};
 
-    fn layer(sizes: &[u64]) -> LayerIndex {
+    /// A layer of whole-layer chunks with the given sizes, back to back.
+    pub(crate) fn layer(sizes: &[u64]) -> LayerIndex {
         let mut chunks = Vec::new();
         let mut offset = 0;
         for &size in sizes {
