@@ -161,6 +161,32 @@ if [ -d /data/debian ]; then
     echo "TIME: debian full path: copy and unpack $(( (t1 - t0) * 10 )) ms, mke2fs -d $(( (t2 - t1) * 10 )) ms, first file read at $(( (t3 - t0) * 10 )) ms, dpkg --version done at $(( (t4 - t0) * 10 )) ms"
 fi
 
+# --- start-up prefetch: attach fetches the files before .prefetch.landmark ----------
+# basic has two files before its landmark. Nothing reads the device, so every
+# chunk fetched comes from the prefetch.
+chunks_fetched() { # chunks_fetched INDEX: the server's fetched chunk count
+    sed -n 's/^ *"chunks_fetched": \([0-9]*\).*/\1/p' "/run/esgz-nbd/nbd$1.stats.json" 2>/dev/null | tail -n1
+}
+for mode in prefetch no-prefetch; do
+    export ESGZ_NBD_CACHE_DIR="/data/cache-$mode"
+    rm -rf "$ESGZ_NBD_CACHE_DIR"
+    if [ "$mode" = prefetch ]; then
+        device=$(esgz-nbd -q attach "oci:/data/fixtures/basic/oci" /dev/nbd7)
+    else
+        device=$(esgz-nbd -q attach --no-prefetch "oci:/data/fixtures/basic/oci" /dev/nbd7)
+    fi
+    check "$mode: attach" test "$device" = /dev/nbd7
+    sleep 3 # the prefetch runs, and the server rewrites its stats file every second
+    fetched=$(chunks_fetched 7)
+    if [ "$mode" = prefetch ]; then
+        check "prefetch: attach fetched the prioritized files without a read ($fetched chunks)" test "${fetched:-0}" -gt 0
+    else
+        check "no-prefetch: attach --no-prefetch fetched nothing ($fetched chunks)" test "${fetched:-x}" = 0
+    fi
+    check "$mode: detach" esgz-nbd -q detach /dev/nbd7
+done
+export ESGZ_NBD_CACHE_DIR=/data/cache
+
 # --- a chosen device, and one already in use -------------------------------
 basic=/data/fixtures/basic
 device=$(esgz-nbd -q attach "oci:$basic/oci" /dev/nbd5)

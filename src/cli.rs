@@ -167,6 +167,9 @@ pub struct AttachArgs {
     #[command(flatten)]
     pub image: ImageArgs,
 
+    #[command(flatten)]
+    pub prefetch: PrefetchArgs,
+
     /// Device to attach to, /dev/nbdN [default: a free device the kernel picks].
     #[arg(conflicts_with = "reattach")]
     pub device: Option<PathBuf>,
@@ -338,6 +341,24 @@ pub struct CompletionsArgs {
     pub shell: clap_complete::Shell,
 }
 
+/// Start-up prefetch and background fetch, shared by `serve` and `attach`.
+#[derive(Args, Debug, Clone)]
+pub struct PrefetchArgs {
+    /// Do not fetch the files before each layer's .prefetch.landmark at start.
+    #[arg(long)]
+    pub no_prefetch: bool,
+
+    /// After the start-up prefetch, fetch the rest of every layer in the background,
+    /// pausing while reads wait for data.
+    #[arg(long)]
+    pub background_fetch: bool,
+
+    /// Rate limit of --background-fetch in compressed bytes per second (suffix K, M or G
+    /// for powers of 1024); 0 means unlimited.
+    #[arg(long, value_name = "BYTES/s", value_parser = parse_size, default_value = "0")]
+    pub background_rate: u64,
+}
+
 #[derive(Args, Debug)]
 pub struct ServeArgs {
     #[command(flatten)]
@@ -382,19 +403,8 @@ pub struct ServeArgs {
     #[arg(long, value_name = "PATH", requires = "writable")]
     pub overlay: Option<PathBuf>,
 
-    /// Do not fetch the files before each layer's .prefetch.landmark at start.
-    #[arg(long)]
-    pub no_prefetch: bool,
-
-    /// After the start-up prefetch, fetch the rest of every layer in the background,
-    /// pausing while reads wait for data.
-    #[arg(long)]
-    pub background_fetch: bool,
-
-    /// Rate limit of --background-fetch in compressed bytes per second (suffix K, M or G
-    /// for powers of 1024); 0 means unlimited.
-    #[arg(long, value_name = "BYTES/s", value_parser = parse_size, default_value = "0")]
-    pub background_rate: u64,
+    #[command(flatten)]
+    pub prefetch: PrefetchArgs,
 
     /// Write the image path of each regular file whose data an NBD client
     /// reads to this file (mode 0600), one per line in first-read order, as

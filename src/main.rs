@@ -18,7 +18,7 @@ use esgz_nbd::attach::{self, state::RuntimeDir, AttachSettings, InterfaceChoice}
 use esgz_nbd::cli::{
     AttachArgs, BuildArgs, CacheArgs, CacheCommand, Cli, Command, ConvertArgs, DetachArgs,
     ExportArgs, ImageArgs, InspectArgs, IoChoice, LayerWriterArgs, ListArgs, LogFormat,
-    NbdInterface, ServeArgs, TreeManifestArgs, WriterRegistryArgs,
+    NbdInterface, PrefetchArgs, ServeArgs, TreeManifestArgs, WriterRegistryArgs,
 };
 use esgz_nbd::config::{self, FileConfig, IoSetting};
 use esgz_nbd::convert::{self, BuildOptions, ConvertOptions};
@@ -322,6 +322,15 @@ fn open_options(args: &ImageArgs, settings: &Settings) -> anyhow::Result<OpenOpt
     })
 }
 
+/// Prefetch settings from the command line.
+fn prefetch_options(args: &PrefetchArgs) -> PrefetchOptions {
+    PrefetchOptions {
+        landmark: !args.no_prefetch,
+        background: args.background_fetch,
+        background_rate: (args.background_rate > 0).then_some(args.background_rate),
+    }
+}
+
 /// Parses `--listen`: a bare port binds loopback, anything else is taken as given.
 fn parse_listen(text: &str) -> anyhow::Result<SocketAddr> {
     if let Ok(port) = text.parse::<u16>() {
@@ -338,13 +347,11 @@ async fn serve(args: ServeArgs, settings: &Settings) -> anyhow::Result<()> {
     if args.cache_max_size > 0 {
         enforce_cache_limit(&options.cache_dir, args.cache_max_size).await;
     }
-    let prefetch_options = PrefetchOptions {
-        landmark: !args.no_prefetch,
-        background: args.background_fetch,
-        background_rate: (args.background_rate > 0).then_some(args.background_rate),
-    };
-    let prefetch_task =
-        prefetch::spawn(image.store.clone(), image.layers.clone(), prefetch_options);
+    let prefetch_task = prefetch::spawn(
+        image.store.clone(),
+        image.layers.clone(),
+        prefetch_options(&args.prefetch),
+    );
     let result = serve_disk(&args, settings, &image).await;
     prefetch_task.abort();
     result
@@ -626,6 +633,7 @@ async fn attach_command(args: AttachArgs, settings: &Settings) -> anyhow::Result
             overlay_temporary: false,
         }),
         record_access: args.record_access.clone(),
+        prefetch: prefetch_options(&args.prefetch),
         device,
         reattach,
         connections,

@@ -28,6 +28,7 @@ use crate::device::BlockDevice;
 use crate::image::{open_image, OpenOptions, OpenedImage, StartupFetch};
 use crate::metrics::{self, MetricsLabels, MetricsSnapshot};
 use crate::nbd::{serve_transmission, ServerOptions};
+use crate::prefetch::{self, PrefetchOptions};
 
 /// How long `attach` waits for a connected device to report its size.
 const IOCTL_START_TIMEOUT: Duration = Duration::from_secs(10);
@@ -46,6 +47,8 @@ pub struct AttachSettings {
     pub writable: Option<WritableSettings>,
     /// File that receives the paths of the files clients read (`--record-access`).
     pub record_access: Option<PathBuf>,
+    /// Start-up prefetch and background fetch, started once the device is readable.
+    pub prefetch: PrefetchOptions,
     /// Device index to use, or `None` to let the kernel choose.
     pub device: Option<u32>,
     /// Hand new sockets to `device`, whose server died, instead of connecting it.
@@ -661,6 +664,13 @@ async fn serve(attached: Attached, settings: &AttachSettings) -> Result<(), Atta
         tokio::spawn(metrics::serve(listener, scrape, stats_stopped));
     }
 
+    // The device is readable by now, so the prefetch never delays the attach.
+    let prefetch_task = prefetch::spawn(
+        disk.store().clone(),
+        image.layers.clone(),
+        settings.prefetch,
+    );
+
     let mut all_closed = Box::pin(futures::future::join_all(connections));
     tokio::select! {
         _ = &mut all_closed => info!(device = %state.device, "the kernel closed every connection"),
@@ -685,6 +695,7 @@ async fn serve(attached: Attached, settings: &AttachSettings) -> Result<(), Atta
             _ => {}
         }
     }
+    prefetch_task.abort();
     let _ = stop_stats.send(true);
     let _ = stats_task.await;
 
