@@ -278,11 +278,18 @@ async fn read_lazy_index(
                 descriptor.digest, footer.toc_offset
             )
         })?;
-    let max_toc = options.toc_limits.max_toc_bytes;
-    let toc_json = estargz::extract_toc_json(&toc_member, max_toc)
-        .with_context(|| format!("invalid TOC in layer {}", descriptor.digest))?;
+    // The TOC JSON is parsed as it is decompressed; the digest covers all of it.
+    let streamed = estargz::read_toc_index(
+        layer,
+        &descriptor.digest,
+        &toc_member,
+        footer.toc_offset,
+        &options.toc_limits,
+    )
+    .with_context(|| format!("invalid TOC in layer {}", descriptor.digest))?;
+    drop(toc_member);
 
-    let actual = format!("sha256:{}", hex::encode(Sha256::digest(&toc_json)));
+    let actual = format!("sha256:{}", hex::encode(streamed.toc_digest));
     match annotation {
         Some(expected) if options.verify && *expected != actual => bail!(
             "TOC digest mismatch in layer {}: the {TOC_DIGEST_ANNOTATION} annotation is {expected} but the TOC hashes to {actual}; the blob or the manifest is corrupt (use --insecure-skip-verify only to debug)",
@@ -290,15 +297,9 @@ async fn read_lazy_index(
         ),
         _ => {}
     }
-
-    let index = estargz::build_index(
-        layer,
-        &descriptor.digest,
-        &toc_json,
-        footer.toc_offset,
-        &options.toc_limits,
-    )
-    .with_context(|| format!("invalid TOC in layer {}", descriptor.digest))?;
+    let index = streamed
+        .index
+        .with_context(|| format!("invalid TOC in layer {}", descriptor.digest))?;
     Ok(LazyOutcome::Index(index))
 }
 
