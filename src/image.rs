@@ -22,7 +22,7 @@ use crate::registry::{open_registry, RegistryOptions};
 use crate::source::{BlobSource, ImageSource, LayerDescriptor, Platform};
 use crate::store::{ChunkStore, IoBackendChoice, StoreLayer, StoreOptions, WholeLayerWriter};
 use crate::tarlayer;
-use crate::tree::{merge, Tree};
+use crate::tree::{merge_owned, Tree};
 
 /// Layer annotation holding the sha256 of the TOC JSON.
 pub const TOC_DIGEST_ANNOTATION: &str = "containerd.io/snapshot/stargz/toc.digest";
@@ -125,8 +125,7 @@ pub async fn open_image(image: &str, options: &OpenOptions) -> anyhow::Result<Op
         store_layers.push(StoreLayer { index, blob });
     }
 
-    let tree = Arc::new(merge(&entries).context("failed to merge the image layers")?);
-    drop(entries);
+    let tree = Arc::new(merge_owned(entries).context("failed to merge the image layers")?);
     let layout_options = layout_options_for(&resolved.manifest_digest);
     let layout = Arc::new(
         Layout::new(tree.clone(), layout_options)

@@ -603,6 +603,7 @@ impl Layout {
             }
         }
         files.sort_unstable();
+        self.file_runs.reserve_exact(files.len());
 
         for (_, _, node, ino) in files {
             let Some(Some(record)) = self.inodes.get_mut(ino as usize) else {
