@@ -2,6 +2,7 @@
 //! the chunk table of the layer's data space (eStargz spec, TOC entries).
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use base64::Engine as _;
 use tracing::debug;
@@ -9,7 +10,7 @@ use tracing::debug;
 use super::name::normalize_name;
 use super::rfc3339::parse_rfc3339;
 use super::toc::{parse_toc, stream_toc_json, JsonEntry, TocError, TocLimits, TOC_TAR_NAME};
-use crate::layer::{ChunkRecord, ChunkSource, LayerIndex, Prefetch};
+use crate::layer::{ChunkName, ChunkRecord, ChunkSource, LayerIndex, Prefetch};
 use crate::tree::{EntryKind, FileData, LayerEntry, Metadata};
 
 /// Root file marking the end of the files to prefetch.
@@ -87,6 +88,7 @@ fn index_from_json<'de, R: serde_json::de::Read<'de>>(
         entry_error: None,
         entries: Vec::new(),
         files: Vec::new(),
+        names: String::new(),
         chunks: Vec::new(),
         file_by_path: HashMap::new(),
         data_size: 0,
@@ -243,7 +245,9 @@ struct PendingChunk {
 
 /// A non-empty regular file; its chunks are in `IndexBuilder::chunks`.
 struct PendingFile {
-    name: String,
+    /// The file's TOC name, `IndexBuilder::names[name_start..][..name_len]`.
+    name_start: u32,
+    name_len: u32,
     data_offset: u64,
     size: u64,
     digest: Option<[u8; 32]>,
@@ -261,6 +265,8 @@ struct IndexBuilder {
     entry_error: Option<TocError>,
     entries: Vec<LayerEntry>,
     files: Vec<PendingFile>,
+    /// The TOC names of all files, one after the other.
+    names: String,
     /// Chunks of all files in TOC order.
     chunks: Vec<PendingChunk>,
     /// The latest regular file of each path (components joined by `/`),
@@ -295,6 +301,7 @@ impl IndexBuilder {
                 // Offsets are checked before entries; this error wins.
                 self.entries = Vec::new();
                 self.files = Vec::new();
+                self.names = String::new();
                 self.chunks = Vec::new();
                 self.file_by_path = HashMap::new();
                 return;
@@ -418,8 +425,17 @@ impl IndexBuilder {
             count: self.files.len() + 1,
             limit: u32::MAX as usize,
         })?;
+        let names_overflow = || TocError::NamesTooLarge {
+            limit: u64::from(u32::MAX),
+        };
+        let name_start = u32::try_from(self.names.len()).map_err(|_| names_overflow())?;
+        let name_len = u32::try_from(entry.name.len())
+            .ok()
+            .filter(|len| name_start.checked_add(*len).is_some())
+            .ok_or_else(names_overflow)?;
         let file = PendingFile {
-            name: entry.name.clone(),
+            name_start,
+            name_len,
             data_offset: data.data_offset,
             size,
             digest: parse_digest(entry, "digest", &entry.digest)?,
@@ -427,6 +443,7 @@ impl IndexBuilder {
         let chunk = self.pending_chunk(entry, file_index)?;
         self.chunks.push(chunk);
         self.file_by_path.insert(path_key(path), file_index);
+        self.names.push_str(&entry.name);
         self.files.push(file);
         Ok(data)
     }
@@ -459,10 +476,16 @@ impl IndexBuilder {
     /// returns the chunk table sorted by data offset.
     fn finish_chunks(&mut self) -> Result<Vec<ChunkRecord>, TocError> {
         let mut chunks = std::mem::take(&mut self.chunks);
-        // Stable: chunks at the same offset stay in TOC order.
-        chunks.sort_by_key(|chunk| (chunk.file, chunk.chunk_offset));
         self.file_by_path = HashMap::new();
+        // A TOC lists each file's chunks after it in order, so the sort,
+        // which needs a buffer of half the list, is rarely needed. It is
+        // stable: chunks at the same offset stay in TOC order.
+        let key = |chunk: &PendingChunk| (chunk.file, chunk.chunk_offset);
+        if !chunks.is_sorted_by_key(key) {
+            chunks.sort_by_key(key);
+        }
 
+        let names = Arc::new(std::mem::take(&mut self.names));
         let mut records = Vec::with_capacity(chunks.len());
         let mut rest = chunks.as_slice();
         for (file_index, file) in std::mem::take(&mut self.files).into_iter().enumerate() {
@@ -473,8 +496,12 @@ impl IndexBuilder {
             let (file_chunks, after) = rest.split_at(count);
             rest = after;
             let single = file_chunks.len() == 1;
+            let name_range = file.name_start as usize..(file.name_start + file.name_len) as usize;
+            // The range was cut from `names` when the file was added.
+            let name = ChunkName::in_buffer(&names, name_range)
+                .unwrap_or_else(|| ChunkName::from(String::new()));
             let layout_error = |reason: String| TocError::ChunkLayout {
-                name: file.name.clone(),
+                name: name.to_string(),
                 reason,
             };
 
@@ -517,7 +544,7 @@ impl IndexBuilder {
                         inner_offset: chunk.inner_offset,
                     },
                     digest,
-                    name: file.name.clone(),
+                    name: name.clone(),
                 });
                 expected_offset = end;
             }

@@ -105,6 +105,12 @@ pub enum TocError {
     #[error("TOC entry {name:?} has an invalid chunk layout: {reason}")]
     ChunkLayout { name: String, reason: String },
 
+    #[error(
+        "the names of the TOC's regular files add up to more than {limit} bytes; \
+         split the layer"
+    )]
+    NamesTooLarge { limit: u64 },
+
     #[error("TOC entry {name:?} makes the layer's data larger than 2^64 bytes")]
     DataSizeOverflow { name: String },
 }

@@ -168,7 +168,7 @@ mod tests {
                 inner_offset: inner,
             },
             digest: None,
-            name: format!("file{data_offset}"),
+            name: format!("file{data_offset}").into(),
         }
     }
 
