@@ -21,7 +21,7 @@ pub struct ChunkRecord {
 }
 
 /// The name of the file a chunk belongs to: a range of a text buffer that
-/// all chunks of a layer share, so a chunk table of a million files holds
+/// all chunks of a layer share, so a chunk table of a million files contains
 /// one buffer instead of a million strings.
 #[derive(Clone)]
 pub struct ChunkName {
@@ -52,7 +52,7 @@ impl ChunkName {
 }
 
 impl From<String> for ChunkName {
-    /// A name with a buffer of its own; a name over 4 GiB reads as empty.
+    /// Makes a name with a buffer of its own; a name over 4 GiB reads as empty.
     fn from(name: String) -> ChunkName {
         let len = u32::try_from(name.len()).unwrap_or(0);
         ChunkName {
