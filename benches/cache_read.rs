@@ -19,7 +19,7 @@ fn layer_index(digest: &str) -> LayerIndex {
             size: CHUNK_SIZE,
             source: ChunkSource::Local,
             digest: None,
-            name: format!("file{i}"),
+            name: format!("file{i}").into(),
         })
         .collect();
     LayerIndex {

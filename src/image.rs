@@ -22,7 +22,7 @@ use crate::registry::{open_registry, RegistryOptions};
 use crate::source::{BlobSource, ImageSource, LayerDescriptor, Platform};
 use crate::store::{ChunkStore, IoBackendChoice, StoreLayer, StoreOptions, WholeLayerWriter};
 use crate::tarlayer;
-use crate::tree::{merge, Tree};
+use crate::tree::{merge_owned, Tree};
 
 /// Layer annotation holding the sha256 of the TOC JSON.
 pub const TOC_DIGEST_ANNOTATION: &str = "containerd.io/snapshot/stargz/toc.digest";
@@ -125,8 +125,7 @@ pub async fn open_image(image: &str, options: &OpenOptions) -> anyhow::Result<Op
         store_layers.push(StoreLayer { index, blob });
     }
 
-    let tree = Arc::new(merge(&entries).context("failed to merge the image layers")?);
-    drop(entries);
+    let tree = Arc::new(merge_owned(entries).context("failed to merge the image layers")?);
     let layout_options = layout_options_for(&resolved.manifest_digest);
     let layout = Arc::new(
         Layout::new(tree.clone(), layout_options)
@@ -278,11 +277,18 @@ async fn read_lazy_index(
                 descriptor.digest, footer.toc_offset
             )
         })?;
-    let max_toc = options.toc_limits.max_toc_bytes;
-    let toc_json = estargz::extract_toc_json(&toc_member, max_toc)
-        .with_context(|| format!("invalid TOC in layer {}", descriptor.digest))?;
+    // The TOC JSON is parsed as it is decompressed; the digest covers all of it.
+    let streamed = estargz::read_toc_index(
+        layer,
+        &descriptor.digest,
+        &toc_member,
+        footer.toc_offset,
+        &options.toc_limits,
+    )
+    .with_context(|| format!("invalid TOC in layer {}", descriptor.digest))?;
+    drop(toc_member);
 
-    let actual = format!("sha256:{}", hex::encode(Sha256::digest(&toc_json)));
+    let actual = format!("sha256:{}", hex::encode(streamed.toc_digest));
     match annotation {
         Some(expected) if options.verify && *expected != actual => bail!(
             "TOC digest mismatch in layer {}: the {TOC_DIGEST_ANNOTATION} annotation is {expected} but the TOC hashes to {actual}; the blob or the manifest is corrupt (use --insecure-skip-verify only to debug)",
@@ -290,15 +296,9 @@ async fn read_lazy_index(
         ),
         _ => {}
     }
-
-    let index = estargz::build_index(
-        layer,
-        &descriptor.digest,
-        &toc_json,
-        footer.toc_offset,
-        &options.toc_limits,
-    )
-    .with_context(|| format!("invalid TOC in layer {}", descriptor.digest))?;
+    let index = streamed
+        .index
+        .with_context(|| format!("invalid TOC in layer {}", descriptor.digest))?;
     Ok(LazyOutcome::Index(index))
 }
 

@@ -793,7 +793,7 @@ impl TarIndexBuilder {
             size: raw.size,
             source: ChunkSource::Local,
             digest: Some(hasher.finalize().into()),
-            name: display_name.to_string(),
+            name: display_name.into(),
         });
         Ok(data)
     }

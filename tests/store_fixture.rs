@@ -102,7 +102,7 @@ fn load_fixture(name: &str) -> Fixture {
             file_size = entry["size"].as_u64().unwrap_or(0);
             file_start = data_offset;
             files.push(FileSpan {
-                name: entry_name.to_string(),
+                name: entry_name.into(),
                 data_offset,
                 size: file_size,
                 digest: entry["digest"].as_str().expect("file digest").to_string(),
@@ -133,7 +133,7 @@ fn load_fixture(name: &str) -> Fixture {
                 inner_offset: entry["innerOffset"].as_u64().unwrap_or(0),
             },
             digest: entry["chunkDigest"].as_str().map(parse_digest),
-            name: entry_name.to_string(),
+            name: entry_name.into(),
         });
         data_offset += size;
     }

@@ -36,7 +36,7 @@ generate() { # ENTRIES LAYERS -> prints the layout dir
   echo "$dir"
 }
 
-verified=null
+verified=None
 if [ -x "$ESTARGZ_REF" ]; then
   dir=$(generate 1000 5)
   if "$ESTARGZ_REF" verify -oci "$dir:latest" -require-all > "$WORK/verify.out" 2>&1; then

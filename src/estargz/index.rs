@@ -2,14 +2,15 @@
 //! the chunk table of the layer's data space (eStargz spec, TOC entries).
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use base64::Engine as _;
 use tracing::debug;
 
 use super::name::normalize_name;
 use super::rfc3339::parse_rfc3339;
-use super::toc::{parse_toc_json, JsonEntry, TocError, TocLimits, TOC_TAR_NAME};
-use crate::layer::{ChunkRecord, ChunkSource, LayerIndex, Prefetch};
+use super::toc::{parse_toc, stream_toc_json, JsonEntry, TocError, TocLimits, TOC_TAR_NAME};
+use crate::layer::{ChunkName, ChunkRecord, ChunkSource, LayerIndex, Prefetch};
 use crate::tree::{EntryKind, FileData, LayerEntry, Metadata};
 
 /// Root file marking the end of the files to prefetch.
@@ -30,23 +31,81 @@ pub fn build_index(
     toc_offset: u64,
     limits: &TocLimits,
 ) -> Result<LayerIndex, TocError> {
-    let toc = parse_toc_json(toc_json, limits)?;
-    let member_starts = member_starts(&toc.entries, toc_offset)?;
+    let mut de = serde_json::Deserializer::from_slice(toc_json);
+    index_from_json(layer, blob_digest, &mut de, toc_offset, limits)
+}
 
+/// A layer index read straight from the TOC gzip member, and the digest of
+/// the TOC JSON.
+#[derive(Debug)]
+pub struct StreamedIndex {
+    /// sha256 of the whole `stargz.index.json`, to check against the
+    /// layer's TOC digest annotation before the index is used.
+    pub toc_digest: [u8; 32],
+    /// The index, or why the TOC JSON does not describe a valid layer.
+    pub index: Result<LayerIndex, TocError>,
+}
+
+/// Gunzips the TOC member `toc_bytes` and builds the index of layer `layer`
+/// from its JSON as it is decompressed, like [`build_index`] on the output
+/// of [`super::extract_toc_json`] but without holding the JSON in memory.
+///
+/// The outer error is damage of the member itself (as
+/// [`super::extract_toc_json`] reports it); a TOC that decompresses but is
+/// invalid gives its digest and the error in [`StreamedIndex::index`], so
+/// the caller can report a digest mismatch first.
+pub fn read_toc_index(
+    layer: u32,
+    blob_digest: &str,
+    toc_bytes: &[u8],
+    toc_offset: u64,
+    limits: &TocLimits,
+) -> Result<StreamedIndex, TocError> {
+    let (index, toc_digest) = stream_toc_json(toc_bytes, limits.max_toc_bytes, |reader, _size| {
+        let mut de = serde_json::Deserializer::from_reader(reader);
+        index_from_json(layer, blob_digest, &mut de, toc_offset, limits)
+    })?;
+    Ok(StreamedIndex { toc_digest, index })
+}
+
+/// Parses the TOC document from `de` and builds the index entry by entry.
+///
+/// Errors come in the order a reader of the whole document would find
+/// them: JSON errors, the entry count, the version, then member offsets of
+/// all entries, then the first invalid entry, then the chunk layout.
+fn index_from_json<'de, R: serde_json::de::Read<'de>>(
+    layer: u32,
+    blob_digest: &str,
+    de: &mut serde_json::Deserializer<R>,
+    toc_offset: u64,
+    limits: &TocLimits,
+) -> Result<LayerIndex, TocError> {
     let mut builder = IndexBuilder {
         layer,
         toc_offset,
-        member_starts,
-        entries: Vec::with_capacity(toc.entries.len()),
+        member_starts: Vec::new(),
+        member_error: None,
+        entry_error: None,
+        entries: Vec::new(),
         files: Vec::new(),
+        names: String::new(),
+        chunks: Vec::new(),
         file_by_path: HashMap::new(),
         data_size: 0,
         prefetch: Prefetch::Unknown,
         landmark_pending: false,
     };
-    for (index, entry) in toc.entries.iter().enumerate() {
-        builder.add(index, entry)?;
+    parse_toc(de, limits, &mut |index, entry| {
+        builder.accept(index, &entry)
+    })?;
+    if let Some(error) = builder.member_error.take() {
+        return Err(error);
     }
+    if let Some(error) = builder.entry_error.take() {
+        return Err(error);
+    }
+    builder.member_starts.sort_unstable();
+    builder.member_starts.dedup();
     if builder.landmark_pending {
         builder.prefetch = Prefetch::Before {
             compressed_offset: toc_offset,
@@ -54,17 +113,19 @@ pub fn build_index(
     }
 
     let chunks = builder.finish_chunks()?;
+    let mut entries = std::mem::take(&mut builder.entries);
+    entries.shrink_to_fit();
     debug!(
         layer,
         digest = blob_digest,
-        entries = builder.entries.len(),
+        entries = entries.len(),
         chunks = chunks.len(),
         data_size = builder.data_size,
         "built eStargz layer index"
     );
     Ok(LayerIndex {
         digest: blob_digest.to_string(),
-        entries: builder.entries,
+        entries,
         chunks,
         data_size: builder.data_size,
         prefetch: builder.prefetch,
@@ -76,26 +137,23 @@ fn has_data(entry: &JsonEntry) -> bool {
     (entry.kind == "reg" && entry.size > 0) || entry.kind == "chunk"
 }
 
-/// Collects the sorted, distinct compressed offsets of every member holding
-/// data, checking each lies in `[0, toc_offset)`. A member ends where the
-/// next one starts, or at the TOC.
-fn member_starts(entries: &[JsonEntry], toc_offset: u64) -> Result<Vec<u64>, TocError> {
-    let mut starts = Vec::new();
-    for entry in entries.iter().filter(|entry| has_data(entry)) {
-        let offset = non_negative(entry, "offset", entry.offset)?;
-        if offset >= toc_offset {
-            return Err(TocError::OffsetOutOfRange {
-                name: entry.name.clone(),
-                field: "offset",
-                value: offset,
-                toc_offset,
-            });
-        }
-        starts.push(offset);
+/// Returns the compressed offset of the member holding an entry's data,
+/// checking it lies in `[0, toc_offset)`; `None` for entries without data.
+/// A member ends where the next one starts, or at the TOC.
+fn member_start(entry: &JsonEntry, toc_offset: u64) -> Result<Option<u64>, TocError> {
+    if !has_data(entry) {
+        return Ok(None);
     }
-    starts.sort_unstable();
-    starts.dedup();
-    Ok(starts)
+    let offset = non_negative(entry, "offset", entry.offset)?;
+    if offset >= toc_offset {
+        return Err(TocError::OffsetOutOfRange {
+            name: entry.name.clone(),
+            field: "offset",
+            value: offset,
+            toc_offset,
+        });
+    }
+    Ok(Some(offset))
 }
 
 fn non_negative(entry: &JsonEntry, field: &'static str, value: i64) -> Result<u64, TocError> {
@@ -175,6 +233,8 @@ fn metadata(entry: &JsonEntry) -> Result<Metadata, TocError> {
 
 /// A chunk as the TOC lists it, before its size and order are checked.
 struct PendingChunk {
+    /// Index of its file in `IndexBuilder::files`.
+    file: u32,
     chunk_offset: u64,
     /// `None`: up to the end of the file.
     chunk_size: Option<u64>,
@@ -183,23 +243,35 @@ struct PendingChunk {
     digest: Option<[u8; 32]>,
 }
 
-/// A non-empty regular file and the chunks listed for it so far.
+/// A non-empty regular file; its chunks are in `IndexBuilder::chunks`.
 struct PendingFile {
-    name: String,
+    /// The file's TOC name, `IndexBuilder::names[name_start..][..name_len]`.
+    name_start: u32,
+    name_len: u32,
     data_offset: u64,
     size: u64,
     digest: Option<[u8; 32]>,
-    chunks: Vec<PendingChunk>,
 }
 
 struct IndexBuilder {
     layer: u32,
     toc_offset: u64,
+    /// Compressed offsets of the members holding data, unsorted until the
+    /// last entry was added.
     member_starts: Vec<u64>,
+    /// The first entry whose member offset is invalid.
+    member_error: Option<TocError>,
+    /// The first invalid entry; no entry is added after it.
+    entry_error: Option<TocError>,
     entries: Vec<LayerEntry>,
     files: Vec<PendingFile>,
-    /// The latest regular file of each path, which `chunk` entries extend.
-    file_by_path: HashMap<Vec<Vec<u8>>, usize>,
+    /// The TOC names of all files, one after the other.
+    names: String,
+    /// Chunks of all files in TOC order.
+    chunks: Vec<PendingChunk>,
+    /// The latest regular file of each path (components joined by `/`),
+    /// which `chunk` entries extend.
+    file_by_path: HashMap<Box<[u8]>, u32>,
     data_size: u64,
     prefetch: Prefetch,
     /// A `.prefetch.landmark` without data was seen; the next data entry's
@@ -207,7 +279,41 @@ struct IndexBuilder {
     landmark_pending: bool,
 }
 
+/// Joins normalised components with `/`, which no component contains, so
+/// distinct paths give distinct keys.
+fn path_key(path: &[Vec<u8>]) -> Box<[u8]> {
+    path.join(&b'/').into_boxed_slice()
+}
+
 impl IndexBuilder {
+    /// Takes the next TOC entry, keeping the first error of each kind
+    /// instead of stopping, so that a JSON error later in the document
+    /// still wins, as it does when the document is parsed before use.
+    fn accept(&mut self, index: usize, entry: &JsonEntry) {
+        if self.member_error.is_some() {
+            return;
+        }
+        match member_start(entry, self.toc_offset) {
+            Ok(Some(offset)) => self.member_starts.push(offset),
+            Ok(None) => {}
+            Err(error) => {
+                self.member_error = Some(error);
+                // Offsets are checked before entries; this error wins.
+                self.entries = Vec::new();
+                self.files = Vec::new();
+                self.names = String::new();
+                self.chunks = Vec::new();
+                self.file_by_path = HashMap::new();
+                return;
+            }
+        }
+        if self.entry_error.is_none() {
+            if let Err(error) = self.add(index, entry) {
+                self.entry_error = Some(error);
+            }
+        }
+    }
+
     fn add(&mut self, index: usize, entry: &JsonEntry) -> Result<(), TocError> {
         let path = normalize_name(entry.name.as_bytes())
             .map_err(|source| TocError::Name { index, source })?;
@@ -305,7 +411,7 @@ impl IndexBuilder {
             size,
         };
         if size == 0 {
-            self.file_by_path.remove(path);
+            self.file_by_path.remove(&*path_key(path));
             return Ok(data);
         }
 
@@ -315,35 +421,49 @@ impl IndexBuilder {
                 .ok_or_else(|| TocError::DataSizeOverflow {
                     name: entry.name.clone(),
                 })?;
-        let mut file = PendingFile {
-            name: entry.name.clone(),
+        let file_index = u32::try_from(self.files.len()).map_err(|_| TocError::TooManyEntries {
+            count: self.files.len() + 1,
+            limit: u32::MAX as usize,
+        })?;
+        let names_overflow = || TocError::NamesTooLarge {
+            limit: u64::from(u32::MAX),
+        };
+        let name_start = u32::try_from(self.names.len()).map_err(|_| names_overflow())?;
+        let name_len = u32::try_from(entry.name.len())
+            .ok()
+            .filter(|len| name_start.checked_add(*len).is_some())
+            .ok_or_else(names_overflow)?;
+        let file = PendingFile {
+            name_start,
+            name_len,
             data_offset: data.data_offset,
             size,
             digest: parse_digest(entry, "digest", &entry.digest)?,
-            chunks: Vec::new(),
         };
-        file.chunks.push(self.pending_chunk(entry)?);
-        self.file_by_path.insert(path.to_vec(), self.files.len());
+        let chunk = self.pending_chunk(entry, file_index)?;
+        self.chunks.push(chunk);
+        self.file_by_path.insert(path_key(path), file_index);
+        self.names.push_str(&entry.name);
         self.files.push(file);
         Ok(data)
     }
 
     fn add_chunk(&mut self, entry: &JsonEntry, path: Vec<Vec<u8>>) -> Result<(), TocError> {
-        let chunk = self.pending_chunk(entry)?;
-        let file_index =
-            *self
-                .file_by_path
-                .get(&path)
-                .ok_or_else(|| TocError::ChunkWithoutFile {
-                    name: entry.name.clone(),
-                })?;
-        self.files[file_index].chunks.push(chunk);
+        // Check the fields first, as the error order of an entry depends on it.
+        let mut chunk = self.pending_chunk(entry, 0)?;
+        chunk.file = *self.file_by_path.get(&*path_key(&path)).ok_or_else(|| {
+            TocError::ChunkWithoutFile {
+                name: entry.name.clone(),
+            }
+        })?;
+        self.chunks.push(chunk);
         Ok(())
     }
 
-    fn pending_chunk(&self, entry: &JsonEntry) -> Result<PendingChunk, TocError> {
+    fn pending_chunk(&self, entry: &JsonEntry, file: u32) -> Result<PendingChunk, TocError> {
         let chunk_size = non_negative(entry, "chunkSize", entry.chunk_size)?;
         Ok(PendingChunk {
+            file,
             chunk_offset: non_negative(entry, "chunkOffset", entry.chunk_offset)?,
             chunk_size: (chunk_size > 0).then_some(chunk_size),
             compressed_offset: non_negative(entry, "offset", entry.offset)?,
@@ -355,17 +475,38 @@ impl IndexBuilder {
     /// Checks that each file's chunks are contiguous and cover it, and
     /// returns the chunk table sorted by data offset.
     fn finish_chunks(&mut self) -> Result<Vec<ChunkRecord>, TocError> {
-        let mut records = Vec::new();
-        for mut file in std::mem::take(&mut self.files) {
-            file.chunks.sort_by_key(|chunk| chunk.chunk_offset);
-            let single = file.chunks.len() == 1;
+        let mut chunks = std::mem::take(&mut self.chunks);
+        self.file_by_path = HashMap::new();
+        // A TOC lists each file's chunks after it in order, so the sort,
+        // which needs a buffer of half the list, is rarely needed. It is
+        // stable: chunks at the same offset stay in TOC order.
+        let key = |chunk: &PendingChunk| (chunk.file, chunk.chunk_offset);
+        if !chunks.is_sorted_by_key(key) {
+            chunks.sort_by_key(key);
+        }
+
+        let names = Arc::new(std::mem::take(&mut self.names));
+        let mut records = Vec::with_capacity(chunks.len());
+        let mut rest = chunks.as_slice();
+        for (file_index, file) in std::mem::take(&mut self.files).into_iter().enumerate() {
+            let count = rest
+                .iter()
+                .take_while(|chunk| chunk.file as usize == file_index)
+                .count();
+            let (file_chunks, after) = rest.split_at(count);
+            rest = after;
+            let single = file_chunks.len() == 1;
+            let name_range = file.name_start as usize..(file.name_start + file.name_len) as usize;
+            // The range was cut from `names` when the file was added.
+            let name = ChunkName::in_buffer(&names, name_range)
+                .unwrap_or_else(|| ChunkName::from(String::new()));
             let layout_error = |reason: String| TocError::ChunkLayout {
-                name: file.name.clone(),
+                name: name.to_string(),
                 reason,
             };
 
             let mut expected_offset = 0u64;
-            for chunk in &file.chunks {
+            for chunk in file_chunks {
                 if chunk.chunk_offset != expected_offset {
                     return Err(layout_error(format!(
                         "a chunk starts at {} but the previous one ends at {} \
@@ -403,7 +544,7 @@ impl IndexBuilder {
                         inner_offset: chunk.inner_offset,
                     },
                     digest,
-                    name: file.name.clone(),
+                    name: name.clone(),
                 });
                 expected_offset = end;
             }
@@ -523,6 +664,83 @@ mod tests {
         assert_eq!(index.data_size, 5);
         assert_eq!(index.chunks.len(), 1, "hard links get no data");
         assert_eq!(index.prefetch, Prefetch::Unknown);
+    }
+
+    #[test]
+    fn read_toc_index_matches_build_index() {
+        use super::super::toc::tests::toc_member;
+        use sha2::{Digest, Sha256};
+
+        let toc = json!({ "version": 1, "entries": [
+            {"name": "d/", "type": "dir", "xattrs": {"user.a": "eg=="}},
+            {"name": "d/big", "type": "reg", "size": 25, "offset": 100, "chunkSize": 10},
+            {"name": "d/big", "type": "chunk", "offset": 200, "chunkOffset": 10},
+            {"name": "d/l", "type": "symlink", "linkName": "big"},
+        ]});
+        let json = serde_json::to_vec(&toc).unwrap();
+        let member = toc_member(&[(TOC_TAR_NAME, &json)]);
+        let limits = TocLimits::default();
+        let streamed = read_toc_index(1, "sha256:b", &member, TOC_OFFSET, &limits).unwrap();
+        assert_eq!(streamed.toc_digest, <[u8; 32]>::from(Sha256::digest(&json)));
+        let streamed = streamed.index.unwrap();
+        let whole = build_index(1, "sha256:b", &json, TOC_OFFSET, &limits).unwrap();
+        assert_eq!(streamed.entries, whole.entries);
+        assert_eq!(streamed.chunks, whole.chunks);
+        assert_eq!(streamed.data_size, whole.data_size);
+
+        // Invalid JSON: the digest of the whole entry comes with the error.
+        let bad = br#"{"version":1,"entries":[{"name":1}]}  "#;
+        let member = toc_member(&[(TOC_TAR_NAME, bad)]);
+        let streamed = read_toc_index(1, "sha256:b", &member, TOC_OFFSET, &limits).unwrap();
+        assert_eq!(streamed.toc_digest, <[u8; 32]>::from(Sha256::digest(bad)));
+        let error = streamed.index.unwrap_err();
+        assert!(matches!(error, TocError::Json { .. }), "{error}");
+
+        // Damage of the member wins over the JSON error it causes.
+        let limited = TocLimits {
+            max_toc_bytes: 100,
+            ..limits
+        };
+        let error = read_toc_index(1, "sha256:b", &member, TOC_OFFSET, &limited).unwrap_err();
+        assert!(
+            matches!(error, TocError::TooLarge { limit: 100 }),
+            "{error}"
+        );
+        let mut header = tar::Header::new_ustar();
+        header.set_path(TOC_TAR_NAME).unwrap();
+        header.set_size(4096);
+        header.set_cksum();
+        let mut truncated = header.as_bytes().to_vec();
+        truncated.extend_from_slice(br#"{"version":1,"entries":[]}"#);
+        let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        std::io::Write::write_all(&mut encoder, &truncated).unwrap();
+        let member = encoder.finish().unwrap();
+        let error = read_toc_index(1, "sha256:b", &member, TOC_OFFSET, &limits).unwrap_err();
+        assert!(
+            matches!(
+                error,
+                TocError::Truncated {
+                    read: 26,
+                    size: 4096
+                }
+            ),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn build_index_reports_offsets_before_entries() {
+        // The bad name comes first, but member offsets are checked over the
+        // whole TOC before any entry.
+        let error = build(json!([
+            {"name": "a\u{0}", "type": "dir"},
+            {"name": "x", "type": "reg", "size": 1, "offset": TOC_OFFSET},
+        ]))
+        .unwrap_err();
+        assert!(
+            matches!(error, TocError::OffsetOutOfRange { .. }),
+            "{error}"
+        );
     }
 
     #[test]

@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use std::io::Read;
 
 use serde::Deserialize;
+use sha2::{Digest, Sha256};
 
 use super::name::NameError;
 use super::rfc3339::TimestampError;
@@ -104,6 +105,12 @@ pub enum TocError {
     #[error("TOC entry {name:?} has an invalid chunk layout: {reason}")]
     ChunkLayout { name: String, reason: String },
 
+    #[error(
+        "the names of the TOC's regular files add up to more than {limit} bytes; \
+         split the layer"
+    )]
+    NamesTooLarge { limit: u64 },
+
     #[error("TOC entry {name:?} makes the layer's data larger than 2^64 bytes")]
     DataSizeOverflow { name: String },
 }
@@ -124,14 +131,6 @@ impl Default for TocLimits {
             max_toc_bytes: DEFAULT_MAX_TOC_SIZE,
         }
     }
-}
-
-/// The TOC JSON document.
-#[derive(Debug, Deserialize)]
-pub(crate) struct JsonToc {
-    pub version: i64,
-    #[serde(default)]
-    pub entries: Vec<JsonEntry>,
 }
 
 /// One TOC entry, fields as the reference writer names them. Fields the
@@ -167,10 +166,32 @@ pub(crate) struct JsonEntry {
 /// `max_toc_size` decompressed bytes are read ([`DEFAULT_MAX_TOC_SIZE`] is a
 /// sensible value); past that the call fails with [`TocError::TooLarge`].
 pub fn extract_toc_json(toc_bytes: &[u8], max_toc_size: u64) -> Result<Vec<u8>, TocError> {
+    let (json, _digest) = stream_toc_json(toc_bytes, max_toc_size, |reader, size| {
+        // `size` is at most `max_toc_size`, which the caller chose to allow in memory.
+        let mut json = Vec::with_capacity(usize::try_from(size).unwrap_or(0));
+        reader.read_to_end(&mut json).map(|_| json)
+    })?;
+    // A read error is reported by `stream_toc_json` itself.
+    Ok(json.unwrap_or_default())
+}
+
+/// Gunzips the TOC member and hands its `stargz.index.json` entry to
+/// `consume` as a buffered reader, with the entry's size from the tar
+/// header. Returns what `consume` returned and the sha256 of the whole
+/// entry, which is read to its end even when `consume` stops early.
+///
+/// Errors of the member itself (gzip or tar damage, a missing or truncated
+/// entry, more than `max_toc_size` decompressed bytes) take precedence over
+/// whatever `consume` returned, since they explain it.
+pub(crate) fn stream_toc_json<T>(
+    toc_bytes: &[u8],
+    max_toc_size: u64,
+    consume: impl FnOnce(&mut dyn std::io::BufRead, u64) -> T,
+) -> Result<(T, [u8; 32]), TocError> {
     let decoder = flate2::read::MultiGzDecoder::new(toc_bytes);
     let mut limited = decoder.take(max_toc_size);
 
-    let result = read_toc_entry(&mut limited, max_toc_size);
+    let result = read_toc_entry(&mut limited, max_toc_size, consume);
     match result {
         // Hitting the limit shows up as a short read inside the tar reader;
         // report the limit, which is the cause.
@@ -183,7 +204,14 @@ pub fn extract_toc_json(toc_bytes: &[u8], max_toc_size: u64) -> Result<Vec<u8>, 
     }
 }
 
-fn read_toc_entry(reader: &mut impl Read, max_toc_size: u64) -> Result<Vec<u8>, TocError> {
+/// Buffer size between the tar entry and the JSON parser.
+const TOC_READ_BUFFER: usize = 256 << 10;
+
+fn read_toc_entry<T>(
+    reader: &mut impl Read,
+    max_toc_size: u64,
+    consume: impl FnOnce(&mut dyn std::io::BufRead, u64) -> T,
+) -> Result<(T, [u8; 32]), TocError> {
     let mut archive = tar::Archive::new(reader);
     let mut entries = archive
         .entries()
@@ -206,83 +234,232 @@ fn read_toc_entry(reader: &mut impl Read, max_toc_size: u64) -> Result<Vec<u8>, 
         });
     }
 
-    // `size` is at most `max_toc_size`, which the caller chose to allow in memory.
-    let mut json = Vec::with_capacity(usize::try_from(size).unwrap_or(0));
-    entry
-        .read_to_end(&mut json)
-        .map_err(|source| TocError::Read { source })?;
-    if json.len() as u64 != size {
+    let mut hashing = HashingReader {
+        inner: &mut entry,
+        hasher: Sha256::new(),
+        read: 0,
+        error: None,
+    };
+    let value = consume(
+        &mut std::io::BufReader::with_capacity(TOC_READ_BUFFER, &mut hashing),
+        size,
+    );
+    // The buffered bytes `consume` left were hashed already; hash the rest.
+    if hashing.error.is_none() {
+        // An error here is kept in `hashing.error`.
+        let _ = std::io::copy(&mut hashing, &mut std::io::sink());
+    }
+    if let Some(source) = hashing.error {
+        return Err(TocError::Read { source });
+    }
+    if hashing.read != size {
         return Err(TocError::Truncated {
-            read: json.len() as u64,
+            read: hashing.read,
             size,
         });
     }
-    Ok(json)
+    Ok((value, hashing.hasher.finalize().into()))
 }
 
-/// Parses the TOC JSON document.
+/// A reader that hashes and counts what passes through it and keeps the
+/// first error, so the entry's own damage can be told apart from a parse
+/// error of its content.
+struct HashingReader<R> {
+    inner: R,
+    hasher: Sha256,
+    read: u64,
+    error: Option<std::io::Error>,
+}
+
+impl<R: Read> Read for HashingReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if let Some(error) = &self.error {
+            return Err(std::io::Error::new(error.kind(), error.to_string()));
+        }
+        loop {
+            match self.inner.read(buf) {
+                Ok(count) => {
+                    self.hasher.update(&buf[..count]);
+                    self.read += count as u64;
+                    return Ok(count);
+                }
+                Err(error) if error.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(error) => {
+                    let copy = std::io::Error::new(error.kind(), error.to_string());
+                    self.error = Some(error);
+                    return Err(copy);
+                }
+            }
+        }
+    }
+}
+
+/// What the TOC document holds besides its entries.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct TocSummary {
+    pub version: i64,
+    /// Entries in the document, including those past the limit that were
+    /// counted but not parsed.
+    pub count: usize,
+}
+
+/// Parses the TOC JSON document from `de`, handing each entry to `sink`
+/// with its position as soon as it is parsed, so no more than one entry is
+/// held at a time.
 ///
-/// The entries are counted in a first pass that keeps none of them, so a TOC
-/// with more than `limits.max_entries` entries fails before any memory is
-/// spent on them. Without it, a few hundred megabytes of `{},` would expand
-/// to tens of gigabytes of entries. NOTE: a TOC near the 4 million entry limit
-/// still needs an estimated 2 GiB (about 500 bytes per entry with its strings)
-/// while it is parsed.
-pub(crate) fn parse_toc_json(toc_json: &[u8], limits: &TocLimits) -> Result<JsonToc, TocError> {
-    let counted: EntryCount =
-        serde_json::from_slice(toc_json).map_err(|source| TocError::Json { source })?;
-    if counted.entries.0 > limits.max_entries {
+/// Entries past `limits.max_entries` are only counted, and the count is
+/// checked after the whole document parsed, so a JSON error anywhere takes
+/// precedence, as does the count over the version. Without the limit, a few
+/// hundred megabytes of `{},` would expand to tens of gigabytes of entries.
+pub(crate) fn parse_toc<'de, R: serde_json::de::Read<'de>>(
+    de: &mut serde_json::Deserializer<R>,
+    limits: &TocLimits,
+    sink: &mut dyn FnMut(usize, JsonEntry),
+) -> Result<TocSummary, TocError> {
+    let summary = serde::de::DeserializeSeed::deserialize(
+        TocSeed {
+            max_entries: limits.max_entries,
+            sink,
+        },
+        &mut *de,
+    )
+    .and_then(|summary| de.end().map(|()| summary))
+    .map_err(|source| TocError::Json { source })?;
+
+    if summary.count > limits.max_entries {
         return Err(TocError::TooManyEntries {
-            count: counted.entries.0,
+            count: summary.count,
             limit: limits.max_entries,
         });
     }
-
-    let toc: JsonToc =
-        serde_json::from_slice(toc_json).map_err(|source| TocError::Json { source })?;
-    if toc.version != TOC_VERSION {
+    if summary.version != TOC_VERSION {
         return Err(TocError::UnsupportedVersion {
-            version: toc.version,
+            version: summary.version,
         });
     }
-    Ok(toc)
+    Ok(summary)
 }
 
-/// The TOC document with its entries counted, not kept.
+/// Fields of the TOC document; others are ignored.
 #[derive(Deserialize)]
-struct EntryCount {
-    #[serde(default)]
-    entries: CountedSeq,
+#[serde(field_identifier, rename_all = "lowercase")]
+enum TocField {
+    Version,
+    Entries,
+    #[serde(other)]
+    Other,
 }
 
-/// The length of a JSON array whose elements are skipped.
-#[derive(Default)]
-struct CountedSeq(usize);
+/// The TOC document (`{"version": 1, "entries": [...]}`), with its entries
+/// passed on one at a time.
+struct TocSeed<'a> {
+    max_entries: usize,
+    sink: &'a mut dyn FnMut(usize, JsonEntry),
+}
 
-impl<'de> Deserialize<'de> for CountedSeq {
-    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        struct Counter;
+impl<'de> serde::de::DeserializeSeed<'de> for TocSeed<'_> {
+    type Value = TocSummary;
 
-        impl<'de> serde::de::Visitor<'de> for Counter {
-            type Value = CountedSeq;
+    fn deserialize<D: serde::Deserializer<'de>>(
+        self,
+        deserializer: D,
+    ) -> Result<TocSummary, D::Error> {
+        deserializer.deserialize_struct("JsonToc", &["version", "entries"], self)
+    }
+}
 
-            fn expecting(&self, formatter: &mut std::fmt::Formatter) -> std::fmt::Result {
-                formatter.write_str("an array of TOC entries")
-            }
+impl<'de> serde::de::Visitor<'de> for TocSeed<'_> {
+    type Value = TocSummary;
 
-            fn visit_seq<A: serde::de::SeqAccess<'de>>(
-                self,
-                mut seq: A,
-            ) -> Result<CountedSeq, A::Error> {
-                let mut count = 0usize;
-                while seq.next_element::<serde::de::IgnoredAny>()?.is_some() {
-                    count += 1;
+    fn expecting(&self, formatter: &mut std::fmt::Formatter) -> std::fmt::Result {
+        formatter.write_str("struct JsonToc")
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<TocSummary, A::Error> {
+        use serde::de::Error as _;
+
+        let mut version = None;
+        let mut count = None;
+        while let Some(field) = map.next_key::<TocField>()? {
+            match field {
+                TocField::Version => {
+                    if version.is_some() {
+                        return Err(A::Error::duplicate_field("version"));
+                    }
+                    version = Some(map.next_value::<i64>()?);
                 }
-                Ok(CountedSeq(count))
+                TocField::Entries => {
+                    if count.is_some() {
+                        return Err(A::Error::duplicate_field("entries"));
+                    }
+                    count = Some(map.next_value_seed(EntriesSeed {
+                        max_entries: self.max_entries,
+                        sink: &mut *self.sink,
+                    })?);
+                }
+                TocField::Other => {
+                    map.next_value::<serde::de::IgnoredAny>()?;
+                }
             }
         }
+        Ok(TocSummary {
+            version: version.ok_or_else(|| A::Error::missing_field("version"))?,
+            count: count.unwrap_or(0),
+        })
+    }
 
-        deserializer.deserialize_seq(Counter)
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<TocSummary, A::Error> {
+        use serde::de::Error as _;
+
+        let version = seq
+            .next_element::<i64>()?
+            .ok_or_else(|| A::Error::invalid_length(0, &"struct JsonToc with 2 elements"))?;
+        let count = seq.next_element_seed(EntriesSeed {
+            max_entries: self.max_entries,
+            sink: self.sink,
+        })?;
+        Ok(TocSummary {
+            version,
+            count: count.unwrap_or(0),
+        })
+    }
+}
+
+/// The `entries` array: each entry up to the limit is parsed and passed on,
+/// the rest are skipped and counted.
+struct EntriesSeed<'a> {
+    max_entries: usize,
+    sink: &'a mut dyn FnMut(usize, JsonEntry),
+}
+
+impl<'de> serde::de::DeserializeSeed<'de> for EntriesSeed<'_> {
+    type Value = usize;
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, deserializer: D) -> Result<usize, D::Error> {
+        deserializer.deserialize_seq(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for EntriesSeed<'_> {
+    type Value = usize;
+
+    fn expecting(&self, formatter: &mut std::fmt::Formatter) -> std::fmt::Result {
+        formatter.write_str("a sequence")
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<usize, A::Error> {
+        let mut count = 0usize;
+        while count < self.max_entries {
+            let Some(entry) = seq.next_element::<JsonEntry>()? else {
+                return Ok(count);
+            };
+            (self.sink)(count, entry);
+            count += 1;
+        }
+        while seq.next_element::<serde::de::IgnoredAny>()?.is_some() {
+            count = count.saturating_add(1);
+        }
+        Ok(count)
     }
 }
 
@@ -392,8 +569,13 @@ pub(crate) mod tests {
         );
     }
 
+    fn parse_toc_json(json: &[u8], limits: &TocLimits) -> Result<TocSummary, TocError> {
+        let mut de = serde_json::Deserializer::from_slice(json);
+        parse_toc(&mut de, limits, &mut |_, _| {})
+    }
+
     #[test]
-    fn parse_toc_json_checks_version_and_count() {
+    fn parse_toc_checks_version_and_count() {
         let limits = TocLimits {
             max_entries: 1,
             ..TocLimits::default()
@@ -412,7 +594,82 @@ pub(crate) mod tests {
             "{error}"
         );
 
-        let error = parse_toc_json(b"{not json", &limits).unwrap_err();
-        assert!(matches!(error, TocError::Json { .. }), "{error}");
+        let three = br#"{"entries":[{},{"name":"b"},{"x":[1,{}]}],"version":1}"#;
+        let error = parse_toc_json(three, &limits).unwrap_err();
+        assert!(
+            matches!(error, TocError::TooManyEntries { count: 3, limit: 1 }),
+            "entries past the limit are counted: {error}"
+        );
+
+        let cases: [(&str, &[u8], &str); 5] = [
+            ("syntax", b"{not json", "key must be a string"),
+            (
+                "missing version",
+                br#"{"entries":[]}"#,
+                "missing field `version`",
+            ),
+            (
+                "duplicate entries",
+                br#"{"version":1,"entries":[],"entries":[]}"#,
+                "duplicate field `entries`",
+            ),
+            (
+                "entries not an array",
+                br#"{"version":1,"entries":{}}"#,
+                "expected a sequence",
+            ),
+            (
+                "trailing bytes",
+                br#"{"version":1,"entries":[]} x"#,
+                "trailing characters",
+            ),
+        ];
+        for (case, json, message) in cases {
+            let error = parse_toc_json(json, &limits).unwrap_err();
+            assert!(
+                matches!(&error, TocError::Json { .. }) && error.to_string().contains(message),
+                "case {case}: {error}"
+            );
+        }
+    }
+
+    #[test]
+    fn parse_toc_passes_entries_in_order() {
+        let json = br#"{"other":{"a":[1]},"entries":[{"name":"a","type":"dir"},
+            {"name":"b","type":"reg","size":3}],"version":1}"#;
+        let mut seen = Vec::new();
+        let mut de = serde_json::Deserializer::from_slice(json);
+        let summary = parse_toc(&mut de, &TocLimits::default(), &mut |index, entry| {
+            seen.push((index, entry.name, entry.kind, entry.size))
+        })
+        .unwrap();
+        assert_eq!(
+            summary,
+            TocSummary {
+                version: 1,
+                count: 2
+            }
+        );
+        assert_eq!(
+            seen,
+            vec![
+                (0, "a".to_string(), "dir".to_string(), 0),
+                (1, "b".to_string(), "reg".to_string(), 3)
+            ]
+        );
+    }
+
+    #[test]
+    fn stream_toc_json_hashes_the_whole_entry() {
+        let json = br#"{"version":1,"entries":[]}   "#;
+        let member = toc_member(&[(TOC_TAR_NAME, json)]);
+        // The consumer reads only 3 bytes; the digest still covers all of them.
+        let (first, digest) = stream_toc_json(&member, DEFAULT_MAX_TOC_SIZE, |reader, size| {
+            let mut start = [0u8; 3];
+            reader.read_exact(&mut start).map(|()| (start, size))
+        })
+        .unwrap();
+        assert_eq!(first.unwrap(), (*b"{\"v", json.len() as u64));
+        assert_eq!(digest, <[u8; 32]>::from(Sha256::digest(json)));
     }
 }

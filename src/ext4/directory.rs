@@ -3,6 +3,7 @@
 use super::disk::{align4, put_u16, put_u32};
 use super::htree::{self, HtreeIndex};
 use super::BLOCK_SIZE;
+use crate::tree::NodeId;
 
 /// `file_type` values of `ext4_dir_entry_2` (feature `filetype`).
 pub(super) const FT_REG_FILE: u8 = 1;
@@ -45,9 +46,12 @@ pub(super) struct Directory {
     pub inode: u32,
     pub parent: u32,
     /// Entries in name order for linear directories, in hash order for
-    /// htree directories.
+    /// htree directories; empty when `tree_node` is set.
     pub entries: Vec<DirEntry>,
     pub format: DirFormat,
+    /// The tree directory a linear directory's entries are rebuilt from
+    /// when its block is rendered, instead of being kept here.
+    pub tree_node: Option<NodeId>,
 }
 
 impl Directory {
@@ -75,6 +79,7 @@ impl Directory {
             parent,
             entries,
             format,
+            tree_node: None,
         })
     }
 
@@ -89,15 +94,19 @@ impl Directory {
     /// Renders logical block `logical` of the directory into `out`.
     pub fn write_block(&self, logical: u64, out: &mut [u8]) {
         match &self.format {
-            DirFormat::Linear { .. } => {
-                if logical == 0 {
-                    let offset = write_dot_entries(out, self.inode, self.parent, false);
-                    write_entries(out, offset, &self.entries);
-                } else {
-                    write_empty_block(out);
-                }
-            }
+            DirFormat::Linear { .. } => self.write_linear_block(logical, &self.entries, out),
             DirFormat::Htree(index) => index.write_block(self, logical, out),
+        }
+    }
+
+    /// Renders logical block `logical` of a linear directory holding
+    /// `entries` (in name order) into `out`.
+    pub fn write_linear_block(&self, logical: u64, entries: &[DirEntry], out: &mut [u8]) {
+        if logical == 0 {
+            let offset = write_dot_entries(out, self.inode, self.parent, false);
+            write_entries(out, offset, entries);
+        } else {
+            write_empty_block(out);
         }
     }
 }

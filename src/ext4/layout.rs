@@ -484,6 +484,7 @@ impl Layout {
             file_runs: Vec::new(),
             dirs_per_group: vec![0; geometry.group_count as usize],
             lost_found_meta,
+            synthetic_lost_found: numbering.synthetic_lost_found,
         };
         for ino in dirs_per_group_inodes {
             let (group, _) = geometry.locate_inode(ino);
@@ -603,6 +604,7 @@ impl Layout {
             }
         }
         files.sort_unstable();
+        self.file_runs.reserve_exact(files.len());
 
         for (_, _, node, ino) in files {
             let Some(Some(record)) = self.inodes.get_mut(ino as usize) else {
@@ -667,15 +669,16 @@ fn directory_record(
     }
 }
 
-/// Plans the inode of directory node `id` and its blocks.
-fn plan_directory(
+/// Returns the entries of directory node `id` in name order, with
+/// lost+found in the root when the layout adds it, and how many of them are
+/// directories.
+pub(super) fn directory_entries(
     tree: &Tree,
-    numbering: &Numbering,
+    node_inodes: &[u32],
+    synthetic_lost_found: bool,
     id: NodeId,
-    ino: u32,
     children: &std::collections::BTreeMap<Vec<u8>, NodeId>,
-    hash_seed: [u32; 4],
-) -> Result<(InodeRecord, Directory), LayoutError> {
+) -> (Vec<DirEntry>, u64) {
     let mut entries = Vec::with_capacity(children.len() + 1);
     let mut subdirs: u64 = 0;
     for (name, &child) in children {
@@ -685,11 +688,11 @@ fn plan_directory(
         }
         entries.push(DirEntry {
             name: name.as_slice().into(),
-            inode: numbering.node_inodes[child as usize],
+            inode: node_inodes.get(child as usize).copied().unwrap_or(0),
             file_type: file_type(&child_node.kind),
         });
     }
-    if id == ROOT && numbering.synthetic_lost_found {
+    if id == ROOT && synthetic_lost_found {
         subdirs += 1;
         entries.push(DirEntry {
             name: LOST_FOUND.into(),
@@ -698,6 +701,25 @@ fn plan_directory(
         });
         entries.sort_by(|a, b| a.name.cmp(&b.name));
     }
+    (entries, subdirs)
+}
+
+/// Plans the inode of directory node `id` and its blocks.
+fn plan_directory(
+    tree: &Tree,
+    numbering: &Numbering,
+    id: NodeId,
+    ino: u32,
+    children: &std::collections::BTreeMap<Vec<u8>, NodeId>,
+    hash_seed: [u32; 4],
+) -> Result<(InodeRecord, Directory), LayoutError> {
+    let (entries, subdirs) = directory_entries(
+        tree,
+        &numbering.node_inodes,
+        numbering.synthetic_lost_found,
+        id,
+        children,
+    );
 
     // dir_nlink: a directory with too many subdirectories stores 1.
     let count = 2 + subdirs;
@@ -707,13 +729,19 @@ fn plan_directory(
         u16::try_from(count).unwrap_or(1)
     };
     let parent = numbering.parents[id as usize];
-    let dir = Directory::plan(ino, parent, entries, 1, hash_seed).map_err(|too_many| {
+    let mut dir = Directory::plan(ino, parent, entries, 1, hash_seed).map_err(|too_many| {
         LayoutError::DirectoryTooLarge {
             node: id,
             leaves: too_many.leaves,
             max: too_many.max,
         }
     })?;
+    if matches!(dir.format, DirFormat::Linear { .. }) {
+        // A one-block directory is rendered from the tree, which holds the
+        // same names, instead of from a copy of every name.
+        dir.entries = Vec::new();
+        dir.tree_node = Some(id);
+    }
     let htree = matches!(dir.format, DirFormat::Htree(_));
     let record = directory_record(
         InodeSource::Node(id),

@@ -227,6 +227,8 @@ pub struct Layout {
     /// `bg_used_dirs_count` of each group.
     dirs_per_group: Vec<u32>,
     lost_found_meta: Metadata,
+    /// The layout adds lost+found to the root (the tree has none).
+    synthetic_lost_found: bool,
 }
 
 impl Layout {

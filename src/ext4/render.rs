@@ -4,11 +4,11 @@ use tracing::error;
 
 use super::inode::{write_inode, InodeBody, InodeSource, INODE_SIZE};
 use super::journal::{self, JOURNAL_INO};
-use super::layout::encoded_xattrs;
+use super::layout::{directory_entries, encoded_xattrs};
 use super::superblock::{write_superblock, JournalBackup};
 use super::{bitmap, extent, group_desc, xattr};
 use super::{Layout, MetaObject, Segment, SegmentKind, BLOCK_SIZE};
-use crate::tree::{Metadata, NodeKind};
+use crate::tree::{Metadata, Node, NodeKind};
 
 const BLOCK: usize = BLOCK_SIZE as usize;
 
@@ -201,7 +201,25 @@ impl Layout {
         match run.object {
             MetaObject::Directory(dir) => {
                 if let Some(dir) = self.dirs.get(dir) {
-                    dir.write_block(logical, out);
+                    match dir.tree_node.map(|node| (node, self.tree.node(node))) {
+                        Some((
+                            node,
+                            Node {
+                                kind: NodeKind::Dir { children },
+                                ..
+                            },
+                        )) => {
+                            let (entries, _) = directory_entries(
+                                &self.tree,
+                                &self.node_inodes,
+                                self.synthetic_lost_found,
+                                node,
+                                children,
+                            );
+                            dir.write_linear_block(logical, &entries, out);
+                        }
+                        _ => dir.write_block(logical, out),
+                    }
                 }
             }
             MetaObject::SymlinkBlock(ino) => {

@@ -157,7 +157,7 @@ impl Inner {
                 let first = &state.index.chunks[info.slices[0].chunk];
                 ReadError::Decompress {
                     layer: state.index.digest.clone(),
-                    name: first.name.clone(),
+                    name: first.name.to_string(),
                     compressed_offset: info.compressed_offset,
                     data_offset: first.data_offset,
                     chain: error.to_string(),
@@ -177,7 +177,7 @@ impl Inner {
                         Stats::add(&self.stats.verify_failures, 1);
                         return Err(ReadError::DigestMismatch {
                             layer: state.index.digest.clone(),
-                            name: record.name.clone(),
+                            name: record.name.to_string(),
                             compressed_offset: info.compressed_offset,
                             data_offset: record.data_offset,
                             expected: hex::encode(expected),

@@ -397,7 +397,7 @@ impl Inner {
                 tracing::warn!(layer = %state.index.digest, compressed_offset = info.compressed_offset, %error, "gzip member decode failed");
                 return Err(ReadError::Decompress {
                     layer: state.index.digest.clone(),
-                    name: first_record.name.clone(),
+                    name: first_record.name.to_string(),
                     compressed_offset: info.compressed_offset,
                     data_offset: first_record.data_offset,
                     chain: error.to_string(),
@@ -430,7 +430,7 @@ impl Inner {
                     Stats::add(&self.stats.verify_failures, 1);
                     let error = ReadError::DigestMismatch {
                         layer: state.index.digest.clone(),
-                        name: record.name.clone(),
+                        name: record.name.to_string(),
                         compressed_offset: info.compressed_offset,
                         data_offset: record.data_offset,
                         expected: hex::encode(expected),

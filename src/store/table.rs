@@ -94,7 +94,7 @@ pub(crate) fn build(index: &LayerIndex, blob_size: Option<u64>) -> Result<Member
         };
         let (end, slices) = by_offset
             .entry(compressed_offset)
-            .or_insert_with(|| (compressed_end, Vec::new()));
+            .or_insert_with(|| (compressed_end, Vec::with_capacity(1)));
         if *end != compressed_end {
             return Err(invalid(format!(
                 "chunk {position} ({:?}) gives member {compressed_offset:#x} the end {compressed_end:#x}, another chunk gives {end:#x}",
@@ -106,7 +106,10 @@ pub(crate) fn build(index: &LayerIndex, blob_size: Option<u64>) -> Result<Member
     }
 
     let mut members: Vec<Member> = Vec::with_capacity(by_offset.len());
-    for (compressed_offset, (compressed_end, slices)) in by_offset {
+    for (compressed_offset, (compressed_end, mut slices)) in by_offset {
+        // Most members hold one chunk; a vector grown by push keeps room
+        // for four, which adds up over a million members.
+        slices.shrink_to_fit();
         if let Some(previous) = members.last() {
             if previous.compressed_end > compressed_offset {
                 return Err(invalid(format!(
@@ -165,7 +168,7 @@ mod tests {
                 inner_offset: inner,
             },
             digest: None,
-            name: format!("file{data_offset}"),
+            name: format!("file{data_offset}").into(),
         }
     }
 

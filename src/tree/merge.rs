@@ -69,14 +69,22 @@ pub enum MergeError {
 /// as it is when a tar is extracted. The node ids of the result are
 /// assigned in depth-first order by name, so equal input gives equal trees.
 pub fn merge(layers: &[Vec<LayerEntry>]) -> Result<Tree, MergeError> {
+    merge_owned(layers.to_vec())
+}
+
+/// Like [`merge`], but takes the layers by value: each entry's name and
+/// metadata move into the tree and the rest of it is freed as soon as it
+/// is applied, so the entries and the tree are not both held in full.
+pub fn merge_owned(layers: Vec<Vec<LayerEntry>>) -> Result<Tree, MergeError> {
+    let layer_count = layers.len();
     let mut builder = TreeBuilder {
         nodes: vec![implied_dir()],
     };
-    for (layer, entries) in layers.iter().enumerate() {
-        for entry in entries {
+    for (layer, entries) in layers.into_iter().enumerate() {
+        for entry in &entries {
             check_names(layer, entry)?;
         }
-        for entry in entries {
+        for entry in &entries {
             builder.apply_whiteout(layer, entry);
         }
         for entry in entries {
@@ -86,7 +94,7 @@ pub fn merge(layers: &[Vec<LayerEntry>]) -> Result<Tree, MergeError> {
 
     let tree = builder.compact();
     debug!(
-        layers = layers.len(),
+        layers = layer_count,
         nodes = tree.nodes.len(),
         "merged layers into one tree"
     );
@@ -280,12 +288,13 @@ impl TreeBuilder {
     }
 
     /// Second pass: adds one entry of the layer.
-    fn apply_entry(&mut self, layer: usize, entry: &LayerEntry) -> Result<(), MergeError> {
-        let Some((name, parent_path)) = entry.path.split_last() else {
+    fn apply_entry(&mut self, layer: usize, entry: LayerEntry) -> Result<(), MergeError> {
+        if entry.path.is_empty() {
             return self.apply_root(layer, entry);
-        };
+        }
         if under_whiteout_name(&entry.path) {
             // The marker implies its directory exists in this layer.
+            let parent_path = &entry.path[..entry.path.len() - 1];
             if !under_whiteout_name(parent_path) {
                 self.ensure_dir(parent_path)?;
             }
@@ -294,62 +303,62 @@ impl TreeBuilder {
 
         // Resolve a hard link before creating parents, which may replace nodes.
         let link_target = match &entry.kind {
-            EntryKind::Hardlink { target } => Some(self.resolve_hardlink(layer, entry, target)?),
+            EntryKind::Hardlink { target } => Some(self.resolve_hardlink(layer, &entry, target)?),
             _ => None,
         };
 
-        let parent = self.ensure_dir(parent_path)?;
+        let LayerEntry {
+            mut path,
+            kind,
+            meta,
+        } = entry;
+        let Some(name) = path.pop() else {
+            return Ok(());
+        };
+        let parent = self.ensure_dir(&path)?;
+        drop(path);
         let existing = self
             .children(parent)
-            .and_then(|children| children.get(name))
+            .and_then(|children| children.get(&name))
             .copied();
 
-        let id = match (&entry.kind, link_target) {
+        let id = match (kind, link_target) {
             (_, Some(target)) => target,
             (EntryKind::Dir, _) => match existing {
                 Some(id) if self.children(id).is_some() => {
-                    self.nodes[id as usize].meta = entry.meta.clone();
+                    self.nodes[id as usize].meta = meta;
                     return Ok(());
                 }
                 _ => self.push_node(Node {
                     kind: NodeKind::Dir {
                         children: BTreeMap::new(),
                     },
-                    meta: entry.meta.clone(),
+                    meta,
                 })?,
             },
             (kind, None) => {
                 let kind = match kind {
-                    EntryKind::Reg { data } => NodeKind::Reg { data: *data },
-                    EntryKind::Symlink { target } => NodeKind::Symlink {
-                        target: target.clone(),
-                    },
-                    EntryKind::CharDev { major, minor } => NodeKind::CharDev {
-                        major: *major,
-                        minor: *minor,
-                    },
-                    EntryKind::BlockDev { major, minor } => NodeKind::BlockDev {
-                        major: *major,
-                        minor: *minor,
-                    },
+                    EntryKind::Reg { data } => NodeKind::Reg { data },
+                    EntryKind::Symlink { target } => NodeKind::Symlink { target },
+                    EntryKind::CharDev { major, minor } => NodeKind::CharDev { major, minor },
+                    EntryKind::BlockDev { major, minor } => NodeKind::BlockDev { major, minor },
                     EntryKind::Fifo => NodeKind::Fifo,
                     // Handled above: directories, and hard links through `link_target`.
                     EntryKind::Dir | EntryKind::Hardlink { .. } => return Ok(()),
                 };
-                self.push_node(Node {
-                    kind,
-                    meta: entry.meta.clone(),
-                })?
+                self.push_node(Node { kind, meta })?
             }
         };
-        self.insert_child(parent, name, id);
+        if let Some(children) = self.children_mut(parent) {
+            children.insert(name, id);
+        }
         Ok(())
     }
 
-    fn apply_root(&mut self, layer: usize, entry: &LayerEntry) -> Result<(), MergeError> {
+    fn apply_root(&mut self, layer: usize, entry: LayerEntry) -> Result<(), MergeError> {
         match entry.kind {
             EntryKind::Dir => {
-                self.nodes[ROOT as usize].meta = entry.meta.clone();
+                self.nodes[ROOT as usize].meta = entry.meta;
                 Ok(())
             }
             ref kind => Err(MergeError::RootNotDirectory {
@@ -386,35 +395,54 @@ impl TreeBuilder {
     /// depth-first preorder, children by name.
     fn compact(self) -> Tree {
         let mut new_id: Vec<Option<NodeId>> = vec![None; self.nodes.len()];
-        let mut order: Vec<NodeId> = Vec::new();
+        let mut reachable = 0usize;
         let mut stack = vec![ROOT];
         while let Some(id) = stack.pop() {
             if new_id[id as usize].is_some() {
                 continue;
             }
-            // `order` never outgrows `nodes`, whose length fits a NodeId.
-            new_id[id as usize] = Some(order.len() as NodeId);
-            order.push(id);
+            // `reachable` never outgrows `nodes`, whose length fits a NodeId.
+            new_id[id as usize] = Some(reachable as NodeId);
+            reachable += 1;
             if let Some(children) = self.children(id) {
                 stack.extend(children.values().rev().copied());
             }
         }
 
-        let mut old_nodes: Vec<Option<Node>> = self.nodes.into_iter().map(Some).collect();
-        let nodes = order
+        // Unreachable nodes go after the reachable ones, to be cut off.
+        let mut next_unreachable = reachable;
+        let mut target: Vec<usize> = new_id
             .iter()
-            .filter_map(|&old| old_nodes[old as usize].take())
-            .map(|mut node| {
-                if let NodeKind::Dir { children } = &mut node.kind {
-                    for child in children.values_mut() {
-                        if let Some(id) = new_id[*child as usize] {
-                            *child = id;
-                        }
-                    }
+            .map(|id| match id {
+                Some(id) => *id as usize,
+                None => {
+                    next_unreachable += 1;
+                    next_unreachable - 1
                 }
-                node
             })
             .collect();
+
+        // Move every node to its new position in place; each swap puts one
+        // node where it belongs, so no second node vector is needed.
+        let mut nodes = self.nodes;
+        for position in 0..nodes.len() {
+            while target[position] != position {
+                let destination = target[position];
+                nodes.swap(position, destination);
+                target.swap(position, destination);
+            }
+        }
+        nodes.truncate(reachable);
+        nodes.shrink_to_fit();
+        for node in &mut nodes {
+            if let NodeKind::Dir { children } = &mut node.kind {
+                for child in children.values_mut() {
+                    if let Some(id) = new_id[*child as usize] {
+                        *child = id;
+                    }
+                }
+            }
+        }
         Tree { nodes }
     }
 }

@@ -9,7 +9,7 @@ pub mod merge;
 
 use std::collections::BTreeMap;
 
-pub use merge::{merge, MergeError};
+pub use merge::{merge, merge_owned, MergeError};
 
 /// Index of a node in [`Tree::nodes`].
 pub type NodeId = u32;

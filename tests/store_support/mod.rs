@@ -192,7 +192,7 @@ pub fn build_blob(digest: &str, members: &[MemberSpec]) -> TestBlob {
                     inner_offset,
                 },
                 digest: Some(sha256(&chunk)),
-                name,
+                name: name.into(),
             });
             data.extend_from_slice(&chunk);
         }
