@@ -64,7 +64,7 @@ impl Inner {
                 self.drop_changed_chunk(layer, chunk, mismatch);
                 first_mismatch.get_or_insert(ReadError::CacheChecksum {
                     layer: state.index.digest.clone(),
-                    name: record.name.clone(),
+                    name: record.name.to_string(),
                     data_offset: record.data_offset + mismatch.block * CHECK_BLOCK,
                     expected: mismatch.expected,
                     actual: mismatch.actual,
