@@ -86,8 +86,8 @@ struct LogEnd {
 ///
 /// After a power loss, records after the last commit may have reached the disk
 /// without their data. Replay checks the data of those unconfirmed records against
-/// their checksums and drops the ones that do not match; their blocks read as their
-/// confirmed state, which a write never overwrites in place. Replay stops at the
+/// their checksums and drops the ones that do not match. Their blocks read as their
+/// confirmed state, because a write never overwrites that in place. Replay stops at the
 /// first torn entry.
 ///
 /// Reads check every data block against its crc32c and fail with an I/O error
@@ -97,8 +97,7 @@ pub struct Overlay {
     path: PathBuf,
     device_size: u64,
     state: Mutex<MapState>,
-    /// Where the log ends and where its last commit ends; held while an entry is
-    /// appended.
+    /// End of the log and end of its last commit; held while an entry is appended.
     log: Mutex<LogEnd>,
     /// Held for a whole flush, so flushes do not interleave.
     flushing: Mutex<()>,
@@ -389,9 +388,10 @@ impl Overlay {
     /// rewrites the log as the confirmed part, those records and a commit, and syncs.
     ///
     /// A data block is kept when its slot matches the record's checksum. After the
-    /// death of the process that is every block; after a power loss a block whose data
-    /// did not reach the disk is dropped and reads as its confirmed state. A zeroing is
-    /// always kept: zeros are a valid new state whatever reached the disk.
+    /// death of the process, every block matches. After a power loss, a block whose
+    /// data did not reach the disk is dropped and reads as its confirmed state. A
+    /// zeroing is always kept, because zeros are a valid new state whatever reached
+    /// the disk.
     fn settle(&mut self, unconfirmed: &[Record]) -> Result<(), OverlayError> {
         // The final state of each touched block: zero ranges, and data blocks with
         // their slot and checksum.
@@ -544,7 +544,7 @@ impl Overlay {
     fn check_writable(&self) -> io::Result<()> {
         if self.failed.load(Ordering::Acquire) {
             return Err(io::Error::other(format!(
-                "overlay {} rejects writes after a failed flush; restart the server to replay the durable map",
+                "overlay {} rejects writes after a failed flush; restart the server to replay the committed map",
                 self.path.display()
             )));
         }
@@ -732,7 +732,7 @@ impl Overlay {
     }
 
     /// Marks blocks `start..end` as zero and punches holes over their slots that no
-    /// durable record points at.
+    /// confirmed record points at.
     pub fn zero_blocks(&self, start: u64, end: u64) -> io::Result<()> {
         let _stripes = self.lock_stripes(start, end);
         self.check_writable()?;
@@ -778,8 +778,8 @@ impl Overlay {
             map.pending.set(start, end, BlockState::Zero);
         }
 
-        // Holes go where no durable record points: slot 0 of every block without a
-        // durable slot 0, and slot 1 of the blocks with one. Slot 1 of the other blocks
+        // Holes go where no confirmed record points: slot 0 of every block without a
+        // confirmed slot 0, and slot 1 of the blocks with one. Slot 1 of the other blocks
         // keeps stale bytes at most, which the map never reads.
         let mut cursor = start;
         for &(block, slot) in &durable_slots {
@@ -899,7 +899,7 @@ fn remove_slots(slots: &mut BTreeMap<u64, BlockSlots>, start: u64, end: u64) {
     slots.append(&mut from_end);
 }
 
-/// Applies a durable record read back from the log.
+/// Applies a confirmed record read back from the log.
 fn apply_durable(map: &mut MapState, record: &Record) {
     let end = record.start + record.count;
     map.current.set(record.start, end, record.state);
