@@ -131,10 +131,12 @@ impl Presence {
             .is_some_and(|word| word.load(Ordering::Acquire) & (1 << (chunk % 64)) != 0)
     }
 
-    pub(crate) fn insert(&self, chunk: usize) {
-        if let Some(word) = self.words.get(chunk / 64) {
-            word.fetch_or(1 << (chunk % 64), Ordering::Release);
-        }
+    /// Sets a chunk's bit; returns whether it was clear before.
+    pub(crate) fn insert(&self, chunk: usize) -> bool {
+        let bit = 1 << (chunk % 64);
+        self.words
+            .get(chunk / 64)
+            .is_some_and(|word| word.fetch_or(bit, Ordering::AcqRel) & bit == 0)
     }
 
     /// Clears a chunk's bit; returns whether it was set.

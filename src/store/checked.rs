@@ -53,14 +53,17 @@ impl Inner {
         let mut first_mismatch = None;
         for chunk in chunks {
             let record = &records[chunk];
-            if record.source == ChunkSource::Local {
-                continue;
-            }
             let from = record.data_offset.max(span.start);
             let to = (record.data_offset + record.size).min(span.end);
             let first_block = (from - record.data_offset) / CHECK_BLOCK;
             let part = &bytes[(from - span.start) as usize..(to - span.start) as usize];
-            if let Err(mismatch) = state.blocks.check(chunk, first_block, part) {
+            let Err(mismatch) = state.blocks.check(chunk, first_block, part) else {
+                continue;
+            };
+            if record.source == ChunkSource::Local {
+                let error = self.report_changed_local_chunk(layer, chunk, mismatch);
+                first_mismatch.get_or_insert(error);
+            } else {
                 self.drop_changed_chunk(layer, chunk, mismatch);
                 first_mismatch.get_or_insert(ReadError::CacheChecksum {
                     layer: state.index.digest.clone(),
@@ -77,6 +80,39 @@ impl Inner {
 
         let at = (data_offset - span.start) as usize;
         Ok(bytes.slice(at..at + len_usize))
+    }
+
+    /// Counts and logs (once per chunk) a changed block of a whole layer's chunk, which
+    /// cannot be fetched again on its own, and returns the error the read fails with. The
+    /// chunk stays present, so every read of the block fails the same way.
+    fn report_changed_local_chunk(
+        &self,
+        layer: usize,
+        chunk: usize,
+        mismatch: BlockMismatch,
+    ) -> ReadError {
+        let state = &self.layers[layer];
+        let record = &state.index.chunks[chunk];
+        let data_offset = record.data_offset + mismatch.block * CHECK_BLOCK;
+        if state.reported.insert(chunk) {
+            Stats::add(&self.stats.cache_checksum_failures, 1);
+            tracing::error!(
+                layer = %state.index.digest,
+                chunk,
+                name = %record.name,
+                data_offset,
+                expected = format_args!("{:#010x}", mismatch.expected),
+                actual = format_args!("{:#010x}", mismatch.actual),
+                "a block of a whole layer's cache file changed on disk; reads of it fail with EIO until a restart fetches the layer again"
+            );
+        }
+        ReadError::WholeLayerChecksum {
+            layer: state.index.digest.clone(),
+            name: record.name.to_string(),
+            data_offset,
+            expected: mismatch.expected,
+            actual: mismatch.actual,
+        }
     }
 
     /// Forgets a present chunk whose cached bytes changed: clears its presence bit and its

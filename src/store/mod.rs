@@ -31,6 +31,7 @@ mod readahead;
 mod stats;
 mod table;
 mod uring;
+mod whole;
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -154,9 +155,11 @@ pub(crate) struct LayerState {
     persisted: Presence,
     /// crc32 of each chunk recorded in the index file (0 where none is).
     persisted_crc: Vec<u32>,
-    /// crc32 of each 4 KiB block of the fetched chunks, checked on every cache read.
-    /// Chunks of a whole layer ([`ChunkSource::Local`]) have none and are not checked.
+    /// crc32 of each 4 KiB block of the fetched chunks and of the chunks of a whole layer
+    /// ([`ChunkSource::Local`], see `whole`), checked on every cache read.
     blocks: BlockSums,
+    /// Local chunks whose failed block checksum was logged, so each is logged once.
+    reported: Presence,
     /// `None` for an uncached layer.
     index_file: Option<IndexFile>,
     /// Set when the cache directory was full or read-only at open: the layer's chunks are
@@ -233,6 +236,9 @@ impl ChunkStore {
             let persisted = Presence::new(index.chunks.len());
             let mut persisted_crc = vec![0u32; index.chunks.len()];
             if let (true, Some(index_file)) = (has_local, &index_file) {
+                let computed =
+                    whole::load_block_sums(&file, &path, &index, &blocks, index_file, &loaded)?;
+                tracing::debug!(layer = %index.digest, computed, "block checksums of the whole layer ready");
                 index_file
                     .set_complete(true)
                     .map_err(|source| StoreError::WriteIndexFile {
@@ -258,6 +264,7 @@ impl ChunkStore {
             }
 
             files.push(file);
+            let reported = Presence::new(index.chunks.len());
             states.push(LayerState {
                 index,
                 blob: layer.blob,
@@ -267,6 +274,7 @@ impl ChunkStore {
                 persisted,
                 persisted_crc,
                 blocks,
+                reported,
                 index_file,
                 uncached,
                 readahead: Mutex::new(ReadAhead::default()),
