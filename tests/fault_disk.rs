@@ -1,8 +1,9 @@
 //! Cache directory faults while `esgz-nbd serve` runs: a full file system and
 //! one remounted read-only keep serving from the image source, a flipped byte
 //! in a cache file is refetched instead of served, during a run and after a
-//! restart, a flipped byte in the cache file of a whole (plain tar.gz) layer
-//! fails the reads of its block with EIO, and the cache is private.
+//! restart, and the cache is private. A flipped byte in the cache file of a
+//! whole (plain tar.gz) layer fails the reads of its block with EIO, and such a
+//! layer is unpacked into a temporary directory when the cache is unusable.
 //!
 //! Needs root (tmpfs and ext4 mounts), loop devices, e2fsprogs, libnbd-bin,
 //! docker-registry and skopeo.
@@ -546,6 +547,13 @@ fn assert_whole_layer_damage_not_served(server: &Server, expected: &[u8], case: 
     );
 }
 
+/// Writes an OCI layout under `dir` whose only layer is the `basic` fixture's input tar
+/// as a plain tar.gz, and returns its image argument.
+fn plain_basic_image(dir: &Path) -> String {
+    let input = fs::read(fixture_dir("basic").join("input.tar")).expect("reading input.tar");
+    plain_gzip_image(&dir.join("oci"), gzip(&input))
+}
+
 /// A plain tar.gz layer is unpacked whole into its cache file at start. A byte flipped
 /// in that file under the running server is caught by the block checksums: the reads
 /// of that block fail with EIO and all others return the right bytes. A restart fetches
@@ -553,9 +561,8 @@ fn assert_whole_layer_damage_not_served(server: &Server, expected: &[u8], case: 
 /// run recorded in the index catch a byte flipped under the second run too.
 #[test]
 fn flipped_whole_layer_byte_not_served() {
-    let input = fs::read(fixture_dir("basic").join("input.tar")).expect("reading input.tar");
     let layout = tempfile::tempdir().expect("temp dir");
-    let image = plain_gzip_image(&layout.path().join("oci"), gzip(&input));
+    let image = plain_basic_image(layout.path());
     let expected = expected_disk_of(&image);
 
     let server = Server::start(&image, &[]);
@@ -577,6 +584,67 @@ fn flipped_whole_layer_byte_not_served() {
         server.log()
     );
     assert_whole_layer_damage_not_served(&server, &expected, "after the restart");
+}
+
+/// The log line of a whole layer unpacked outside the cache directory.
+const WHOLE_LAYER_FALLBACK_MESSAGE: &str = "the cache directory cannot hold the whole layer";
+
+/// Returns the value of `field=` in the first log line that contains `message`.
+fn log_field<'a>(log: &'a str, message: &str, field: &str) -> Option<&'a str> {
+    let line = log.lines().find(|line| line.contains(message))?;
+    let start = line.find(&format!("{field}="))? + field.len() + 1;
+    line[start..].split_whitespace().next()
+}
+
+/// A plain tar.gz layer, which is unpacked whole at start, with a cache directory that
+/// is read-only or full before the server starts: the layer is unpacked into a temporary
+/// directory instead, the server serves the right disk, the condition is logged once,
+/// and neither a partial cache file nor the temporary directory is left behind.
+#[test]
+fn unusable_cache_at_start_whole_layer() {
+    let layout = tempfile::tempdir().expect("temp dir");
+    let image = plain_basic_image(layout.path());
+    let expected = expected_disk_of(&image);
+
+    for case in ["read-only", "full"] {
+        let (dir, scratch) = if case == "full" {
+            let (dir, scratch) = server_dir_with(|path| ScratchMount::tmpfs(path, "256k"));
+            scratch.fill();
+            (dir, scratch)
+        } else {
+            let (dir, scratch) = server_dir_with(|path| ScratchMount::tmpfs(path, "16m"));
+            scratch.remount_read_only();
+            (dir, scratch)
+        };
+
+        let server = Server::start_in(&image, &[], dir);
+        assert_same_disk(&copy_disk(&server), &expected, case);
+        assert_same_disk(&copy_disk(&server), &expected, case);
+
+        let log = server.log();
+        assert_eq!(
+            count_matches(&log, WHOLE_LAYER_FALLBACK_MESSAGE),
+            1,
+            "{case}: the fallback is not logged exactly once:\n{log}"
+        );
+        let temporary = log_field(&log, WHOLE_LAYER_FALLBACK_MESSAGE, "temporary_dir")
+            .unwrap_or_else(|| {
+                panic!("{case}: the log does not name the temporary directory:\n{log}")
+            });
+        assert!(
+            !Path::new(temporary).exists(),
+            "{case}: the temporary directory {temporary} is left behind"
+        );
+        if let Ok(entries) = fs::read_dir(scratch.path.join("layers")) {
+            for entry in entries {
+                let name = entry.expect("a cache entry").file_name();
+                assert!(
+                    !name.to_string_lossy().ends_with(".partial"),
+                    "{case}: a partial cache file is left: {name:?}"
+                );
+            }
+        }
+    }
 }
 
 /// The cache folders are 0700 and the cache files 0600, also under a umask

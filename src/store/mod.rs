@@ -96,6 +96,9 @@ pub struct StoreOptions {
     pub max_concurrent_fetches: usize,
     /// Largest read-ahead window in bytes of a layer's data space; 0 turns read-ahead off.
     pub max_readahead: u64,
+    /// Directories other than `cache_dir` holding the `layers/` cache file of a whole
+    /// layer, by layer digest: used when the cache directory could not hold the layer.
+    pub whole_layer_dirs: HashMap<String, PathBuf>,
 }
 
 impl StoreOptions {
@@ -110,6 +113,7 @@ impl StoreOptions {
             max_request_size: 16 * 1024 * 1024,
             max_concurrent_fetches: 16,
             max_readahead: 32 * 1024 * 1024,
+            whole_layer_dirs: HashMap::new(),
         }
     }
 }
@@ -175,7 +179,7 @@ impl ChunkStore {
     /// A cache directory that is full or read-only does not fail the open: the layers
     /// whose cache files cannot be created or opened for writing are served from their
     /// blobs without caching, and the condition is logged once. Whole layers still need
-    /// their cache file.
+    /// their cache file, which [`StoreOptions::whole_layer_dirs`] may place elsewhere.
     pub fn open(layers: Vec<StoreLayer>, options: StoreOptions) -> Result<ChunkStore, StoreError> {
         let unusable_dir = match cache::layers_dir(&options.cache_dir) {
             Ok(_) => None,
@@ -192,7 +196,6 @@ impl ChunkStore {
         let mut files = Vec::with_capacity(layers.len());
         for layer in layers {
             let index = layer.index;
-            let path = cache::layer_path(&options.cache_dir, &index.digest)?;
             let table = table::build(&index, layer.blob.as_ref().map(|blob| blob.size()))?;
 
             let presence = Presence::new(index.chunks.len());
@@ -203,6 +206,11 @@ impl ChunkStore {
                     has_local = true;
                 }
             }
+            let layer_dir = match options.whole_layer_dirs.get(&index.digest) {
+                Some(dir) if has_local => dir,
+                _ => &options.cache_dir,
+            };
+            let path = cache::layer_path(layer_dir, &index.digest)?;
             let blocks = BlockSums::new(&index.chunks);
             let opened = if has_local {
                 let file = cache::open_whole(&path, &index.digest, index.data_size)?;
