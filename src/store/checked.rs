@@ -1,6 +1,6 @@
 //! Reads from the cache file checked against the block checksums, and what happens when a
-//! block does not match: the chunk is dropped from the cache so the next attempt fetches
-//! and verifies it again.
+//! block does not match: a fetched chunk is dropped from the cache so the next attempt
+//! fetches and verifies it again, and a chunk of a whole layer fails the read with EIO.
 
 use std::ops::Range;
 use std::sync::Arc;
@@ -17,9 +17,10 @@ use super::{Inner, LayerState};
 impl Inner {
     /// Reads `data_offset..data_offset + len` (non-empty) of layer `layer` from the cache
     /// file. `chunks` are the covering chunks, all present. The read is widened to whole
-    /// 4 KiB blocks and every block is checked against its crc32; chunks with a changed
-    /// block are dropped from the cache and [`ReadError::CacheChecksum`] is returned for
-    /// the first one.
+    /// 4 KiB blocks and every block is checked against its crc32. Fetched chunks with a
+    /// changed block are dropped from the cache and [`ReadError::CacheChecksum`] is returned
+    /// for the first one. A whole layer's chunk with a changed block stays present and
+    /// [`ReadError::WholeLayerChecksum`] is returned.
     pub(crate) async fn read_checked(
         &self,
         layer: usize,

@@ -28,6 +28,10 @@ const READ_SIZE: usize = 256 * CHECK_BLOCK as usize;
 /// The recorded checksums describe the same bytes: the data file is named by the blob's
 /// digest, the index is only reused for the same chunk table, and the blob was checked
 /// against its digest before it was unpacked.
+///
+/// NOTE: this reads the cache file on the caller's thread, and the store is opened from an
+/// async task, so computing the checksums of a large whole layer blocks that worker (about
+/// 0.2 s for a 167 MB layer in the page cache, measured once).
 pub(crate) fn load_block_sums(
     file: &File,
     path: &Path,
