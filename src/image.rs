@@ -2,6 +2,7 @@
 //! (or fetch a non-eStargz layer whole), merge the layers and decide the ext4
 //! layout.
 
+use std::collections::HashMap;
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -23,6 +24,7 @@ use crate::source::{BlobSource, ImageSource, LayerDescriptor, Platform};
 use crate::store::{ChunkStore, IoBackendChoice, StoreLayer, StoreOptions, WholeLayerWriter};
 use crate::tarlayer;
 use crate::tree::{merge_owned, Tree};
+use crate::whole_dir::{is_unusable_cache, WholeLayerFallback};
 
 /// Layer annotation holding the sha256 of the TOC JSON.
 pub const TOC_DIGEST_ANNOTATION: &str = "containerd.io/snapshot/stargz/toc.digest";
@@ -98,6 +100,7 @@ pub async fn open_image(image: &str, options: &OpenOptions) -> anyhow::Result<Op
 
     let startup_bytes = AtomicU64::new(0);
     let startup_requests = AtomicU64::new(0);
+    let fallback = WholeLayerFallback::default();
     let opened = try_join_all(
         resolved
             .layers
@@ -110,6 +113,7 @@ pub async fn open_image(image: &str, options: &OpenOptions) -> anyhow::Result<Op
                     descriptor,
                     options,
                     (&startup_bytes, &startup_requests),
+                    &fallback,
                 )
             }),
     )
@@ -118,8 +122,12 @@ pub async fn open_image(image: &str, options: &OpenOptions) -> anyhow::Result<Op
     let mut entries = Vec::with_capacity(opened.len());
     let mut layers = Vec::with_capacity(opened.len());
     let mut store_layers = Vec::with_capacity(opened.len());
-    for (mut index, blob) in opened {
+    let mut whole_layer_dirs = HashMap::new();
+    for (mut index, blob, whole_dir) in opened {
         entries.push(std::mem::take(&mut index.entries));
+        if let Some(dir) = whole_dir {
+            whole_layer_dirs.insert(index.digest.clone(), dir);
+        }
         let index = Arc::new(index);
         layers.push(index.clone());
         store_layers.push(StoreLayer { index, blob });
@@ -138,11 +146,13 @@ pub async fn open_image(image: &str, options: &OpenOptions) -> anyhow::Result<Op
                 cache_dir: options.cache_dir.clone(),
                 verify: options.verify,
                 io: options.io,
+                whole_layer_dirs,
                 ..StoreOptions::new(options.cache_dir.clone())
             },
         )
         .context("failed to open the chunk cache")?,
     );
+    fallback.remove();
     info!(
         image = %source.describe(),
         nodes = tree.nodes.len(),
@@ -204,7 +214,8 @@ async fn open_layer(
     descriptor: &LayerDescriptor,
     options: &OpenOptions,
     (bytes, requests): (&AtomicU64, &AtomicU64),
-) -> anyhow::Result<(LayerIndex, Option<Arc<dyn BlobSource>>)> {
+    fallback: &WholeLayerFallback,
+) -> anyhow::Result<(LayerIndex, Option<Arc<dyn BlobSource>>, Option<PathBuf>)> {
     let layer = u32::try_from(position).context("too many layers")?;
     let blob = source.blob(descriptor)?;
     let counted = CountingBlob {
@@ -221,15 +232,38 @@ async fn open_layer(
         _ => match read_lazy_index(&counted, layer, descriptor, annotation, options).await? {
             LazyOutcome::Index(index) => {
                 info!(layer = %descriptor.digest, chunks = index.chunks.len(), "layer is eStargz, read lazily");
-                return Ok((index, Some(blob)));
+                return Ok((index, Some(blob), None));
             }
             LazyOutcome::NotEstargz(reason) => Some(reason),
         },
     };
     let reason = reason.unwrap_or_default();
     warn!(layer = %descriptor.digest, size = descriptor.size, %reason, "layer is not lazy: fetching it whole");
-    let index = fetch_whole_layer(&counted, layer, descriptor, &options.cache_dir).await?;
-    Ok((index, None))
+    match fetch_whole_layer(&counted, layer, descriptor, &options.cache_dir).await {
+        Ok(index) => Ok((index, None, None)),
+        Err(error) if is_unusable_cache(&error) => {
+            let dir = fallback.dir()?;
+            warn!(
+                layer = %descriptor.digest,
+                cache_dir = %options.cache_dir.display(),
+                temporary_dir = %dir.display(),
+                error = format!("{error:#}"),
+                "the cache directory cannot hold the whole layer (full or read-only); fetching it again into a temporary directory, whose files are deleted at once but take disk space until the server stops"
+            );
+            let index = fetch_whole_layer(&counted, layer, descriptor, &dir)
+                .await
+                .with_context(|| {
+                    format!(
+                        "failed to unpack whole layer {} into {} after the cache directory {} could not hold it; free space in the cache directory or make it writable, or set TMPDIR to a directory with room for the layer",
+                        descriptor.digest,
+                        dir.display(),
+                        options.cache_dir.display()
+                    )
+                })?;
+            Ok((index, None, Some(dir)))
+        }
+        Err(error) => Err(error),
+    }
 }
 
 enum LazyOutcome {

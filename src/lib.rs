@@ -27,4 +27,5 @@ pub mod source;
 pub mod store;
 pub mod tarlayer;
 pub mod tree;
+pub mod whole_dir;
 pub mod writer;

@@ -6,128 +6,15 @@
 mod support;
 
 use std::fs;
-use std::io::Read;
 use std::path::Path;
 use std::process::Command;
 
-use serde_json::{json, Value};
-use sha2::{Digest, Sha256};
+use serde_json::Value;
 
 use support::{
-    assert_tree_matches, e2fsck_clean, esgz_bin, fixture_dir, read_layer_blob, run, LoopMount,
-    NbdMount, Server,
+    assert_tree_matches, e2fsck_clean, esgz_bin, fixture_dir, gzip, gzip_layer, plain_tar_layer,
+    read_layer_blob, run, write_layout, ImageLayer, LoopMount, NbdMount, Server, GZIP_LAYER,
 };
-
-const GZIP_LAYER: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
-const TAR_LAYER: &str = "application/vnd.oci.image.layer.v1.tar";
-
-/// One layer of a test image: media type, blob bytes, annotations and the
-/// digest of its uncompressed tar.
-struct Layer {
-    media_type: &'static str,
-    blob: Vec<u8>,
-    annotations: Value,
-    diff_id: String,
-}
-
-fn digest_of(bytes: &[u8]) -> String {
-    format!("sha256:{}", hex::encode(Sha256::digest(bytes)))
-}
-
-fn write_blob(layout: &Path, bytes: &[u8]) -> String {
-    let digest = digest_of(bytes);
-    let dir = layout.join("blobs/sha256");
-    fs::create_dir_all(&dir).expect("creating blobs/sha256");
-    fs::write(dir.join(&digest["sha256:".len()..]), bytes).expect("writing a blob");
-    digest
-}
-
-/// Writes an OCI image layout with one manifest tagged `latest`.
-fn write_layout(layout: &Path, layers: &[Layer]) {
-    fs::create_dir_all(layout).expect("creating the layout folder");
-    fs::write(
-        layout.join("oci-layout"),
-        br#"{"imageLayoutVersion":"1.0.0"}"#,
-    )
-    .expect("writing oci-layout");
-    let config = json!({
-        "architecture": "amd64",
-        "os": "linux",
-        "rootfs": {
-            "type": "layers",
-            "diff_ids": layers.iter().map(|layer| layer.diff_id.clone()).collect::<Vec<_>>(),
-        },
-    });
-    let config_bytes = serde_json::to_vec(&config).expect("encoding the config");
-    let config_digest = write_blob(layout, &config_bytes);
-    let descriptors: Vec<Value> = layers
-        .iter()
-        .map(|layer| {
-            json!({
-                "mediaType": layer.media_type,
-                "digest": write_blob(layout, &layer.blob),
-                "size": layer.blob.len(),
-                "annotations": layer.annotations,
-            })
-        })
-        .collect();
-    let manifest = json!({
-        "schemaVersion": 2,
-        "mediaType": "application/vnd.oci.image.manifest.v1+json",
-        "config": {
-            "mediaType": "application/vnd.oci.image.config.v1+json",
-            "digest": config_digest,
-            "size": config_bytes.len(),
-        },
-        "layers": descriptors,
-    });
-    let manifest_bytes = serde_json::to_vec(&manifest).expect("encoding the manifest");
-    let manifest_digest = write_blob(layout, &manifest_bytes);
-    let index = json!({
-        "schemaVersion": 2,
-        "mediaType": "application/vnd.oci.image.index.v1+json",
-        "manifests": [{
-            "mediaType": "application/vnd.oci.image.manifest.v1+json",
-            "digest": manifest_digest,
-            "size": manifest_bytes.len(),
-            "platform": {"architecture": "amd64", "os": "linux"},
-            "annotations": {"org.opencontainers.image.ref.name": "latest"},
-        }],
-    });
-    fs::write(
-        layout.join("index.json"),
-        serde_json::to_vec(&index).expect("encoding index.json"),
-    )
-    .expect("writing index.json");
-}
-
-fn plain_tar_layer(tar: Vec<u8>) -> Layer {
-    Layer {
-        media_type: TAR_LAYER,
-        diff_id: digest_of(&tar),
-        blob: tar,
-        annotations: json!({}),
-    }
-}
-
-fn gzip_layer(gzipped: Vec<u8>) -> Layer {
-    let mut tar = Vec::new();
-    flate2::read::MultiGzDecoder::new(&gzipped[..])
-        .read_to_end(&mut tar)
-        .expect("gunzipping a test layer");
-    Layer {
-        media_type: GZIP_LAYER,
-        diff_id: digest_of(&tar),
-        blob: gzipped,
-        annotations: json!({}),
-    }
-}
-
-fn gzip(bytes: &[u8]) -> Vec<u8> {
-    let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
-    std::io::Write::write_all(&mut encoder, bytes).expect("gzipping");
-    encoder.finish().expect("finishing gzip")
-}
 
 /// Exports and serves the layout, checking both against `expected` and that
 /// the log names every non-lazy layer.
@@ -192,7 +79,7 @@ fn mixed_layers_merge_like_estargz() {
 
     let original = fixture.join("oci");
     let manifest_layers = support::read_manifest(&original)["layers"].clone();
-    let estargz = Layer {
+    let estargz = ImageLayer {
         media_type: GZIP_LAYER,
         blob: read_layer_blob(&original, 1),
         annotations: manifest_layers[1]["annotations"].clone(),

@@ -1,7 +1,9 @@
 //! Cache directory faults while `esgz-nbd serve` runs: a full file system and
 //! one remounted read-only keep serving from the image source, a flipped byte
 //! in a cache file is refetched instead of served, during a run and after a
-//! restart, and the cache is private.
+//! restart, and the cache is private. A flipped byte in the cache file of a
+//! whole (plain tar.gz) layer fails the reads of its block with EIO, and such a
+//! layer is unpacked into a temporary directory when the cache is unusable.
 //!
 //! Needs root (tmpfs and ext4 mounts), loop devices, e2fsprogs, libnbd-bin,
 //! docker-registry and skopeo.
@@ -16,7 +18,8 @@ use std::process::Command;
 use std::sync::Arc;
 
 use support::{
-    esgz_bin, fixture_dir, run, run_stdout, skopeo_push, Fault, FaultProxy, Registry, Server,
+    esgz_bin, fixture_dir, gzip, plain_gzip_image, run, run_stdout, skopeo_push, Fault, FaultProxy,
+    Registry, Server,
 };
 
 /// The log line that a cache write failure produces the first time.
@@ -106,16 +109,21 @@ fn layout_image(fixture: &str) -> String {
 
 /// Exports the fixture's disk with a roomy cache, as the expected bytes.
 fn expected_disk(fixture: &str) -> Vec<u8> {
+    expected_disk_of(&layout_image(fixture))
+}
+
+/// Exports `image` with a roomy cache, as the expected bytes.
+fn expected_disk_of(image: &str) -> Vec<u8> {
     let dir = tempfile::tempdir().expect("temp dir");
-    let image = dir.path().join("expected.img");
+    let image_path = dir.path().join("expected.img");
     run(Command::new(esgz_bin())
         .arg("export")
-        .arg(layout_image(fixture))
+        .arg(image)
         .arg("--cache-dir")
         .arg(dir.path().join("cache"))
         .arg("--output")
-        .arg(&image));
-    fs::read(&image).expect("reading the exported image")
+        .arg(&image_path));
+    fs::read(&image_path).expect("reading the exported image")
 }
 
 fn copy_disk(server: &Server) -> Vec<u8> {
@@ -420,6 +428,223 @@ fn flipped_cache_byte_not_served_after_restart() {
 
     let server = Server::start_in(&image, &[], dir);
     assert_same_disk(&copy_disk(&server), &expected, "run after the damage");
+}
+
+/// The log line of a changed block in a whole layer's cache file.
+const WHOLE_LAYER_CHANGED_MESSAGE: &str = "a block of a whole layer's cache file changed on disk";
+
+/// Size of each nbdsh read of [`read_blocks`].
+const READ_BLOCK: usize = 4096;
+
+/// Reads the whole disk of `server` in 4 KiB reads with nbdsh. Returns the bytes read
+/// (zeros where a read failed) and the offsets of the reads that failed; any failure
+/// other than EIO fails the test.
+fn read_blocks(server: &Server) -> (Vec<u8>, Vec<u64>) {
+    let output = server.dir().join("blocks.img");
+    let script = format!(
+        "import errno, nbd\n\
+         size = h.get_size()\n\
+         out = open({output:?}, 'wb')\n\
+         for offset in range(0, size, {READ_BLOCK}):\n\
+         \x20   length = min({READ_BLOCK}, size - offset)\n\
+         \x20   try:\n\
+         \x20       out.write(h.pread(length, offset))\n\
+         \x20   except nbd.Error as error:\n\
+         \x20       if error.errnum != errno.EIO:\n\
+         \x20           raise\n\
+         \x20       print(offset)\n\
+         \x20       out.write(bytes(length))\n\
+         out.close()\n",
+        output = output.display().to_string(),
+    );
+    let path = format!("/usr/bin:{}", std::env::var("PATH").unwrap_or_default());
+    let result = Command::new("timeout")
+        .arg("120")
+        .arg("nbdsh")
+        .env("PATH", path)
+        .arg("-u")
+        .arg(server.uri())
+        .arg("-c")
+        .arg(&script)
+        .output()
+        .expect("starting nbdsh (apt-get install libnbd-bin python3-libnbd)");
+    assert!(
+        result.status.success(),
+        "nbdsh failed: {}\nserver log:\n{}",
+        String::from_utf8_lossy(&result.stderr),
+        server.log()
+    );
+    let failed = String::from_utf8_lossy(&result.stdout)
+        .lines()
+        .map(|line| line.trim().parse().expect("nbdsh printed a read offset"))
+        .collect();
+    (fs::read(&output).expect("reading the nbdsh output"), failed)
+}
+
+/// Damages the whole layer's cache file under `server` and checks what a reader sees:
+/// the reads of the changed block fail with EIO, every other read returns the expected
+/// bytes, a whole-disk nbdcopy fails instead of copying a wrong byte, and the change is
+/// logged once and counted once.
+fn assert_whole_layer_damage_not_served(server: &Server, expected: &[u8], case: &str) {
+    assert_eq!(
+        flip_first_data_byte(&server.dir().join("cache/layers")),
+        1,
+        "{case}: the cache has one whole-layer data file"
+    );
+
+    let mut first_failed = None;
+    for attempt in ["first", "second"] {
+        let (bytes, failed) = read_blocks(server);
+        assert_eq!(bytes.len(), expected.len(), "{case}: disk size");
+        assert!(
+            !failed.is_empty() && failed.len() <= 2,
+            "{case}, {attempt} read: expected the reads of the flipped block to fail, \
+             failed at {failed:x?}\nserver log:\n{}",
+            server.log()
+        );
+        for (index, (got, want)) in bytes
+            .chunks(READ_BLOCK)
+            .zip(expected.chunks(READ_BLOCK))
+            .enumerate()
+        {
+            let offset = (index * READ_BLOCK) as u64;
+            if !failed.contains(&offset) {
+                assert!(
+                    got == want,
+                    "{case}, {attempt} read: wrong bytes served at disk offset {offset:#x}"
+                );
+            }
+        }
+        match &first_failed {
+            None => first_failed = Some(failed),
+            Some(first) => assert_eq!(&failed, first, "{case}: the failing reads changed"),
+        }
+    }
+
+    let copy = Command::new("timeout")
+        .arg("120")
+        .arg("nbdcopy")
+        .arg(server.uri())
+        .arg(server.dir().join("damaged-copy.img"))
+        .output()
+        .expect("starting nbdcopy (apt-get install libnbd-bin)");
+    assert!(
+        !copy.status.success(),
+        "{case}: nbdcopy copied a disk whose cache file was damaged"
+    );
+
+    let log = server.log();
+    assert_eq!(
+        count_matches(&log, WHOLE_LAYER_CHANGED_MESSAGE),
+        1,
+        "{case}: the changed block is not logged exactly once:\n{log}"
+    );
+    let stats = server.stats();
+    assert_eq!(
+        stats["store"]["cache_checksum_failures"].as_u64(),
+        Some(1),
+        "{case}: stats: {stats}"
+    );
+}
+
+/// Writes an OCI layout under `dir` whose only layer is the `basic` fixture's input tar
+/// as a plain tar.gz, and returns its image argument.
+fn plain_basic_image(dir: &Path) -> String {
+    let input = fs::read(fixture_dir("basic").join("input.tar")).expect("reading input.tar");
+    plain_gzip_image(&dir.join("oci"), gzip(&input))
+}
+
+/// A plain tar.gz layer is unpacked whole into its cache file at start. A byte flipped
+/// in that file under the running server is caught by the block checksums: the reads
+/// of that block fail with EIO and all others return the right bytes. A restart fetches
+/// the layer again and serves the whole disk correctly; the block checksums the first
+/// run recorded in the index catch a byte flipped under the second run too.
+#[test]
+fn flipped_whole_layer_byte_not_served() {
+    let layout = tempfile::tempdir().expect("temp dir");
+    let image = plain_basic_image(layout.path());
+    let expected = expected_disk_of(&image);
+
+    let server = Server::start(&image, &[]);
+    assert!(
+        server.log().contains("not lazy"),
+        "the layer was not fetched whole:\n{}",
+        server.log()
+    );
+    assert_same_disk(&copy_disk(&server), &expected, "copy before the damage");
+    assert_whole_layer_damage_not_served(&server, &expected, "first run");
+    let (dir, _) = server.stop();
+
+    let server = Server::start_in(&image, &[], dir);
+    assert_same_disk(&copy_disk(&server), &expected, "copy after the restart");
+    assert_eq!(
+        count_matches(&server.log(), WHOLE_LAYER_CHANGED_MESSAGE),
+        0,
+        "the restart served the damaged cache file:\n{}",
+        server.log()
+    );
+    assert_whole_layer_damage_not_served(&server, &expected, "after the restart");
+}
+
+/// The log line of a whole layer unpacked outside the cache directory.
+const WHOLE_LAYER_FALLBACK_MESSAGE: &str = "the cache directory cannot hold the whole layer";
+
+/// Returns the value of `field=` in the first log line that contains `message`.
+fn log_field<'a>(log: &'a str, message: &str, field: &str) -> Option<&'a str> {
+    let line = log.lines().find(|line| line.contains(message))?;
+    let start = line.find(&format!("{field}="))? + field.len() + 1;
+    line[start..].split_whitespace().next()
+}
+
+/// A plain tar.gz layer, which is unpacked whole at start, with a cache directory that
+/// is read-only or full before the server starts: the layer is unpacked into a temporary
+/// directory instead, the server serves the right disk, the condition is logged once,
+/// and neither a partial cache file nor the temporary directory is left behind.
+#[test]
+fn unusable_cache_at_start_whole_layer() {
+    let layout = tempfile::tempdir().expect("temp dir");
+    let image = plain_basic_image(layout.path());
+    let expected = expected_disk_of(&image);
+
+    for case in ["read-only", "full"] {
+        let (dir, scratch) = if case == "full" {
+            let (dir, scratch) = server_dir_with(|path| ScratchMount::tmpfs(path, "256k"));
+            scratch.fill();
+            (dir, scratch)
+        } else {
+            let (dir, scratch) = server_dir_with(|path| ScratchMount::tmpfs(path, "16m"));
+            scratch.remount_read_only();
+            (dir, scratch)
+        };
+
+        let server = Server::start_in(&image, &[], dir);
+        assert_same_disk(&copy_disk(&server), &expected, case);
+        assert_same_disk(&copy_disk(&server), &expected, case);
+
+        let log = server.log();
+        assert_eq!(
+            count_matches(&log, WHOLE_LAYER_FALLBACK_MESSAGE),
+            1,
+            "{case}: the fallback is not logged exactly once:\n{log}"
+        );
+        let temporary = log_field(&log, WHOLE_LAYER_FALLBACK_MESSAGE, "temporary_dir")
+            .unwrap_or_else(|| {
+                panic!("{case}: the log does not name the temporary directory:\n{log}")
+            });
+        assert!(
+            !Path::new(temporary).exists(),
+            "{case}: the temporary directory {temporary} is left behind"
+        );
+        if let Ok(entries) = fs::read_dir(scratch.path.join("layers")) {
+            for entry in entries {
+                let name = entry.expect("a cache entry").file_name();
+                assert!(
+                    !name.to_string_lossy().ends_with(".partial"),
+                    "{case}: a partial cache file is left: {name:?}"
+                );
+            }
+        }
+    }
 }
 
 /// The cache folders are 0700 and the cache files 0600, also under a umask

@@ -653,6 +653,36 @@ async fn whole_layer_served_without_blob() {
         assert_eq!(bytes.as_ref(), &data[12_000..13_000], "backend {backend:?}");
         assert_eq!(store.stats().cache_hits, 1);
         assert_eq!(store.stats().range_requests, 0);
+
+        // A byte changed in chunk "b" fails every read of its first block, once logged
+        // and counted; chunk "a" is still served.
+        let path = dir
+            .path()
+            .join("layers")
+            .join(format!("sha256-{}.data", &digest["sha256:".len()..]));
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .expect("open the cache file");
+        std::os::unix::fs::FileExt::write_all_at(&file, &[data[12_500] ^ 0x40], 12_500)
+            .expect("flip a byte");
+        for attempt in 0..2 {
+            match store.read(0, 12_000, 1_000).await {
+                Err(ReadError::WholeLayerChecksum {
+                    data_offset, name, ..
+                }) => {
+                    assert_eq!(
+                        (data_offset, name.as_str()),
+                        (12_345, "b"),
+                        "attempt {attempt}"
+                    );
+                }
+                other => panic!("backend {backend:?}, attempt {attempt}: {other:?}"),
+            }
+        }
+        let bytes = store.read(0, 0, 12_345).await.expect("read chunk a");
+        assert_eq!(bytes.as_ref(), &data[..12_345], "backend {backend:?}");
+        assert_eq!(store.stats().cache_checksum_failures, 1);
     }
 }
 

@@ -131,10 +131,12 @@ impl Presence {
             .is_some_and(|word| word.load(Ordering::Acquire) & (1 << (chunk % 64)) != 0)
     }
 
-    pub(crate) fn insert(&self, chunk: usize) {
-        if let Some(word) = self.words.get(chunk / 64) {
-            word.fetch_or(1 << (chunk % 64), Ordering::Release);
-        }
+    /// Sets a chunk's bit; returns whether it was clear before.
+    pub(crate) fn insert(&self, chunk: usize) -> bool {
+        let bit = 1 << (chunk % 64);
+        self.words
+            .get(chunk / 64)
+            .is_some_and(|word| word.fetch_or(bit, Ordering::AcqRel) & bit == 0)
     }
 
     /// Clears a chunk's bit; returns whether it was set.
@@ -166,6 +168,20 @@ pub struct WholeLayerWriter {
     final_path: PathBuf,
     layer: String,
     data_size: u64,
+    /// Set once the file was renamed into place; until then dropping the writer removes
+    /// the partial file.
+    finished: bool,
+}
+
+impl Drop for WholeLayerWriter {
+    fn drop(&mut self) {
+        if self.finished {
+            return;
+        }
+        if let Err(error) = fs::remove_file(&self.partial_path) {
+            tracing::debug!(path = %self.partial_path.display(), %error, "failed to remove an unfinished whole-layer cache file");
+        }
+    }
 }
 
 impl WholeLayerWriter {
@@ -209,6 +225,7 @@ impl WholeLayerWriter {
             final_path,
             layer: layer_digest.to_string(),
             data_size,
+            finished: false,
         })
     }
 
@@ -254,13 +271,14 @@ impl WholeLayerWriter {
     }
 
     /// Flushes the file to disk and renames it to the layer's cache file.
-    pub fn finish(self) -> Result<(), StoreError> {
+    pub fn finish(mut self) -> Result<(), StoreError> {
         let finish_error = |source| StoreError::FinishCacheFile {
             path: self.partial_path.clone(),
             source,
         };
         self.file.sync_all().map_err(finish_error)?;
         fs::rename(&self.partial_path, &self.final_path).map_err(finish_error)?;
+        self.finished = true;
         Ok(())
     }
 }

@@ -1,6 +1,6 @@
 //! Reads from the cache file checked against the block checksums, and what happens when a
-//! block does not match: the chunk is dropped from the cache so the next attempt fetches
-//! and verifies it again.
+//! block does not match: a fetched chunk is dropped from the cache so the next attempt
+//! fetches and verifies it again, and a chunk of a whole layer fails the read with EIO.
 
 use std::ops::Range;
 use std::sync::Arc;
@@ -17,9 +17,10 @@ use super::{Inner, LayerState};
 impl Inner {
     /// Reads `data_offset..data_offset + len` (non-empty) of layer `layer` from the cache
     /// file. `chunks` are the covering chunks, all present. The read is widened to whole
-    /// 4 KiB blocks and every block is checked against its crc32; chunks with a changed
-    /// block are dropped from the cache and [`ReadError::CacheChecksum`] is returned for
-    /// the first one.
+    /// 4 KiB blocks and every block is checked against its crc32. Fetched chunks with a
+    /// changed block are dropped from the cache and [`ReadError::CacheChecksum`] is returned
+    /// for the first one. A whole layer's chunk with a changed block stays present and
+    /// [`ReadError::WholeLayerChecksum`] is returned.
     pub(crate) async fn read_checked(
         &self,
         layer: usize,
@@ -53,14 +54,17 @@ impl Inner {
         let mut first_mismatch = None;
         for chunk in chunks {
             let record = &records[chunk];
-            if record.source == ChunkSource::Local {
-                continue;
-            }
             let from = record.data_offset.max(span.start);
             let to = (record.data_offset + record.size).min(span.end);
             let first_block = (from - record.data_offset) / CHECK_BLOCK;
             let part = &bytes[(from - span.start) as usize..(to - span.start) as usize];
-            if let Err(mismatch) = state.blocks.check(chunk, first_block, part) {
+            let Err(mismatch) = state.blocks.check(chunk, first_block, part) else {
+                continue;
+            };
+            if record.source == ChunkSource::Local {
+                let error = self.report_changed_local_chunk(layer, chunk, mismatch);
+                first_mismatch.get_or_insert(error);
+            } else {
                 self.drop_changed_chunk(layer, chunk, mismatch);
                 first_mismatch.get_or_insert(ReadError::CacheChecksum {
                     layer: state.index.digest.clone(),
@@ -77,6 +81,39 @@ impl Inner {
 
         let at = (data_offset - span.start) as usize;
         Ok(bytes.slice(at..at + len_usize))
+    }
+
+    /// Counts and logs (once per chunk) a changed block of a whole layer's chunk, which
+    /// cannot be fetched again on its own, and returns the error the read fails with. The
+    /// chunk stays present, so every read of the block fails the same way.
+    fn report_changed_local_chunk(
+        &self,
+        layer: usize,
+        chunk: usize,
+        mismatch: BlockMismatch,
+    ) -> ReadError {
+        let state = &self.layers[layer];
+        let record = &state.index.chunks[chunk];
+        let data_offset = record.data_offset + mismatch.block * CHECK_BLOCK;
+        if state.reported.insert(chunk) {
+            Stats::add(&self.stats.cache_checksum_failures, 1);
+            tracing::error!(
+                layer = %state.index.digest,
+                chunk,
+                name = %record.name,
+                data_offset,
+                expected = format_args!("{:#010x}", mismatch.expected),
+                actual = format_args!("{:#010x}", mismatch.actual),
+                "a block of a whole layer's cache file changed on disk; reads of it fail with EIO until a restart fetches the layer again"
+            );
+        }
+        ReadError::WholeLayerChecksum {
+            layer: state.index.digest.clone(),
+            name: record.name.to_string(),
+            data_offset,
+            expected: mismatch.expected,
+            actual: mismatch.actual,
+        }
     }
 
     /// Forgets a present chunk whose cached bytes changed: clears its presence bit and its

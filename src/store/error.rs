@@ -56,6 +56,14 @@ pub enum StoreError {
     #[error("failed to finish cache file {path}: {source}")]
     FinishCacheFile { path: PathBuf, source: io::Error },
 
+    #[error("failed to read cache file {path} of whole layer {layer} at data offset {offset:#x} to compute its block checksums: {source}")]
+    ReadWholeLayer {
+        layer: String,
+        path: PathBuf,
+        offset: u64,
+        source: io::Error,
+    },
+
     #[error("invalid chunk table of layer {layer}: {reason}")]
     InvalidIndex { layer: String, reason: String },
 
@@ -125,6 +133,15 @@ pub enum ReadError {
 
     #[error("the cache file of layer {layer} still fails its block checksum at data offset {data_offset:#x} (entry {name:?}) after the chunk was fetched again: crc32 {actual:#010x}, expected {expected:#010x}; check the disk under the cache directory")]
     CacheChecksum {
+        layer: String,
+        name: String,
+        data_offset: u64,
+        expected: u32,
+        actual: u32,
+    },
+
+    #[error("the cache file of whole layer {layer} fails its block checksum at data offset {data_offset:#x} (entry {name:?}): crc32 {actual:#010x}, expected {expected:#010x}; a whole layer cannot be fetched again per chunk, so the read fails: restart the server to fetch the layer again and check the disk under the cache directory")]
+    WholeLayerChecksum {
         layer: String,
         name: String,
         data_offset: u64,

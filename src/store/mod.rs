@@ -31,6 +31,7 @@ mod readahead;
 mod stats;
 mod table;
 mod uring;
+mod whole;
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -95,6 +96,9 @@ pub struct StoreOptions {
     pub max_concurrent_fetches: usize,
     /// Largest read-ahead window in bytes of a layer's data space; 0 turns read-ahead off.
     pub max_readahead: u64,
+    /// Directories other than `cache_dir` holding the `layers/` cache file of a whole
+    /// layer, by layer digest: used when the cache directory could not hold the layer.
+    pub whole_layer_dirs: HashMap<String, PathBuf>,
 }
 
 impl StoreOptions {
@@ -109,6 +113,7 @@ impl StoreOptions {
             max_request_size: 16 * 1024 * 1024,
             max_concurrent_fetches: 16,
             max_readahead: 32 * 1024 * 1024,
+            whole_layer_dirs: HashMap::new(),
         }
     }
 }
@@ -154,9 +159,11 @@ pub(crate) struct LayerState {
     persisted: Presence,
     /// crc32 of each chunk recorded in the index file (0 where none is).
     persisted_crc: Vec<u32>,
-    /// crc32 of each 4 KiB block of the fetched chunks, checked on every cache read.
-    /// Chunks of a whole layer ([`ChunkSource::Local`]) have none and are not checked.
+    /// crc32 of each 4 KiB block of the fetched chunks and of the chunks of a whole layer
+    /// ([`ChunkSource::Local`], see `whole`), checked on every cache read.
     blocks: BlockSums,
+    /// Local chunks whose failed block checksum was logged, so each is logged once.
+    reported: Presence,
     /// `None` for an uncached layer.
     index_file: Option<IndexFile>,
     /// Set when the cache directory was full or read-only at open: the layer's chunks are
@@ -172,7 +179,7 @@ impl ChunkStore {
     /// A cache directory that is full or read-only does not fail the open: the layers
     /// whose cache files cannot be created or opened for writing are served from their
     /// blobs without caching, and the condition is logged once. Whole layers still need
-    /// their cache file.
+    /// their cache file, which [`StoreOptions::whole_layer_dirs`] may place elsewhere.
     pub fn open(layers: Vec<StoreLayer>, options: StoreOptions) -> Result<ChunkStore, StoreError> {
         let unusable_dir = match cache::layers_dir(&options.cache_dir) {
             Ok(_) => None,
@@ -189,7 +196,6 @@ impl ChunkStore {
         let mut files = Vec::with_capacity(layers.len());
         for layer in layers {
             let index = layer.index;
-            let path = cache::layer_path(&options.cache_dir, &index.digest)?;
             let table = table::build(&index, layer.blob.as_ref().map(|blob| blob.size()))?;
 
             let presence = Presence::new(index.chunks.len());
@@ -200,6 +206,11 @@ impl ChunkStore {
                     has_local = true;
                 }
             }
+            let layer_dir = match options.whole_layer_dirs.get(&index.digest) {
+                Some(dir) if has_local => dir,
+                _ => &options.cache_dir,
+            };
+            let path = cache::layer_path(layer_dir, &index.digest)?;
             let blocks = BlockSums::new(&index.chunks);
             let opened = if has_local {
                 let file = cache::open_whole(&path, &index.digest, index.data_size)?;
@@ -233,6 +244,9 @@ impl ChunkStore {
             let persisted = Presence::new(index.chunks.len());
             let mut persisted_crc = vec![0u32; index.chunks.len()];
             if let (true, Some(index_file)) = (has_local, &index_file) {
+                let computed =
+                    whole::load_block_sums(&file, &path, &index, &blocks, index_file, &loaded)?;
+                tracing::debug!(layer = %index.digest, computed, "block checksums of the whole layer ready");
                 index_file
                     .set_complete(true)
                     .map_err(|source| StoreError::WriteIndexFile {
@@ -258,6 +272,7 @@ impl ChunkStore {
             }
 
             files.push(file);
+            let reported = Presence::new(index.chunks.len());
             states.push(LayerState {
                 index,
                 blob: layer.blob,
@@ -267,6 +282,7 @@ impl ChunkStore {
                 persisted,
                 persisted_crc,
                 blocks,
+                reported,
                 index_file,
                 uncached,
                 readahead: Mutex::new(ReadAhead::default()),

@@ -13,6 +13,7 @@ mod command;
 mod fault_proxy;
 mod layout;
 mod mount;
+mod plain;
 mod reference;
 mod registry;
 mod server;
@@ -30,6 +31,9 @@ pub use layout::{
     write_blob, FOOTER_SIZE, TOC_DIGEST_ANNOTATION, TOC_TAR_NAME, UNCOMPRESSED_SIZE_ANNOTATION,
 };
 pub use mount::{e2fsck_clean, LoopMount, NbdMount};
+pub use plain::{
+    gzip_layer, plain_gzip_image, plain_tar_layer, write_layout, ImageLayer, GZIP_LAYER, TAR_LAYER,
+};
 pub use reference::{estargz_ref, verify_layout};
 pub use registry::{
     port_is_open, skopeo_manifest_digest, skopeo_push, write_docker_config, Registry,
