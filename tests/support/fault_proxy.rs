@@ -134,11 +134,12 @@ impl FaultProxy {
             closed_for: Mutex::new(Duration::ZERO),
             http,
         });
-        let addr = runtime.block_on(async {
-            let socket = bind(SocketAddr::from(([127, 0, 0, 1], 0)));
-            socket.local_addr().expect("reading the proxy's address")
+        let (listener, addr) = runtime.block_on(async {
+            let listener = bind_below_ephemeral();
+            let addr = listener.local_addr().expect("reading the proxy's address");
+            (listener, addr)
         });
-        runtime.spawn(accept_loop(addr, Arc::clone(&shared)));
+        runtime.spawn(accept_loop(listener, addr, Arc::clone(&shared)));
         FaultProxy {
             addr,
             shared,
@@ -202,19 +203,55 @@ impl Drop for FaultProxy {
 
 /// Binds a listener with SO_REUSEADDR, so it can bind the same port again after
 /// a pause.
-fn bind(addr: SocketAddr) -> tokio::net::TcpListener {
-    let socket = TcpSocket::new_v4().expect("creating the proxy socket");
-    socket
-        .set_reuseaddr(true)
-        .expect("setting SO_REUSEADDR on the proxy socket");
-    socket
-        .bind(addr)
-        .unwrap_or_else(|error| panic!("binding the fault proxy to {addr}: {error}"));
-    socket.listen(1024).expect("listening on the proxy socket")
+fn try_bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    let socket = TcpSocket::new_v4()?;
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(1024)
 }
 
-async fn accept_loop(addr: SocketAddr, shared: Arc<Shared>) {
-    let mut listener = bind(addr);
+/// Lowest and one past the highest port the proxy picks from. They lie below
+/// Linux's default ephemeral range (32768 to 60999), so while
+/// `refuse_connections_for` has the port closed, no outgoing connection of
+/// another test can take it as its local port and stop the proxy from
+/// listening again.
+const PORTS: std::ops::Range<u16> = 20000..32000;
+
+/// Binds 127.0.0.1 at a free port in [`PORTS`], starting at a varying one.
+fn bind_below_ephemeral() -> tokio::net::TcpListener {
+    let span = u32::from(PORTS.end - PORTS.start);
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|elapsed| elapsed.subsec_nanos())
+        .unwrap_or_default()
+        ^ std::process::id();
+    for step in 0..span {
+        let port = PORTS.start + ((seed.wrapping_add(step)) % span) as u16;
+        if let Ok(listener) = try_bind(SocketAddr::from(([127, 0, 0, 1], port))) {
+            return listener;
+        }
+    }
+    panic!("no free port for the fault proxy in 127.0.0.1:{PORTS:?}");
+}
+
+/// Listens on `addr` again after a pause, retrying for a few seconds while a
+/// closing connection still holds the port.
+async fn rebind(addr: SocketAddr) -> tokio::net::TcpListener {
+    let mut attempts = 0;
+    loop {
+        match try_bind(addr) {
+            Ok(listener) => return listener,
+            Err(error) if attempts < 50 => {
+                attempts += 1;
+                eprintln!("fault proxy: binding {addr} again failed ({error}); retrying");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(error) => panic!("binding the fault proxy to {addr} again: {error}"),
+        }
+    }
+}
+
+async fn accept_loop(mut listener: tokio::net::TcpListener, addr: SocketAddr, shared: Arc<Shared>) {
     loop {
         tokio::select! {
             accepted = listener.accept() => {
@@ -226,7 +263,7 @@ async fn accept_loop(addr: SocketAddr, shared: Arc<Shared>) {
                 drop(listener);
                 let pause = *shared.closed_for.lock().expect("close lock");
                 tokio::time::sleep(pause).await;
-                listener = bind(addr);
+                listener = rebind(addr).await;
             }
         }
     }
