@@ -103,10 +103,11 @@ if [ -d /data/debian ]; then
 fi
 
 # --- Debian: attach against the full pull path, in the same run ------------------
-# Both paths read the image from the data disk (the guest has no network): the
-# lazy one through a cold cache, the full one copies each layer blob, unpacks
-# it with tar, builds an ext4 image with mke2fs -d and loop-mounts it. Each
-# then reads one file and runs dpkg --version from the image in a chroot.
+# Both paths read the image from the data disk, because the guest has no
+# network. The lazy one reads through a cold cache. The full one copies each
+# layer blob, unpacks it with tar, builds an ext4 image with mke2fs -d and
+# loop-mounts it. Each then reads one file and runs dpkg --version from the
+# image in a chroot.
 if [ -d /data/debian ]; then
     export ESGZ_NBD_CACHE_DIR=/data/cache-debian-cold
     rm -rf "$ESGZ_NBD_CACHE_DIR"

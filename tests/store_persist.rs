@@ -301,8 +301,8 @@ async fn readahead_cuts_range_requests() {
         "one request per chunk without read-ahead"
     );
     // How many requests read-ahead saves depends on how fetches and reads
-    // interleave on a loaded machine (half of them in most runs), so only
-    // the direction is checked here; docs/benchmarks.md has the counts.
+    // interleave on a loaded machine (about half in most runs). So only the
+    // direction is checked here, and docs/benchmarks.md has the counts.
     assert!(
         with_readahead < without_readahead,
         "read-ahead sent {with_readahead} requests, without it {without_readahead}"

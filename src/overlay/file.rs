@@ -521,8 +521,8 @@ impl Overlay {
         self.lock_state().current.runs(start, end)
     }
 
-    /// Locks the stripes of blocks `start..end` in stripe order, so two callers never
-    /// wait for each other's stripes crosswise.
+    /// Locks the stripes of blocks `start..end` in ascending stripe order, so two
+    /// callers cannot deadlock on each other's stripes.
     fn lock_stripes(&self, start: u64, end: u64) -> Vec<MutexGuard<'_, ()>> {
         let mut indices: Vec<u64> = if end - start >= STRIPES {
             (0..STRIPES).collect()
@@ -878,7 +878,7 @@ impl Overlay {
 }
 
 /// Marks the slots of the blocks changed since the last flush as confirmed. The
-/// caller holds every stripe, so no write picks one of those slots meanwhile.
+/// caller has locked every stripe, so no write picks one of those slots meanwhile.
 fn confirm(map: &mut MapState, pending: &RangeMap) {
     for (start, end, state) in pending.iter() {
         match state {

@@ -249,9 +249,9 @@ pub fn encode_commit() -> Vec<u8> {
     out
 }
 
-/// Decodes a log entry from its fixed part and its block checksums; `None` for
-/// anything but a whole, intact entry, which marks the end of the log (a write torn by
-/// a crash, or no entry yet).
+/// Decodes a log entry from its fixed part and its block checksums. Returns `None`
+/// for anything but a whole, intact entry, because that marks the end of the log (a
+/// write torn by a crash, or no entry yet).
 pub fn decode_entry(head: &[u8], sums: &[u8]) -> Option<Entry> {
     let head = head.get(..RECORD_SIZE)?;
     if record_sums_len(head)? != sums.len() {

@@ -235,7 +235,7 @@ fn bind_below_ephemeral() -> tokio::net::TcpListener {
 }
 
 /// Listens on `addr` again after a pause, retrying for a few seconds while a
-/// closing connection still holds the port.
+/// closing connection still uses the port.
 async fn rebind(addr: SocketAddr) -> tokio::net::TcpListener {
     let mut attempts = 0;
     loop {
