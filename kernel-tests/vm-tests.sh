@@ -15,6 +15,16 @@ check() { # check DESCRIPTION COMMAND...: passes when COMMAND succeeds
     if "$@"; then ok "$description"; else bad "$description"; fi
 }
 
+wait_until() { # wait_until SECONDS COMMAND...: polls COMMAND each second until it succeeds
+    seconds=$1
+    shift
+    while ! "$@"; do
+        [ "$seconds" -le 0 ] && return 1
+        seconds=$((seconds - 1))
+        sleep 1
+    done
+}
+
 uptime_cs() { # uptime in hundredths of a second
     read -r up _ < /proc/uptime
     echo "${up%.*}${up#*.}"
@@ -168,6 +178,7 @@ fi
 chunks_fetched() { # chunks_fetched INDEX: the server's fetched chunk count
     sed -n 's/^ *"chunks_fetched": \([0-9]*\).*/\1/p' "/run/esgz-nbd/nbd$1.stats.json" 2>/dev/null | tail -n1
 }
+prefetched() { [ "$(chunks_fetched 7)" -gt 0 ] 2>/dev/null; }
 for mode in prefetch no-prefetch; do
     export ESGZ_NBD_CACHE_DIR="/data/cache-$mode"
     rm -rf "$ESGZ_NBD_CACHE_DIR"
@@ -177,11 +188,16 @@ for mode in prefetch no-prefetch; do
         device=$(esgz-nbd -q attach --no-prefetch "oci:/data/fixtures/basic/oci" /dev/nbd7)
     fi
     check "$mode: attach" test "$device" = /dev/nbd7
-    sleep 3 # the prefetch runs, and the server rewrites its stats file every second
-    fetched=$(chunks_fetched 7)
     if [ "$mode" = prefetch ]; then
+        # The prefetch runs after attach returns, and the server rewrites its
+        # stats file every second; a loaded host slows both down.
+        wait_until 60 prefetched
+        fetched=$(chunks_fetched 7)
         check "prefetch: attach fetched the prioritized files without a read ($fetched chunks)" test "${fetched:-0}" -gt 0
     else
+        wait_until 60 test -n "$(chunks_fetched 7)"
+        sleep 3 # time for a prefetch to show in the stats file, were one running
+        fetched=$(chunks_fetched 7)
         check "no-prefetch: attach --no-prefetch fetched nothing ($fetched chunks)" test "${fetched:-x}" = 0
     fi
     check "$mode: detach" esgz-nbd -q detach /dev/nbd7
@@ -250,8 +266,15 @@ old_pid=$(state_field 4 pid)
 mount -t ext4 -o ro /dev/nbd4 /mnt/image
 check "metrics: mount" test $? -eq 0
 read_all
-sleep 2 # the server rewrites its stats file every second
-scrape "$port" > /tmp/metrics.txt
+# The server rewrites the stats file that `list` reads every second, and a
+# loaded host can delay that; wait until the file caught up with the counters.
+metrics_agree() {
+    scrape "$port" > /tmp/metrics.txt || return 1
+    for pair in FETCHED:bytes_fetched SERVED:bytes_served REQUESTS:range_requests HITS:cache_hits MISSES:cache_misses; do
+        [ "$(list_column "${pair%%:*}")" = "$(metric "esgz_nbd_${pair#*:}_total" /tmp/metrics.txt)" ] || return 1
+    done
+}
+wait_until 30 metrics_agree
 check "metrics: scrape with $(command -v wget >/dev/null && echo wget || echo nc)" test -s /tmp/metrics.txt
 served=$(metric esgz_nbd_bytes_served_total /tmp/metrics.txt)
 check "metrics: bytes served labelled device=/dev/nbd4 ($served)" test "${served:-0}" -gt 0

@@ -5,10 +5,13 @@
 //! The fixtures are found through `ESGZ_SHARED`, else `../shared` next to
 //! the crate, else `/work/shared`.
 
+#[path = "support/mod.rs"]
+mod support;
+
 use std::collections::{BTreeMap, HashMap};
 use std::fs;
 use std::io::Read;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use base64::Engine as _;
 use esgz_nbd::estargz::{
@@ -21,21 +24,6 @@ use serde_json::Value;
 use sha2::{Digest, Sha256};
 
 const TOC_DIGEST_ANNOTATION: &str = "containerd.io/snapshot/stargz/toc.digest";
-
-fn shared_dir() -> PathBuf {
-    let mut candidates = Vec::new();
-    if let Ok(dir) = std::env::var("ESGZ_SHARED") {
-        candidates.push(PathBuf::from(dir));
-    }
-    candidates.push(Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared"));
-    candidates.push(PathBuf::from("/work/shared"));
-    for candidate in &candidates {
-        if candidate.join("fixtures").is_dir() {
-            return candidate.clone();
-        }
-    }
-    panic!("no shared fixture directory found; tried {candidates:?} (set ESGZ_SHARED)");
-}
 
 fn read_json(path: &Path) -> Value {
     let bytes =
@@ -394,31 +382,34 @@ fn check_image(dir: &Path, with_input_tars: bool) {
 
 #[test]
 fn fixture_basic() {
-    check_image(&shared_dir().join("fixtures/basic"), true);
+    check_image(&support::shared_dir().join("fixtures/basic"), true);
 }
 
 #[test]
 fn fixture_links() {
-    check_image(&shared_dir().join("fixtures/links"), true);
+    check_image(&support::shared_dir().join("fixtures/links"), true);
 }
 
 #[test]
 fn fixture_xattrs() {
-    check_image(&shared_dir().join("fixtures/xattrs"), true);
+    check_image(&support::shared_dir().join("fixtures/xattrs"), true);
 }
 
 #[test]
 fn fixture_large() {
-    check_image(&shared_dir().join("fixtures/large"), true);
+    check_image(&support::shared_dir().join("fixtures/large"), true);
 }
 
 #[test]
 fn fixture_multilayer() {
-    check_image(&shared_dir().join("fixtures/multilayer"), true);
+    check_image(&support::shared_dir().join("fixtures/multilayer"), true);
 }
 
 #[test]
 fn image_debian_bookworm() {
     // The Debian input tar is not stored, so only the eStargz blob is read.
-    check_image(&shared_dir().join("images/debian-bookworm-minbase"), false);
+    check_image(
+        &support::shared_dir().join("images/debian-bookworm-minbase"),
+        false,
+    );
 }

@@ -100,6 +100,11 @@ impl ScratchMount {
 impl Drop for ScratchMount {
     fn drop(&mut self) {
         let _ = Command::new("umount").arg(&self.path).status();
+        // The server's folder holds the mount point, so removing that folder
+        // failed while the mount was there; the server was dropped first.
+        if let Some(parent) = self.path.parent() {
+            let _ = fs::remove_dir_all(parent);
+        }
     }
 }
 

@@ -46,7 +46,17 @@ fn kernel_nbd_in_vm() {
         );
     };
     assert!(passed > 0, "no VM test passed; log tail:\n{tail}");
-    assert_eq!(failed, 0, "{failed} VM tests failed; log tail:\n{tail}");
+    let failures: Vec<&str> = stdout
+        .lines()
+        .chain(stderr.lines())
+        .filter(|line| line.contains("FAIL: "))
+        .collect();
+    assert_eq!(
+        failed,
+        0,
+        "{failed} VM tests failed:\n{}\nlog tail:\n{tail}",
+        failures.join("\n")
+    );
     assert!(
         output.status.success(),
         "script exit status {}; log tail:\n{tail}",

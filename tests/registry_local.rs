@@ -2,6 +2,9 @@
 //! images pushed by skopeo, plus small in-test HTTP servers for redirects
 //! and the bearer token flow.
 
+#[path = "support/mod.rs"]
+mod support;
+
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -21,19 +24,8 @@ use tokio::net::TcpListener;
 
 const FOOTER_SIZE: u64 = 51;
 
-fn shared_dir() -> PathBuf {
-    if let Some(dir) = std::env::var_os("ESGZ_SHARED") {
-        return PathBuf::from(dir);
-    }
-    let sibling = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared");
-    if sibling.join("fixtures").exists() {
-        return sibling;
-    }
-    PathBuf::from("/work/shared")
-}
-
 fn basic_layout() -> PathBuf {
-    let dir = shared_dir().join("fixtures/basic/oci");
+    let dir = support::shared_dir().join("fixtures/basic/oci");
     assert!(
         dir.join("index.json").exists(),
         "fixture layout {} not found: set ESGZ_SHARED to the shared directory",
@@ -74,7 +66,7 @@ impl LocalRegistry {
         for tool in ["docker-registry", "skopeo", "curl", "bash"] {
             require_tool(tool);
         }
-        let script = shared_dir().join("scripts/start-registry.sh");
+        let script = support::shared_dir().join("scripts/start-registry.sh");
         assert!(script.exists(), "{} not found", script.display());
         let storage = tempfile::tempdir().expect("tempdir");
         let port = free_port("127.0.0.1");

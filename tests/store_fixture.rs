@@ -3,19 +3,18 @@
 //! input tar's file digests.
 
 mod store_support;
+#[path = "support/mod.rs"]
+mod support;
 
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Instant;
 
 use esgz_nbd::layer::{ChunkRecord, ChunkSource, LayerIndex};
 use esgz_nbd::store::{ChunkStore, IoBackendChoice, StoreLayer, StoreOptions};
 use serde_json::Value;
 use store_support::{sha256, FileRegistryDouble};
-
-const FIXTURES: &str = "/work/shared/fixtures";
 
 /// A regular file's place in the layer's data space.
 struct FileSpan {
@@ -56,7 +55,7 @@ fn toc_offset(blob: &Path) -> u64 {
 /// Builds the chunk table from the TOC JSON with just the fields the store needs: the
 /// data space is the regular files' contents in TOC order, landmarks excluded.
 fn load_fixture(name: &str) -> Fixture {
-    let dir = Path::new(FIXTURES).join(name);
+    let dir = support::shared_dir().join("fixtures").join(name);
     let expected: Value =
         serde_json::from_slice(&std::fs::read(dir.join("expected.json")).expect("sidecar"))
             .expect("json");
@@ -261,44 +260,4 @@ async fn basic_fixture_whole_read_coalesces() {
         .expect("read all");
     // 1.3 MB of members with no gaps between them fit in one 16 MiB request.
     assert_eq!(registry.requests.load(Ordering::SeqCst), 1);
-}
-
-/// Throughput of a cold read of the `large` fixture (23 MB blob, 4 MiB chunks).
-/// Run with `cargo test --release --test store_fixture -- --ignored --nocapture`.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "measurement, slow in debug builds"]
-async fn large_fixture_cold_read_throughput() {
-    let fixture = load_fixture("large");
-    for backend in [IoBackendChoice::Std, IoBackendChoice::Uring] {
-        let registry = FileRegistryDouble::open(&fixture.blob_path);
-        let dir = tempfile::tempdir().expect("tempdir");
-        let store = open(&fixture, &registry, dir.path(), backend);
-
-        let started = Instant::now();
-        let mut offset = 0;
-        while offset < fixture.index.data_size {
-            let len = (fixture.index.data_size - offset).min(128 * 1024);
-            store.read(0, offset, len).await.expect("cold read");
-            offset += len;
-        }
-        let cold = started.elapsed();
-
-        let started = Instant::now();
-        let mut offset = 0;
-        while offset < fixture.index.data_size {
-            let len = (fixture.index.data_size - offset).min(128 * 1024);
-            store.read(0, offset, len).await.expect("warm read");
-            offset += len;
-        }
-        let warm = started.elapsed();
-
-        let mib = fixture.index.data_size as f64 / (1024.0 * 1024.0);
-        println!(
-            "{}: {mib:.1} MiB in 128 KiB reads: cold {:.0} MiB/s ({} requests), warm {:.0} MiB/s",
-            store.io_backend(),
-            mib / cold.as_secs_f64(),
-            store.stats().range_requests,
-            mib / warm.as_secs_f64()
-        );
-    }
 }
