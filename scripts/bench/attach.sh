@@ -7,8 +7,8 @@
 #   attach.sh [REPS]   (env: ENTRIES="1000 10000 100000 1000000", LAYERS="1 5 20")
 #
 # Generated images are kept in $OUT/images and reused. The 1k/5-layer image is
-# checked with the reference reader (estargz-ref verify -require-all) when
-# ESTARGZ_REF (default /tmp/estargz-ref) exists.
+# checked with the reference reader (estargz-ref verify -require-all); ESTARGZ_REF
+# names it, by default target/estargz-ref, built with the shared build.sh if missing.
 # Writes $OUT/attach.jsonl and $OUT/attach.meta.json.
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
@@ -16,7 +16,7 @@ source "$(dirname "$0")/lib.sh"
 REPS=${1:-3}
 ENTRIES=${ENTRIES:-"1000 10000 100000 1000000"}
 LAYERS=${LAYERS:-"1 5 20"}
-ESTARGZ_REF=${ESTARGZ_REF:-/tmp/estargz-ref}
+ESTARGZ_REF=${ESTARGZ_REF:-$REPO/target/estargz-ref}
 RESULTS=$OUT/attach.jsonl
 IMAGES=$OUT/images
 
@@ -37,6 +37,10 @@ generate() { # ENTRIES LAYERS -> prints the layout dir
 }
 
 verified=None
+if [ ! -x "$ESTARGZ_REF" ]; then
+  log "building the reference checker into $ESTARGZ_REF"
+  "$SHARED/tools/estargz-ref/build.sh" "$ESTARGZ_REF" >&2 || die "could not build estargz-ref with $SHARED/tools/estargz-ref/build.sh"
+fi
 if [ -x "$ESTARGZ_REF" ]; then
   dir=$(generate 1000 5)
   if "$ESTARGZ_REF" verify -oci "$dir:latest" -require-all > "$WORK/verify.out" 2>&1; then

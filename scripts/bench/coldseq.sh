@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # Cold sequential read of the whole Debian export (fresh cache, over the
 # emulated WAN) against the two limits: the link (curl of the blob through the
-# same proxy and veth) and gunzip of the blob on both cores.
+# same proxy and veth) and gunzip of the blob on both cores. Each esgz-nbd run
+# also records the server's CPU time (user + system) during the copy, and a
+# run from the OCI layout on local disk, with no network, shows how many cores
+# the decompression keeps busy when nothing else bounds it.
 #
 #   coldseq.sh [REPS]          (env: RATES="200mbit 1gbit", DELAY_MS=10)
 #
@@ -21,6 +24,12 @@ bench_init
 wan_up "$DELAY_MS"
 IMAGE=127.0.0.1:$WAN_PORT/debian:latest
 blob_bytes=$(stat -c %s "$BLOB")
+
+TICKS=$(getconf CLK_TCK)
+cpu_seconds() { # PID: user + system CPU seconds of the process so far
+  awk -v ticks="$TICKS" '{ printf "%.3f\n", ($14 + $15) / ticks }' "/proc/$1/stat"
+}
+cpu_since() { python3 -c "print(round($(cpu_seconds "$1") - $2, 3))"; }
 
 seconds_since() { python3 -c "print(round(($(now_ns) - $1) / 1e9, 3))"; }
 
@@ -46,6 +55,22 @@ for rep in $(seq 1 "$REPS"); do
   emit gunzip-halves local "$rep" "$(seconds_since "$t0")"
 done
 
+# Local: the layout on disk, no network, fresh cache.
+for rep in $(seq 1 "$REPS"); do
+  mark=$(cleanup_mark)
+  CACHE_DIR=$WORK/coldseq.cache
+  serve_start "oci:$DEBIAN_OCI:latest" coldseq
+  "$PY_NBD" "$BENCH_DIR/nbdprobe.py" "$SOCK" --timeout 120 >/dev/null || die "esgz-nbd did not start; see $WORK/serve.log"
+  c0=$(cpu_seconds "$SERVE_PID")
+  t1=$(now_ns)
+  nbdcopy "nbd+unix:///?socket=$SOCK" null:
+  copy=$(seconds_since "$t1")
+  cpu=$(cpu_since "$SERVE_PID" "$c0")
+  bench_cleanup_tail "$mark"
+  rm -rf "$CACHE_DIR"
+  emit esgz-nbd-local local "$rep" "$copy" ",\"cpu_seconds\":$cpu"
+done
+
 for rate in $RATES; do
   link_rate "$rate"
   for rep in $(seq 1 "$REPS"); do
@@ -59,15 +84,17 @@ for rate in $RATES; do
     serve_start "$IMAGE" coldseq
     "$PY_NBD" "$BENCH_DIR/nbdprobe.py" "$SOCK" --timeout 120 >/dev/null || die "esgz-nbd did not start; see $WORK/serve.log"
     ready=$(seconds_since "$t0")
+    c0=$(cpu_seconds "$SERVE_PID")
     t1=$(now_ns)
     nbdcopy "nbd+unix:///?socket=$SOCK" null:
     copy=$(seconds_since "$t1")
+    cpu=$(cpu_since "$SERVE_PID" "$c0")
     total=$(seconds_since "$t0")
     bench_cleanup_tail "$mark"
     read -r sb sr fb fr < <(stats_fields "$STATS")
     rm -rf "$CACHE_DIR"
     emit esgz-nbd "$rate" "$rep" "$copy" \
-      ",\"ready_seconds\":$ready,\"total_seconds\":$total,\"bytes\":$((sb + fb)),\"requests\":$((sr + fr))"
+      ",\"ready_seconds\":$ready,\"total_seconds\":$total,\"cpu_seconds\":$cpu,\"bytes\":$((sb + fb)),\"requests\":$((sr + fr))"
   done
 done
 
@@ -81,6 +108,8 @@ json.dump({
     "link": "$(link_rate_command RATE); wanproxy.py one-way delay $DELAY_MS ms per direction",
     "esgz-nbd": "esgz-nbd serve 127.0.0.1:PORT/debian:latest --cache-dir FRESH; nbdprobe.py; then timed: nbdcopy nbd+unix:///?socket=S null:",
     "link_limit": "curl -sSf -o /dev/null http://127.0.0.1:PORT/v2/debian/blobs/DIGEST",
+    "local": "esgz-nbd serve oci:DEBIAN:latest --cache-dir FRESH; then timed: nbdcopy nbd+unix:///?socket=S null: (no network)",
+    "cpu": "utime + stime of the server from /proc/PID/stat, read before and after the nbdcopy",
     "gunzip_limit": "min of: pigz -dc -p 2 BLOB; two halves split at a gzip member boundary, pigz -dc each, in parallel",
 }, open(sys.argv[1], "w"), indent=1)
 EOF

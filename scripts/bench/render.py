@@ -244,6 +244,15 @@ def plot_warm(plots, rows):
 
 # --- cold sequential --------------------------------------------------------
 
+def cpu_cell(runs):
+    """Median server CPU seconds and the cores they kept busy, or '-' for old results."""
+    pairs = [(r["cpu_seconds"], r["seconds"]) for r in runs if "cpu_seconds" in r]
+    if not pairs:
+        return "-"
+    cpu = med([c for c, _ in pairs])
+    return f"{cpu:.2f} ({med([c / w for c, w in pairs]):.2f})"
+
+
 def render_coldseq(rows, meta, targets):
     out = ["## Cold sequential read against the link and gunzip limits", ""]
     out += machine_lines(meta, rows)
@@ -260,9 +269,9 @@ def render_coldseq(rows, meta, targets):
     gunzip = [r["seconds"] for r in rows if r["kind"].startswith("gunzip")]
     gz_best = min(gunzip) if gunzip else float("nan")
     blob = rows[0]["blob_bytes"]
-    out += ["| link | esgz-nbd nbdcopy | bytes / requests fetched | curl of the blob | gunzip, 2 cores | "
-            "limit (slower of the two) | esgz-nbd / limit |",
-            "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    out += ["| link | esgz-nbd nbdcopy | server CPU s (cores busy) | bytes / requests fetched | curl of the blob | "
+            "gunzip, 2 cores | limit (slower of the two) | esgz-nbd / limit |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
 
     rates = []
     for r in rows:
@@ -277,11 +286,24 @@ def render_coldseq(rows, meta, targets):
         ratio = limit / med(ours)
         out.append(
             f"| {rate}, 20 ms RTT | {spread(ours, '{:.2f}')} ({blob / med(ours) / 1e6:.0f} MB/s) | "
+            f"{cpu_cell(fetched)} | "
             f"{mib(med([r['bytes'] for r in fetched])):.1f} MiB / {med([r['requests'] for r in fetched]):.0f} | "
             f"{spread(link, '{:.2f}')} ({blob / med(link) / 1e6:.0f} MB/s) | {gz_best:.2f} "
             f"({blob / gz_best / 1e6:.0f} MB/s) | {limit:.2f} | **{ratio:.2f}** |")
         targets.append((f"Cold sequential read, {rate} + 20 ms RTT",
                         ">= 0.8x min(link, gunzip)", f"{ratio:.2f}x", ratio_word(ratio, 0.8)))
+
+    local = [r for r in rows if r["kind"] == "esgz-nbd-local"]
+    if local:
+        secs = [r["seconds"] for r in local]
+        ratio = gz_best / med(secs)
+        out.append(
+            f"| none (OCI layout on local disk) | {spread(secs, '{:.2f}')} ({blob / med(secs) / 1e6:.0f} MB/s) | "
+            f"{cpu_cell(local)} | - | - | {gz_best:.2f} ({blob / gz_best / 1e6:.0f} MB/s) | {gz_best:.2f} | "
+            f"**{ratio:.2f}** |")
+        if meta.get("local"):
+            out += ["", f"Local run: `{meta['local']}`. Server CPU: {meta.get('cpu', '')}; cores busy = CPU seconds"
+                    " / nbdcopy seconds."]
 
     g_rows = defaultdict(list)
     for r in rows:
