@@ -378,7 +378,7 @@ pub struct ServeArgs {
     #[arg(long, default_value = "esgz-nbd")]
     pub export_name: String,
 
-    /// Write fetch and cache counters as JSON to this file every second and at exit.
+    /// Write fetch and cache counters as JSON to this file within 0.2 s of a change, and at exit.
     #[arg(long, value_name = "PATH")]
     pub stats_file: Option<PathBuf>,
 

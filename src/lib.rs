@@ -24,6 +24,7 @@ pub mod progress;
 pub mod reference;
 pub mod registry;
 pub mod source;
+pub mod stats_file;
 pub mod store;
 pub mod tarlayer;
 pub mod tree;

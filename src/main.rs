@@ -26,7 +26,7 @@ use esgz_nbd::device::BlockDevice;
 use esgz_nbd::disk::{writable_layout, ImageDisk};
 use esgz_nbd::estargz::TocLimits;
 use esgz_nbd::export::export_to_file;
-use esgz_nbd::image::{open_image, OpenOptions, OpenedImage, StartupFetch};
+use esgz_nbd::image::{open_image, OpenOptions, OpenedImage};
 use esgz_nbd::inspect::{inspect_image, render_text};
 use esgz_nbd::metrics::{self, MetricsLabels, MetricsSnapshot};
 use esgz_nbd::nbd::{self, ServerOptions};
@@ -445,17 +445,17 @@ async fn run_server<D: BlockDevice>(
     let stats_task = args.stats_file.clone().map(|path| {
         let store = store.clone();
         let startup = image.startup;
-        let mut shutdown = shutdown_rx.clone();
-        tokio::spawn(async move {
-            loop {
-                write_stats(&store, &startup, &path);
-                tokio::select! {
-                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-                    _ = shutdown.changed() => break,
-                }
-            }
-            write_stats(&store, &startup, &path);
-        })
+        let snapshot = move || {
+            serde_json::json!({
+                "startup": startup,
+                "store": store.stats(),
+            })
+        };
+        tokio::spawn(esgz_nbd::stats_file::write_loop(
+            path,
+            snapshot,
+            shutdown_rx.clone(),
+        ))
     });
 
     let metrics_addr = args
@@ -518,25 +518,6 @@ async fn run_server<D: BlockDevice>(
     let stats = store.stats();
     info!(?stats, "server stopped");
     result
-}
-
-fn write_stats(store: &ChunkStore, startup: &StartupFetch, path: &Path) {
-    let stats = serde_json::json!({
-        "startup": startup,
-        "store": store.stats(),
-    });
-    let text = match serde_json::to_string_pretty(&stats) {
-        Ok(text) => text,
-        Err(error) => {
-            warn!(%error, "failed to encode the stats");
-            return;
-        }
-    };
-    let staging = path.with_extension("tmp");
-    let result = std::fs::write(&staging, text).and_then(|()| std::fs::rename(&staging, path));
-    if let Err(error) = result {
-        warn!(path = %path.display(), %error, "failed to write the stats file");
-    }
 }
 
 async fn wait_for_signal() {

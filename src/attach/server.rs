@@ -25,7 +25,7 @@ use super::{
 };
 use crate::access::AccessRecorder;
 use crate::device::BlockDevice;
-use crate::image::{open_image, OpenOptions, OpenedImage, StartupFetch};
+use crate::image::{open_image, OpenOptions, OpenedImage};
 use crate::metrics::{self, MetricsLabels, MetricsSnapshot};
 use crate::nbd::{serve_transmission, ServerOptions};
 use crate::prefetch::{self, PrefetchOptions};
@@ -642,11 +642,18 @@ async fn serve(attached: Attached, settings: &AttachSettings) -> Result<(), Atta
     } = attached;
 
     let (stop_stats, stats_stopped) = tokio::sync::watch::channel(false);
-    let stats_task = tokio::spawn(write_stats_loop(
-        disk.clone(),
-        image.startup,
-        layer_cache_paths(&settings.open.cache_dir, &image),
+    let stats_disk = disk.clone();
+    let startup = image.startup;
+    let cache_files = layer_cache_paths(&settings.open.cache_dir, &image);
+    let stats_task = tokio::spawn(crate::stats_file::write_loop(
         state.stats_file.clone(),
+        move || {
+            serde_json::json!({
+                "startup": startup,
+                "store": stats_disk.store().stats(),
+                "cache_bytes": allocated_bytes(&cache_files),
+            })
+        },
         stats_stopped.clone(),
     ));
     if let Some(listener) = metrics {
@@ -770,34 +777,6 @@ fn allocated_bytes(paths: &[PathBuf]) -> u64 {
         .filter_map(|path| std::fs::metadata(path).ok())
         .map(|metadata| metadata.blocks() * 512)
         .sum()
-}
-
-async fn write_stats_loop(
-    disk: Arc<AttachDisk>,
-    startup: StartupFetch,
-    cache_files: Vec<PathBuf>,
-    path: PathBuf,
-    mut stopped: tokio::sync::watch::Receiver<bool>,
-) {
-    loop {
-        let stats = serde_json::json!({
-            "startup": startup,
-            "store": disk.store().stats(),
-            "cache_bytes": allocated_bytes(&cache_files),
-        });
-        let staging = path.with_extension("tmp");
-        let result = serde_json::to_vec_pretty(&stats)
-            .map_err(std::io::Error::other)
-            .and_then(|text| std::fs::write(&staging, text))
-            .and_then(|()| std::fs::rename(&staging, &path));
-        if let Err(error) = result {
-            warn!(path = %path.display(), %error, "failed to write the stats file");
-        }
-        tokio::select! {
-            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-            _ = stopped.changed() => return,
-        }
-    }
 }
 
 #[cfg(test)]
