@@ -69,6 +69,28 @@ fn open_store(
     ChunkStore::open(vec![layer], options).expect("open store")
 }
 
+/// The sample blob behind a store with its own cache folder.
+struct Sample {
+    test_blob: TestBlob,
+    registry: Arc<CountingRegistryDouble>,
+    store: ChunkStore,
+    /// The cache folder, removed on drop.
+    _dir: tempfile::TempDir,
+}
+
+fn sample_store(io: IoBackendChoice) -> Sample {
+    let test_blob = sample_blob();
+    let registry = CountingRegistryDouble::new(test_blob.blob.clone());
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = open_store(&test_blob, &registry, options(dir.path(), io));
+    Sample {
+        test_blob,
+        registry,
+        store,
+        _dir: dir,
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn read_returns_exact_bytes_on_both_backends() {
     for backend in BACKENDS {
@@ -110,97 +132,79 @@ async fn read_returns_exact_bytes_on_both_backends() {
 
 #[tokio::test]
 async fn second_read_is_cache_hit() {
-    let test_blob = sample_blob();
-    let registry = CountingRegistryDouble::new(test_blob.blob.clone());
-    let dir = tempfile::tempdir().expect("tempdir");
-    let store = open_store(
-        &test_blob,
-        &registry,
-        options(dir.path(), IoBackendChoice::Std),
-    );
+    let sample = sample_store(IoBackendChoice::Std);
 
-    let first = store.read(0, 100, 6000).await.expect("first read");
-    let requests = registry.requests();
+    let first = sample.store.read(0, 100, 6000).await.expect("first read");
+    let requests = sample.registry.requests();
     assert!(requests >= 1);
-    let misses = store.stats().cache_misses;
+    let misses = sample.store.stats().cache_misses;
 
-    let second = store.read(0, 100, 6000).await.expect("second read");
+    let second = sample.store.read(0, 100, 6000).await.expect("second read");
     assert_eq!(first, second);
     assert_eq!(
-        registry.requests(),
+        sample.registry.requests(),
         requests,
         "a cached range sends no request"
     );
-    assert_eq!(store.stats().cache_hits, 1);
-    assert_eq!(store.stats().cache_misses, misses);
-    assert_eq!(store.stats().bytes_served, 12_000);
+    assert_eq!(sample.store.stats().cache_hits, 1);
+    assert_eq!(sample.store.stats().cache_misses, misses);
+    assert_eq!(sample.store.stats().bytes_served, 12_000);
 }
 
 #[tokio::test]
 async fn shared_member_fetched_once() {
-    let test_blob = sample_blob();
-    let registry = CountingRegistryDouble::new(test_blob.blob.clone());
-    let dir = tempfile::tempdir().expect("tempdir");
-    let store = open_store(
-        &test_blob,
-        &registry,
-        options(dir.path(), IoBackendChoice::Std),
-    );
+    let sample = sample_store(IoBackendChoice::Std);
 
     // Chunks 1 and 2 share member 1; chunk 2 starts after chunk 1 and its filler.
-    let first = &test_blob.index.chunks[1];
-    let second = &test_blob.index.chunks[2];
+    let first = &sample.test_blob.index.chunks[1];
+    let second = &sample.test_blob.index.chunks[2];
     assert!(matches!(second.source, ChunkSource::Member { inner_offset, .. } if inner_offset > 0));
 
-    let bytes = store
+    let bytes = sample
+        .store
         .read(0, first.data_offset, first.size)
         .await
         .expect("first chunk");
     assert_eq!(
         bytes.as_ref(),
-        &test_blob.data[first.data_offset as usize..][..first.size as usize]
+        &sample.test_blob.data[first.data_offset as usize..][..first.size as usize]
     );
-    assert_eq!(registry.requests(), 1);
+    assert_eq!(sample.registry.requests(), 1);
 
-    let bytes = store
+    let bytes = sample
+        .store
         .read(0, second.data_offset, second.size)
         .await
         .expect("second chunk");
     assert_eq!(sha256(&bytes), second.digest.expect("digest"));
     assert_eq!(
-        registry.requests(),
+        sample.registry.requests(),
         1,
         "the second chunk came with the first one's member"
     );
-    assert_eq!(store.stats().members_decompressed, 1);
-    assert_eq!(store.stats().chunks_fetched, 2);
+    assert_eq!(sample.store.stats().members_decompressed, 1);
+    assert_eq!(sample.store.stats().chunks_fetched, 2);
 }
 
 #[tokio::test]
 async fn coalescing_merges_neighbour_members() {
-    let test_blob = sample_blob();
-    let registry = CountingRegistryDouble::new(test_blob.blob.clone());
-    let dir = tempfile::tempdir().expect("tempdir");
-    let store = open_store(
-        &test_blob,
-        &registry,
-        options(dir.path(), IoBackendChoice::Std),
-    );
+    let sample = sample_store(IoBackendChoice::Std);
 
-    store
-        .read(0, 0, test_blob.data.len() as u64)
+    sample
+        .store
+        .read(0, 0, sample.test_blob.data.len() as u64)
         .await
         .expect("read all");
     assert_eq!(
-        registry.requests(),
+        sample.registry.requests(),
         1,
         "five adjacent members in one request"
     );
-    let ranges = registry.ranges();
-    let last_end = test_blob.member_offsets[4] + 1;
+    let ranges = sample.registry.ranges();
+    let last_end = sample.test_blob.member_offsets[4] + 1;
     assert_eq!(ranges[0].0, 0);
     assert!(ranges[0].0 + ranges[0].1 > last_end);
-    assert_eq!(store.stats().members_decompressed, 5);
+    assert_eq!(sample.store.stats().members_decompressed, 5);
 }
 
 #[tokio::test]
@@ -453,19 +457,13 @@ async fn verify_off_serves_corrupt_member() {
 
 #[tokio::test]
 async fn fetch_error_names_range_and_recovers() {
-    let test_blob = sample_blob();
-    let registry = CountingRegistryDouble::new(test_blob.blob.clone());
-    let dir = tempfile::tempdir().expect("tempdir");
-    let store = open_store(
-        &test_blob,
-        &registry,
-        options(dir.path(), IoBackendChoice::Std),
-    );
+    let sample = sample_store(IoBackendChoice::Std);
     // Chunk 3 is the only chunk of member 2.
-    let chunk = test_blob.index.chunks[3].clone();
+    let chunk = sample.test_blob.index.chunks[3].clone();
 
-    registry.set_failing(true);
-    let error = store
+    sample.registry.set_failing(true);
+    let error = sample
+        .store
         .read(0, chunk.data_offset, 10)
         .await
         .expect_err("failing registry");
@@ -479,40 +477,35 @@ async fn fetch_error_names_range_and_recovers() {
         panic!("expected Fetch, got {error:?}");
     };
     assert_eq!(layer, &layer_digest(1));
-    assert_eq!(*compressed_offset, test_blob.member_offsets[2]);
-    assert_eq!(*compressed_end, test_blob.member_offsets[3]);
+    assert_eq!(*compressed_offset, sample.test_blob.member_offsets[2]);
+    assert_eq!(*compressed_end, sample.test_blob.member_offsets[3]);
     assert!(
         chain.contains("after 3 attempts") && chain.contains("connection reset"),
         "{chain}"
     );
-    assert_eq!(store.stats().fetch_errors, 1);
+    assert_eq!(sample.store.stats().fetch_errors, 1);
 
-    registry.set_failing(false);
-    let bytes = store
+    sample.registry.set_failing(false);
+    let bytes = sample
+        .store
         .read(0, chunk.data_offset, 10)
         .await
         .expect("read after recovery");
     assert_eq!(
         bytes.as_ref(),
-        &test_blob.data[chunk.data_offset as usize..][..10]
+        &sample.test_blob.data[chunk.data_offset as usize..][..10]
     );
 }
 
 #[tokio::test]
 async fn out_of_range_and_unknown_layer_rejected() {
-    let test_blob = sample_blob();
-    let registry = CountingRegistryDouble::new(test_blob.blob.clone());
-    let dir = tempfile::tempdir().expect("tempdir");
-    let store = open_store(
-        &test_blob,
-        &registry,
-        options(dir.path(), IoBackendChoice::Std),
-    );
-    let size = test_blob.data.len() as u64;
+    let sample = sample_store(IoBackendChoice::Std);
+    let size = sample.test_blob.data.len() as u64;
 
     let cases: &[(u32, u64, u64)] = &[(0, size, 1), (0, size - 1, 2), (0, u64::MAX, 2), (1, 0, 1)];
     for &(layer, offset, len) in cases {
-        let error = store
+        let error = sample
+            .store
             .read(layer, offset, len)
             .await
             .expect_err("invalid range");
@@ -528,31 +521,24 @@ async fn out_of_range_and_unknown_layer_rejected() {
             std::io::ErrorKind::InvalidInput
         );
     }
-    assert_eq!(registry.requests(), 0);
+    assert_eq!(sample.registry.requests(), 0);
 }
 
 #[tokio::test]
 async fn prefetch_fills_cache() {
-    let test_blob = sample_blob();
-    let registry = CountingRegistryDouble::new(test_blob.blob.clone());
-    let dir = tempfile::tempdir().expect("tempdir");
-    let store = open_store(
-        &test_blob,
-        &registry,
-        options(dir.path(), IoBackendChoice::Uring),
-    );
-    let size = test_blob.data.len() as u64;
+    let sample = sample_store(IoBackendChoice::Uring);
+    let size = sample.test_blob.data.len() as u64;
 
-    store.prefetch(0, 0, size).await.expect("prefetch");
-    let requests = registry.requests();
-    assert_eq!(store.stats().bytes_served, 0);
+    sample.store.prefetch(0, 0, size).await.expect("prefetch");
+    let requests = sample.registry.requests();
+    assert_eq!(sample.store.stats().bytes_served, 0);
 
-    let bytes = store.read(0, 0, size).await.expect("read");
-    assert!(bytes.as_ref() == test_blob.data.as_slice());
-    assert_eq!(registry.requests(), requests);
+    let bytes = sample.store.read(0, 0, size).await.expect("read");
+    assert!(bytes.as_ref() == sample.test_blob.data.as_slice());
+    assert_eq!(sample.registry.requests(), requests);
     assert_eq!(
-        store.stats().chunks_fetched,
-        test_blob.index.chunks.len() as u64
+        sample.store.stats().chunks_fetched,
+        sample.test_blob.index.chunks.len() as u64
     );
 }
 
@@ -712,17 +698,10 @@ fn whole_layer_missing_file_rejected() {
 
 #[tokio::test]
 async fn auto_backend_probes_io_uring() {
-    let test_blob = sample_blob();
-    let registry = CountingRegistryDouble::new(test_blob.blob.clone());
-    let dir = tempfile::tempdir().expect("tempdir");
-    let store = open_store(
-        &test_blob,
-        &registry,
-        options(dir.path(), IoBackendChoice::Auto),
-    );
+    let sample = sample_store(IoBackendChoice::Auto);
 
     // This machine allows io_uring (the Uring tests above depend on it), so Auto picks it.
-    assert_eq!(store.io_backend(), "io_uring");
-    let bytes = store.read(0, 0, 100).await.expect("read");
-    assert_eq!(bytes.as_ref(), &test_blob.data[..100]);
+    assert_eq!(sample.store.io_backend(), "io_uring");
+    let bytes = sample.store.read(0, 0, 100).await.expect("read");
+    assert_eq!(bytes.as_ref(), &sample.test_blob.data[..100]);
 }
