@@ -6,60 +6,26 @@
 //! qemu-system-x86_64, busybox, cpio, mke2fs and apt-get; a missing tool fails
 //! the test with its name.
 
-use std::path::Path;
-use std::process::Command;
+#[path = "support/mod.rs"]
+mod support;
 
-/// Parses "N passed, M failed".
-fn parse_summary(line: &str) -> Option<(u32, u32)> {
-    let (passed, failed) = line.trim().split_once(" passed, ")?;
-    let failed = failed.strip_suffix(" failed")?;
-    Some((passed.parse().ok()?, failed.parse().ok()?))
-}
+use support::{parse_summary, run_vm_script};
 
 #[test]
 fn summary_line_parses() {
-    assert_eq!(parse_summary("41 passed, 0 failed"), Some((41, 0)));
-    assert_eq!(parse_summary("3 passed, 2 failed\n"), Some((3, 2)));
-    assert_eq!(parse_summary("passed"), None);
-    assert_eq!(parse_summary("x passed, 0 failed"), None);
+    let cases = [
+        ("41 passed, 0 failed", Some((41, 0))),
+        ("3 passed, 2 failed\n", Some((3, 2))),
+        ("passed", None),
+        ("x passed, 0 failed", None),
+        ("1 passed, 0 failures", None),
+    ];
+    for (line, expected) in cases {
+        assert_eq!(parse_summary(line), expected, "line {line:?}");
+    }
 }
 
 #[test]
 fn kernel_nbd_in_vm() {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("kernel-tests/run-vm-tests.sh");
-    let output = Command::new("bash")
-        .arg(&script)
-        .env("ESGZ_NBD_BIN", env!("CARGO_BIN_EXE_esgz-nbd"))
-        .output()
-        .unwrap_or_else(|error| panic!("failed to run {}: {error}", script.display()));
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    let tail: Vec<&str> = stderr.lines().rev().take(80).collect();
-    let tail = tail.into_iter().rev().collect::<Vec<_>>().join("\n");
-
-    let summary = stdout.lines().rev().find_map(parse_summary);
-    let Some((passed, failed)) = summary else {
-        panic!(
-            "no result line from {} ({}); log tail:\n{tail}",
-            script.display(),
-            output.status
-        );
-    };
-    assert!(passed > 0, "no VM test passed; log tail:\n{tail}");
-    let failures: Vec<&str> = stdout
-        .lines()
-        .chain(stderr.lines())
-        .filter(|line| line.contains("FAIL: "))
-        .collect();
-    assert_eq!(
-        failed,
-        0,
-        "{failed} VM tests failed:\n{}\nlog tail:\n{tail}",
-        failures.join("\n")
-    );
-    assert!(
-        output.status.success(),
-        "script exit status {}; log tail:\n{tail}",
-        output.status
-    );
+    run_vm_script("run-vm-tests.sh", "VM test");
 }

@@ -18,6 +18,7 @@ mod reference;
 mod registry;
 mod server;
 mod tree;
+mod vm;
 
 use std::path::{Path, PathBuf};
 
@@ -40,6 +41,7 @@ pub use registry::{
 };
 pub use server::Server;
 pub use tree::{assert_tree_matches, compare_tree};
+pub use vm::{parse_summary, run_vm_script};
 
 /// Returns the shared folder with fixtures, images and tools.
 ///
