@@ -19,6 +19,7 @@ pub mod nbd;
 pub mod oci_dir;
 pub mod oci_layout;
 pub mod overlay;
+pub mod pax;
 pub mod prefetch;
 pub mod progress;
 pub mod reference;

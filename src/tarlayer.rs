@@ -16,6 +16,7 @@ use tracing::debug;
 use crate::estargz::name::{normalize_name, NameError};
 use crate::estargz::{NO_PREFETCH_LANDMARK, PREFETCH_LANDMARK, TOC_TAR_NAME};
 use crate::layer::{ChunkRecord, ChunkSource, LayerIndex, Prefetch};
+use crate::pax;
 use crate::tree::{EntryKind, FileData, LayerEntry, Metadata};
 
 /// Tar block size; headers and data are padded to it.
@@ -382,10 +383,18 @@ impl Extensions {
         let data = stream.read_extension(size, kind, offset)?;
 
         match typeflag {
-            b'x' => self.local = Some(parse_pax_records(&data, offset)?),
-            b'g' => self.global.extend(parse_pax_records(&data, offset)?),
-            b'L' => self.long_name = Some(until_nul(&data).to_vec()),
-            _ => self.long_link = Some(until_nul(&data).to_vec()),
+            b'x' => {
+                self.local = Some(
+                    pax::parse_records(&data)
+                        .map_err(|reason| TarLayerError::Pax { offset, reason })?,
+                )
+            }
+            b'g' => self.global.extend(
+                pax::parse_records(&data)
+                    .map_err(|reason| TarLayerError::Pax { offset, reason })?,
+            ),
+            b'L' => self.long_name = Some(pax::until_nul(&data).to_vec()),
+            _ => self.long_link = Some(pax::until_nul(&data).to_vec()),
         }
         Ok(true)
     }
@@ -440,7 +449,7 @@ impl Extensions {
             None => numeric_field(header, GID_RANGE, "gid", offset, tar::Header::gid)?,
         };
         let (mtime, mtime_nsec) = match text_record(b"mtime") {
-            Some(value) => parse_pax_time(value).ok_or_else(|| TarLayerError::PaxValue {
+            Some(value) => pax::parse_time(value).ok_or_else(|| TarLayerError::PaxValue {
                 offset,
                 key: "mtime".to_string(),
                 value: String::from_utf8_lossy(value).into_owned(),
@@ -540,60 +549,6 @@ fn numeric_field<T: Default>(
     })
 }
 
-fn until_nul(data: &[u8]) -> &[u8] {
-    let end = data
-        .iter()
-        .position(|&byte| byte == 0)
-        .unwrap_or(data.len());
-    &data[..end]
-}
-
-/// Parses pax records, `"<length> <key>=<value>\n"` each, where the decimal
-/// length counts the whole record; values are raw bytes and may contain
-/// newlines.
-fn parse_pax_records(
-    mut data: &[u8],
-    offset: u64,
-) -> Result<BTreeMap<Vec<u8>, Vec<u8>>, TarLayerError> {
-    let malformed = |reason: String| TarLayerError::Pax { offset, reason };
-    let mut records = BTreeMap::new();
-    while !data.is_empty() {
-        if data.iter().all(|&byte| byte == 0) {
-            break;
-        }
-        let space = data
-            .iter()
-            .position(|&byte| byte == b' ')
-            .ok_or_else(|| malformed("a record has no length".to_string()))?;
-        let length: usize = std::str::from_utf8(&data[..space])
-            .ok()
-            .and_then(|text| text.parse().ok())
-            .ok_or_else(|| {
-                malformed(format!(
-                    "record length {:?} is not a number",
-                    String::from_utf8_lossy(&data[..space])
-                ))
-            })?;
-        if length <= space + 1 || length > data.len() {
-            return Err(malformed(format!(
-                "record length {length} does not fit the {} bytes left",
-                data.len()
-            )));
-        }
-        let record = &data[space + 1..length];
-        let record = record
-            .strip_suffix(b"\n")
-            .ok_or_else(|| malformed("a record does not end with a newline".to_string()))?;
-        let equals = record
-            .iter()
-            .position(|&byte| byte == b'=')
-            .ok_or_else(|| malformed("a record has no '='".to_string()))?;
-        records.insert(record[..equals].to_vec(), record[equals + 1..].to_vec());
-        data = &data[length..];
-    }
-    Ok(records)
-}
-
 fn parse_pax_u64(key: &[u8], value: &[u8], offset: u64) -> Result<u64, TarLayerError> {
     std::str::from_utf8(value)
         .ok()
@@ -603,36 +558,6 @@ fn parse_pax_u64(key: &[u8], value: &[u8], offset: u64) -> Result<u64, TarLayerE
             key: String::from_utf8_lossy(key).into_owned(),
             value: String::from_utf8_lossy(value).into_owned(),
         })
-}
-
-/// Parses a pax time, `[-]seconds[.fraction]`, into seconds and nanoseconds
-/// (`-1.25` is 1.25 s before the epoch: seconds -2, nanoseconds 750000000).
-pub(crate) fn parse_pax_time(value: &[u8]) -> Option<(i64, u32)> {
-    let text = std::str::from_utf8(value).ok()?;
-    let (negative, unsigned) = match text.strip_prefix('-') {
-        Some(rest) => (true, rest),
-        None => (false, text),
-    };
-    let (whole, fraction) = unsigned.split_once('.').unwrap_or((unsigned, ""));
-    if whole.is_empty() || !whole.bytes().all(|byte| byte.is_ascii_digit()) {
-        return None;
-    }
-    if !fraction.bytes().all(|byte| byte.is_ascii_digit()) {
-        return None;
-    }
-    let seconds: i64 = whole.parse().ok()?;
-    let mut nanos: u32 = 0;
-    for (position, digit) in fraction.bytes().take(9).enumerate() {
-        nanos += u32::from(digit - b'0') * 10u32.pow(8 - position as u32);
-    }
-
-    if !negative {
-        return Some((seconds, nanos));
-    }
-    if nanos == 0 {
-        return Some((-seconds, 0));
-    }
-    Some((-seconds - 1, 1_000_000_000 - nanos))
 }
 
 struct TarIndexBuilder {
@@ -1035,51 +960,5 @@ mod tests {
         let mut failing_sink = |_: u64, _: &[u8]| Err(io::Error::other("disk full"));
         let error = index_tar(0, "sha256:x", good.as_slice(), &mut failing_sink).unwrap_err();
         assert!(matches!(error, TarLayerError::Sink { .. }), "{error}");
-    }
-
-    #[test]
-    fn parse_pax_time_cases() {
-        type Case<'a> = (&'a [u8], Option<(i64, u32)>);
-        let cases: [Case; 8] = [
-            (b"1700000000", Some((1_700_000_000, 0))),
-            (b"1700000000.5", Some((1_700_000_000, 500_000_000))),
-            (
-                b"1700000000.123456789123",
-                Some((1_700_000_000, 123_456_789)),
-            ),
-            (b"-1.25", Some((-2, 750_000_000))),
-            (b"-5", Some((-5, 0))),
-            (b"", None),
-            (b"1.2.3", None),
-            (b"abc", None),
-        ];
-        for (input, expected) in cases {
-            assert_eq!(
-                parse_pax_time(input),
-                expected,
-                "input {:?}",
-                String::from_utf8_lossy(input)
-            );
-        }
-    }
-
-    #[test]
-    fn parse_pax_records_rejects_malformed() {
-        let cases: [&[u8]; 5] = [
-            b"nolength\n",
-            b"99 path=x\n",
-            b"10 pathxxx\n",
-            b"11 path=abc",
-            b"x path=a\n",
-        ];
-        for input in cases {
-            assert!(
-                parse_pax_records(input, 0).is_err(),
-                "input {:?} parsed",
-                String::from_utf8_lossy(input)
-            );
-        }
-        let records = parse_pax_records(b"12 path=a\nb\n", 0).unwrap();
-        assert_eq!(records.get(b"path".as_slice()), Some(&b"a\nb".to_vec()));
     }
 }

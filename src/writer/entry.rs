@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 
 use super::WriterError;
 use crate::estargz::{NO_PREFETCH_LANDMARK, PREFETCH_LANDMARK, TOC_TAR_NAME};
+use crate::pax;
 
 /// Prefix of pax records holding extended attributes.
 const PAX_XATTR_PREFIX: &str = "SCHILY.xattr.";
@@ -209,8 +210,8 @@ pub fn read_tar_entries(path: &Path) -> Result<Vec<SourceEntry>, WriterError> {
             match header_type {
                 tar::EntryType::XGlobalHeader => globals.extend(parse_pax_records(&data)?),
                 tar::EntryType::XHeader => local = Some(parse_pax_records(&data)?),
-                tar::EntryType::GNULongName => long_name = Some(until_nul(&data).to_vec()),
-                _ => long_link = Some(until_nul(&data).to_vec()),
+                tar::EntryType::GNULongName => long_name = Some(pax::until_nul(&data).to_vec()),
+                _ => long_link = Some(pax::until_nul(&data).to_vec()),
             }
             continue;
         }
@@ -399,49 +400,17 @@ fn entry_meta<R: Read>(
     })
 }
 
-fn until_nul(data: &[u8]) -> &[u8] {
-    let end = data
-        .iter()
-        .position(|&byte| byte == 0)
-        .unwrap_or(data.len());
-    &data[..end]
-}
-
-/// Parses pax records, `"<length> <key>=<value>\n"` each, where the decimal
-/// length counts the whole record; values are raw bytes and may hold newlines.
-fn parse_pax_records(mut data: &[u8]) -> Result<BTreeMap<String, Vec<u8>>, WriterError> {
-    let malformed = |reason: String| WriterError::InvalidEntry {
+/// Parses pax records (see [`pax::parse_records`]) with keys as text.
+fn parse_pax_records(data: &[u8]) -> Result<BTreeMap<String, Vec<u8>>, WriterError> {
+    let records = pax::parse_records(data).map_err(|reason| WriterError::InvalidEntry {
         name: "(pax header)".to_string(),
         field: "pax record",
         reason,
-    };
-    let mut records = BTreeMap::new();
-    while !data.is_empty() && !data.iter().all(|&byte| byte == 0) {
-        let space = data
-            .iter()
-            .position(|&byte| byte == b' ')
-            .ok_or_else(|| malformed("a record has no length".to_string()))?;
-        let length: usize = std::str::from_utf8(&data[..space])
-            .ok()
-            .and_then(|text| text.parse().ok())
-            .ok_or_else(|| malformed("a record length is not a number".to_string()))?;
-        if length <= space + 1 || length > data.len() || data[length - 1] != b'\n' {
-            return Err(malformed(format!(
-                "record length {length} does not match the data"
-            )));
-        }
-        let record = &data[space + 1..length - 1];
-        let equals = record
-            .iter()
-            .position(|&byte| byte == b'=')
-            .ok_or_else(|| malformed("a record has no '='".to_string()))?;
-        records.insert(
-            String::from_utf8_lossy(&record[..equals]).into_owned(),
-            record[equals + 1..].to_vec(),
-        );
-        data = &data[length..];
-    }
-    Ok(records)
+    })?;
+    Ok(records
+        .into_iter()
+        .map(|(key, value)| (String::from_utf8_lossy(&key).into_owned(), value))
+        .collect())
 }
 
 fn field_name(key: &str) -> &'static str {
@@ -455,7 +424,7 @@ fn field_name(key: &str) -> &'static str {
 /// Parses a pax time, `[-]SECONDS[.FRACTION]` with surrounding white space,
 /// into seconds and nanoseconds, as the layer reader does.
 pub fn parse_pax_time(value: &str) -> Option<(i64, u32)> {
-    crate::tarlayer::parse_pax_time(value.trim().as_bytes())
+    pax::parse_time(value.trim().as_bytes())
 }
 
 #[cfg(test)]
