@@ -61,6 +61,12 @@ pub struct StatsSnapshot {
     pub readaheads: u64,
     /// Reads served from freshly decoded chunks instead of the cache file.
     pub reads_from_decoded: u64,
+    /// Downloads of a whole layer's blob started to repair its cache file after a block
+    /// failed its checksum.
+    pub whole_layer_refetches: u64,
+    /// Chunks of whole layers whose bytes in the cache file differed from the refetched
+    /// blob and were rewritten.
+    pub whole_layer_chunks_repaired: u64,
 }
 
 #[derive(Default)]
@@ -80,6 +86,8 @@ pub(crate) struct Stats {
     pub(crate) cache_checksum_failures: AtomicU64,
     pub(crate) readaheads: AtomicU64,
     pub(crate) reads_from_decoded: AtomicU64,
+    pub(crate) whole_layer_refetches: AtomicU64,
+    pub(crate) whole_layer_chunks_repaired: AtomicU64,
 }
 
 impl Stats {
@@ -119,6 +127,8 @@ impl Stats {
             cache_checksum_failures: load(&self.cache_checksum_failures),
             readaheads: load(&self.readaheads),
             reads_from_decoded: load(&self.reads_from_decoded),
+            whole_layer_refetches: load(&self.whole_layer_refetches),
+            whole_layer_chunks_repaired: load(&self.whole_layer_chunks_repaired),
         }
     }
 }
