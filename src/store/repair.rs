@@ -1,7 +1,7 @@
-//! Repair of a whole layer's cache file while serving: when a read finds a block that
-//! fails its checksum, the layer's blob is downloaded again (through the source's own
-//! retries and deadline), checked against its digest and its tar streamed once more. Every
-//! stretch of file data that differs from the cache file is written over it in place.
+//! Repair of a whole layer's cache file while serving. When a read finds a block that fails
+//! its checksum, the layer's blob is downloaded again through the source's own retries and
+//! deadline, checked against its digest, and its tar is streamed once more. Every piece of
+//! file data that differs from the cache file is written over it in place.
 //!
 //! All reads that find damage while a repair runs wait for that one repair. A failed repair
 //! is not started again for [`REPAIR_BACKOFF`]: until then reads of damaged blocks fail with
@@ -35,7 +35,7 @@ pub(crate) const REPAIR_BACKOFF: Duration = Duration::from_secs(30);
 
 type RepairFlight = Shared<BoxFuture<'static, Result<(), ReadError>>>;
 
-/// What a whole layer needs to repair its cache file.
+/// The repair state of a whole layer's cache file.
 pub(crate) struct WholeRepair {
     /// The cache file, opened for reading and writing.
     file: File,
@@ -53,7 +53,7 @@ struct RepairSlot {
     failed: Option<(Instant, ReadError)>,
 }
 
-/// Stretches of a repaired layer: how many chunks and bytes differed from the cache file.
+/// The result of a repair: the chunks and bytes that differed from the cache file.
 #[derive(Default)]
 struct RepairOutcome {
     /// Chunks with at least one byte rewritten, in data order.
@@ -328,7 +328,7 @@ fn rewrite_changed(
     Ok(outcome)
 }
 
-/// Returns the chunk that holds all of `data_offset..data_offset + len`, if one does.
+/// Returns the chunk that contains all of `data_offset..data_offset + len`, if one does.
 fn chunk_holding(index: &LayerIndex, data_offset: u64, len: u64) -> Option<usize> {
     let position = index
         .chunks
