@@ -338,3 +338,32 @@ fn chunk_holding(index: &LayerIndex, data_offset: u64, len: u64) -> Option<usize
     let end = data_offset.checked_add(len)?;
     (end <= chunk.data_offset + chunk.size).then_some(position)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunk_holding_ranges() {
+        // Chunks at 0..5000, 5000..5100 and 5100..20000.
+        let index = super::super::persist::tests::layer(&[5000, 100, 14_900]);
+        // (case, data offset, length, chunk)
+        let cases: &[(&str, u64, u64, Option<usize>)] = &[
+            ("first byte", 0, 1, Some(0)),
+            ("whole first chunk", 0, 5000, Some(0)),
+            ("small chunk", 5000, 100, Some(1)),
+            ("inside the last chunk", 6000, 256, Some(2)),
+            ("across two chunks", 4990, 20, None),
+            ("past the end", 19_990, 20, None),
+            ("offset past the end", 25_000, 1, None),
+            ("length overflows", 6000, u64::MAX, None),
+        ];
+        for (case, data_offset, len, expected) in cases {
+            assert_eq!(
+                chunk_holding(&index, *data_offset, *len),
+                *expected,
+                "case {case}"
+            );
+        }
+    }
+}
