@@ -684,9 +684,9 @@ fn assert_concurrent_reads_correct(server: &Server, expected: &[u8], case: &str)
 
 /// Flips the first non-zero byte of the whole layer's cache file under the running
 /// server while blob requests are delayed by 2 s, then reads the disk with four
-/// concurrent readers: every read returns the expected bytes, the change is logged
-/// once, the layer's blob is fetched once from the registry and the cache file gets its
-/// original bytes back. Returns the blob requests the repair made.
+/// concurrent readers. Every read must return the expected bytes, and the change must be
+/// logged once. The layer's blob must be fetched once from the registry, and the cache
+/// file must get its original bytes back. Returns the blob requests the repair made.
 fn assert_whole_layer_repaired(server: &Server, image: &WholeLayerImage, case: &str) -> u64 {
     let (path, original) = whole_layer_data_file(server, case);
     let stats_before = server.stats();

@@ -128,9 +128,10 @@ impl StoreOptions {
 #[derive(Clone)]
 pub struct StoreLayer {
     pub index: Arc<LayerIndex>,
-    /// The layer blob. A layer written whole at start-up, whose chunks are all
-    /// [`ChunkSource::Local`], reads it only to repair its cache file after a block failed
-    /// its checksum; without it such a block fails its reads with EIO.
+    /// The layer blob. A layer written whole at start-up has only
+    /// [`ChunkSource::Local`] chunks and reads its blob only to repair its cache file
+    /// after a block failed its checksum. Without a blob, such a block fails its reads
+    /// with EIO.
     pub blob: Option<Arc<dyn BlobSource>>,
 }
 
@@ -327,9 +328,9 @@ impl ChunkStore {
     /// decompresses and verifies missing chunks first.
     ///
     /// Bytes read from the cache file are checked against their block checksums. A chunk
-    /// with a changed block is dropped and fetched again, or for a whole layer the layer's
-    /// blob is fetched again and its cache file repaired, up to [`CHECKSUM_REFETCHES`]
-    /// times per read; after that the read fails.
+    /// with a changed block is dropped and fetched again. For a whole layer, the layer's
+    /// blob is fetched again and its cache file repaired instead. A read does this up to
+    /// [`CHECKSUM_REFETCHES`] times, then fails.
     ///
     /// Must run inside a tokio runtime: fetches run as spawned tasks, so they finish and
     /// fill the cache even if this future is dropped.

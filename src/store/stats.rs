@@ -55,7 +55,8 @@ pub struct StatsSnapshot {
     /// Chunks written by an earlier run whose crc32 matched, so they were not fetched.
     pub chunks_reused: u64,
     /// Cached chunks whose bytes no longer matched their crc32 or a block's crc32,
-    /// found after a restart or on a read (dropped and fetched again).
+    /// found after a restart or on a read (dropped and fetched again, or for a whole
+    /// layer, repaired from its blob).
     pub cache_checksum_failures: u64,
     /// Read-ahead fetches started after sequential reads.
     pub readaheads: u64,
