@@ -2,8 +2,10 @@
 //! one remounted read-only keep serving from the image source, a flipped byte
 //! in a cache file is refetched instead of served, during a run and after a
 //! restart, and the cache is private. A flipped byte in the cache file of a
-//! whole (plain tar.gz) layer fails the reads of its block with EIO, and such a
-//! layer is unpacked into a temporary directory when the cache is unusable.
+//! whole (plain tar.gz or tar) layer is repaired from a new download of the
+//! layer's blob, or fails the reads of its block with EIO when the download
+//! fails. Such a layer is unpacked into a temporary directory when the cache is
+//! unusable.
 //!
 //! Needs root (tmpfs and ext4 mounts), loop devices, e2fsprogs, libnbd-bin,
 //! docker-registry and skopeo.
@@ -899,6 +901,80 @@ fn unusable_cache_at_start_whole_layer() {
             }
         }
     }
+}
+
+/// Returns the `/proc/PID/fd` link of the deleted whole-layer data file that the server
+/// process `pid` still has open.
+fn deleted_data_file(pid: u32) -> PathBuf {
+    let fds = PathBuf::from(format!("/proc/{pid}/fd"));
+    for entry in fs::read_dir(&fds).expect("listing the server's descriptors") {
+        let fd = entry.expect("a descriptor").path();
+        let Ok(target) = fs::read_link(&fd) else {
+            continue;
+        };
+        let target = target.to_string_lossy();
+        if target.contains(".data") && target.ends_with("(deleted)") {
+            return fd;
+        }
+    }
+    panic!("the server has no deleted whole-layer data file open");
+}
+
+/// Flips the first non-zero byte of the file at `path`, in place.
+fn flip_first_non_zero_byte(path: &Path) {
+    let bytes = fs::read(path).expect("reading the data file");
+    let offset = bytes
+        .iter()
+        .position(|byte| *byte != 0)
+        .expect("the data file has a non-zero byte");
+    let file = fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .unwrap_or_else(|error| panic!("opening {}: {error}", path.display()));
+    file.write_all_at(&[bytes[offset] ^ 0xff], offset as u64)
+        .expect("flipping a byte of the data file");
+}
+
+/// A plain tar.gz layer unpacked into the temporary directory because the cache
+/// directory is read-only at start: that directory is deleted once the store opened
+/// the file, so the repair of a flipped byte downloads the blob into `$TMPDIR` instead.
+/// Every read returns the expected bytes and the file gets its original bytes back.
+#[test]
+fn whole_layer_in_temporary_dir_repaired() {
+    let layout = tempfile::tempdir().expect("temp dir");
+    let image = plain_basic_image(layout.path());
+    let expected = expected_disk_of(&image);
+    let (dir, scratch) = server_dir_with(|path| ScratchMount::tmpfs(path, "16m"));
+    scratch.remount_read_only();
+    let server = Server::start_in(&image, &[], dir);
+    assert_same_disk(&copy_disk(&server), &expected, "copy before the damage");
+
+    let data_file = deleted_data_file(server.pid().expect("the server runs"));
+    let original = fs::read(&data_file).expect("reading the deleted data file");
+    flip_first_non_zero_byte(&data_file);
+    let (bytes, failed) = read_blocks(&server);
+    assert!(
+        failed.is_empty(),
+        "reads failed at {failed:x?}\nserver log:\n{}",
+        server.log()
+    );
+    assert_same_disk(&bytes, &expected, "reads after the damage");
+
+    let stats = server.stats();
+    assert_eq!(
+        stats["store"]["whole_layer_refetches"].as_u64(),
+        Some(1),
+        "stats: {stats}"
+    );
+    assert_eq!(
+        stats["store"]["whole_layer_chunks_repaired"].as_u64(),
+        Some(1),
+        "stats: {stats}"
+    );
+    assert!(
+        fs::read(&data_file).expect("reading the repaired data file") == original,
+        "the deleted data file does not hold its original bytes after the repair"
+    );
 }
 
 /// The cache folders are 0700 and the cache files 0600, also under a umask
