@@ -3,7 +3,6 @@
 //! layout.
 
 use std::collections::HashMap;
-use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -21,16 +20,16 @@ use crate::oci_layout::open_oci_layout;
 use crate::reference::{parse_image_arg, ImageArg};
 use crate::registry::{open_registry, RegistryOptions};
 use crate::source::{BlobSource, ImageSource, LayerDescriptor, Platform};
-use crate::store::{ChunkStore, IoBackendChoice, StoreLayer, StoreOptions, WholeLayerWriter};
+use crate::store::{
+    download_verified, layer_tar_reader, ChunkStore, IoBackendChoice, StoreLayer, StoreOptions,
+    WholeLayerWriter,
+};
 use crate::tarlayer;
 use crate::tree::{merge_owned, Tree};
 use crate::whole_dir::{is_unusable_cache, WholeLayerFallback};
 
 /// Layer annotation holding the sha256 of the TOC JSON.
 pub const TOC_DIGEST_ANNOTATION: &str = "containerd.io/snapshot/stargz/toc.digest";
-
-/// Size of each ranged read while a non-eStargz layer is fetched whole.
-const WHOLE_LAYER_READ_SIZE: u64 = 8 << 20;
 
 /// Everything that decides how an image is opened.
 #[derive(Clone, Debug)]
@@ -240,7 +239,7 @@ async fn open_layer(
     let reason = reason.unwrap_or_default();
     warn!(layer = %descriptor.digest, size = descriptor.size, %reason, "layer is not lazy: fetching it whole");
     match fetch_whole_layer(&counted, layer, descriptor, &options.cache_dir).await {
-        Ok(index) => Ok((index, None, None)),
+        Ok(index) => Ok((index, Some(blob), None)),
         Err(error) if is_unusable_cache(&error) => {
             let dir = fallback.dir()?;
             warn!(
@@ -260,7 +259,7 @@ async fn open_layer(
                         options.cache_dir.display()
                     )
                 })?;
-            Ok((index, None, Some(dir)))
+            Ok((index, Some(blob), Some(dir)))
         }
         Err(error) => Err(error),
     }
@@ -344,46 +343,25 @@ async fn fetch_whole_layer(
     descriptor: &LayerDescriptor,
     cache_dir: &Path,
 ) -> anyhow::Result<LayerIndex> {
-    let expected = descriptor
-        .digest
-        .strip_prefix("sha256:")
-        .with_context(|| format!("unsupported digest algorithm in {}", descriptor.digest))?
-        .to_string();
-    let mut download = tempfile::tempfile_in(cache_dir).with_context(|| {
-        format!(
-            "failed to create a temporary file in {}",
-            cache_dir.display()
-        )
-    })?;
-    let mut hasher = Sha256::new();
-    let mut offset = 0;
     let progress = crate::progress::task(
         &format!("fetching layer {}", descriptor.digest),
         descriptor.size,
     );
-    while offset < descriptor.size {
-        let len = (descriptor.size - offset).min(WHOLE_LAYER_READ_SIZE);
-        let bytes = blob.read_range(offset, len).await.with_context(|| {
-            format!(
-                "failed to fetch layer {} at offset {offset:#x}",
-                descriptor.digest
-            )
-        })?;
-        hasher.update(&bytes);
-        download
-            .write_all(&bytes)
-            .context("failed to write the downloaded layer to a temporary file")?;
-        offset += len;
-        progress.advance(len);
-    }
+    let download = download_verified(
+        &descriptor.digest,
+        descriptor.size,
+        cache_dir,
+        |offset, len| {
+            let progress = &progress;
+            async move {
+                let bytes = blob.read_range(offset, len).await?;
+                progress.advance(len);
+                Ok(bytes)
+            }
+        },
+    )
+    .await?;
     progress.finish();
-    let actual = hex::encode(hasher.finalize());
-    if actual != expected {
-        bail!(
-            "layer {} does not match its digest: the fetched blob hashes to sha256:{actual}",
-            descriptor.digest
-        );
-    }
 
     let digest = descriptor.digest.clone();
     let cache_dir = cache_dir.to_path_buf();
@@ -393,22 +371,12 @@ async fn fetch_whole_layer(
 }
 
 fn unpack_whole_layer(
-    mut download: std::fs::File,
+    download: std::fs::File,
     layer: u32,
     digest: &str,
     cache_dir: &Path,
 ) -> anyhow::Result<LayerIndex> {
-    download.seek(SeekFrom::Start(0))?;
-    let mut magic = [0u8; 4];
-    let magic_len = read_up_to(&mut download, &mut magic)?;
-    download.seek(SeekFrom::Start(0))?;
-    let reader: Box<dyn Read> = match &magic[..magic_len] {
-        [0x1f, 0x8b, ..] => Box::new(flate2::read::MultiGzDecoder::new(std::io::BufReader::new(download))),
-        [0x28, 0xb5, 0x2f, 0xfd] => bail!(
-            "layer {digest} is zstd-compressed, which esgz-nbd does not read yet; convert the image to eStargz"
-        ),
-        _ => Box::new(std::io::BufReader::new(download)),
-    };
+    let reader = layer_tar_reader(download, digest)?;
 
     // The tar is unpacked straight into the layer's cache file. Its data space
     // size is known only at the end, when `finish_with_size` sets the length.
@@ -418,15 +386,4 @@ fn unpack_whole_layer(
         .with_context(|| format!("failed to read the tar of layer {digest}"))?;
     writer.finish_with_size(index.data_size)?;
     Ok(index)
-}
-
-fn read_up_to(file: &mut std::fs::File, buffer: &mut [u8]) -> std::io::Result<usize> {
-    let mut filled = 0;
-    while filled < buffer.len() {
-        match file.read(&mut buffer[filled..])? {
-            0 => break,
-            n => filled += n,
-        }
-    }
-    Ok(filled)
 }

@@ -2,8 +2,10 @@
 //! one remounted read-only keep serving from the image source, a flipped byte
 //! in a cache file is refetched instead of served, during a run and after a
 //! restart, and the cache is private. A flipped byte in the cache file of a
-//! whole (plain tar.gz) layer fails the reads of its block with EIO, and such a
-//! layer is unpacked into a temporary directory when the cache is unusable.
+//! whole (plain tar.gz or tar) layer is repaired from a new download of the
+//! layer's blob, or fails the reads of its block with EIO when the download
+//! fails. Such a layer is unpacked into a temporary directory when the cache is
+//! unusable.
 //!
 //! Needs root (tmpfs and ext4 mounts), loop devices, e2fsprogs, libnbd-bin,
 //! docker-registry and skopeo.
@@ -15,11 +17,14 @@ use std::fs;
 use std::os::unix::fs::{FileExt as _, PermissionsExt as _};
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use support::{
-    esgz_bin, fixture_dir, gzip, plain_gzip_image, run, run_stdout, skopeo_push, Fault, FaultProxy,
-    Registry, Server,
+    esgz_bin, fixture_dir, gzip, gzip_layer, plain_gzip_image, plain_tar_layer,
+    push_layout_unchanged, run, run_stdout, skopeo_push, write_layout, Fault, FaultProxy, Registry,
+    RequestInfo, Server,
 };
 
 /// The log line that a cache write failure produces the first time.
@@ -445,7 +450,13 @@ const READ_BLOCK: usize = 4096;
 /// (zeros where a read failed) and the offsets of the reads that failed; any failure
 /// other than EIO fails the test.
 fn read_blocks(server: &Server) -> (Vec<u8>, Vec<u64>) {
-    let output = server.dir().join("blocks.img");
+    read_blocks_into(server, "blocks.img")
+}
+
+/// Does what [`read_blocks`] does, with the bytes written to `name` in the server's
+/// folder, so several readers can run at once.
+fn read_blocks_into(server: &Server, name: &str) -> (Vec<u8>, Vec<u64>) {
+    let output = server.dir().join(name);
     let script = format!(
         "import errno, nbd\n\
          size = h.get_size()\n\
@@ -559,36 +570,281 @@ fn plain_basic_image(dir: &Path) -> String {
     plain_gzip_image(&dir.join("oci"), gzip(&input))
 }
 
-/// A plain tar.gz layer is unpacked whole into its cache file at start. A byte flipped
-/// in that file under the running server is caught by the block checksums: the reads
-/// of that block fail with EIO and all others return the right bytes. A restart fetches
-/// the layer again and serves the whole disk correctly; the block checksums the first
-/// run recorded in the index catch a byte flipped under the second run too.
-#[test]
-fn flipped_whole_layer_byte_not_served() {
-    let layout = tempfile::tempdir().expect("temp dir");
-    let image = plain_basic_image(layout.path());
-    let expected = expected_disk_of(&image);
+/// The kinds of whole layer: the `basic` fixture's input tar as a tar.gz and as an
+/// uncompressed tar.
+const WHOLE_LAYER_KINDS: [&str; 2] = ["tar.gz", "tar"];
 
-    let server = Server::start(&image, &[]);
-    assert!(
-        server.log().contains("not lazy"),
-        "the layer was not fetched whole:\n{}",
-        server.log()
-    );
-    assert_same_disk(&copy_disk(&server), &expected, "copy before the damage");
-    assert_whole_layer_damage_not_served(&server, &expected, "first run");
-    let (dir, _) = server.stop();
+/// An image with one whole layer pushed to a local registry, served through a fault
+/// proxy that counts the blob requests and can delay or damage them.
+struct WholeLayerImage {
+    /// The registry behind the proxy; `None` once the test stopped it.
+    registry: Option<Registry>,
+    /// Kept running for the image's lifetime.
+    _proxy: FaultProxy,
+    /// Blob requests the proxy received, with or without a fault.
+    blob_requests: Arc<AtomicU64>,
+    /// The fault for blob requests; `Fault::Pass` at first.
+    blob_fault: Arc<Mutex<Fault>>,
+    /// The image reference through the proxy.
+    reference: String,
+    /// The disk exported from the OCI layout the image was pushed from.
+    expected: Vec<u8>,
+    _layout: tempfile::TempDir,
+}
 
-    let server = Server::start_in(&image, &[], dir);
-    assert_same_disk(&copy_disk(&server), &expected, "copy after the restart");
+impl WholeLayerImage {
+    /// Writes the `basic` input tar as a one-layer image of `kind` (`tar.gz` or `tar`),
+    /// exports its expected disk and pushes it to a new registry.
+    fn push(kind: &str) -> WholeLayerImage {
+        let layout = tempfile::tempdir().expect("temp dir");
+        let oci = layout.path().join("oci");
+        let input = fs::read(fixture_dir("basic").join("input.tar")).expect("reading input.tar");
+        let layer = match kind {
+            "tar.gz" => gzip_layer(gzip(&input)),
+            "tar" => plain_tar_layer(input),
+            other => panic!("unknown whole layer kind {other}"),
+        };
+        write_layout(&oci, &[layer]);
+        let expected = expected_disk_of(&format!("oci:{}:latest", oci.display()));
+
+        let registry = Registry::start(None);
+        let repo = format!("faults/whole-{}", kind.replace('.', "-"));
+        let pushed = push_layout_unchanged(&oci, &registry, &repo);
+        let path = pushed
+            .strip_prefix(&format!("{}/", registry.addr()))
+            .expect("the reference starts with the registry address")
+            .to_string();
+
+        let blob_requests = Arc::new(AtomicU64::new(0));
+        let blob_fault = Arc::new(Mutex::new(Fault::Pass));
+        let plan = {
+            let blob_requests = Arc::clone(&blob_requests);
+            let blob_fault = Arc::clone(&blob_fault);
+            Arc::new(move |request: &RequestInfo| {
+                if !request.path.contains("/blobs/") || request.method != "GET" {
+                    return Fault::Pass;
+                }
+                blob_requests.fetch_add(1, Ordering::SeqCst);
+                *blob_fault.lock().expect("fault lock")
+            })
+        };
+        let proxy = FaultProxy::start(&registry.addr(), plan);
+        let reference = format!("{}/{path}", proxy.addr());
+        WholeLayerImage {
+            registry: Some(registry),
+            _proxy: proxy,
+            blob_requests,
+            blob_fault,
+            reference,
+            expected,
+            _layout: layout,
+        }
+    }
+
+    fn set_blob_fault(&self, fault: Fault) {
+        *self.blob_fault.lock().expect("fault lock") = fault;
+    }
+
+    fn blob_requests(&self) -> u64 {
+        self.blob_requests.load(Ordering::SeqCst)
+    }
+}
+
+/// Returns the only `.data` file under the server's `cache/layers` and its bytes.
+fn whole_layer_data_file(server: &Server, case: &str) -> (PathBuf, Vec<u8>) {
+    let layers = server.dir().join("cache/layers");
+    let mut data = fs::read_dir(&layers)
+        .expect("listing the cache files")
+        .map(|entry| entry.expect("a cache entry").path())
+        .filter(|path| {
+            path.extension()
+                .is_some_and(|extension| extension == "data")
+        });
+    let path = data
+        .next()
+        .unwrap_or_else(|| panic!("{case}: no data file in {}", layers.display()));
+    assert!(data.next().is_none(), "{case}: more than one data file");
+    let bytes = fs::read(&path).expect("reading the whole layer's data file");
+    (path, bytes)
+}
+
+/// Reads the whole disk with four nbdsh readers at once and checks that every read
+/// returns the expected bytes.
+fn assert_concurrent_reads_correct(server: &Server, expected: &[u8], case: &str) {
+    std::thread::scope(|scope| {
+        let readers: Vec<_> = (0..4)
+            .map(|reader| {
+                scope.spawn(move || read_blocks_into(server, &format!("reader-{reader}.img")))
+            })
+            .collect();
+        for (reader, handle) in readers.into_iter().enumerate() {
+            let (bytes, failed) = handle.join().expect("a reader thread panicked");
+            assert!(
+                failed.is_empty(),
+                "{case}, reader {reader}: reads failed at {failed:x?}\nserver log:\n{}",
+                server.log()
+            );
+            assert_same_disk(&bytes, expected, &format!("{case}, reader {reader}"));
+        }
+    });
+}
+
+/// Flips the first non-zero byte of the whole layer's cache file under the running
+/// server while blob requests are delayed by 2 s, then reads the disk with four
+/// concurrent readers. Every read must return the expected bytes, and the change must be
+/// logged once. The layer's blob must be fetched once from the registry, and the cache
+/// file must get its original bytes back. Returns the blob requests the repair made.
+fn assert_whole_layer_repaired(server: &Server, image: &WholeLayerImage, case: &str) -> u64 {
+    let (path, original) = whole_layer_data_file(server, case);
+    let stats_before = server.stats();
+    let refetches_before = stats_before["store"]["whole_layer_refetches"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("{case}: no whole_layer_refetches in {stats_before}"));
+    let requests_before = image.blob_requests();
+
     assert_eq!(
-        count_matches(&server.log(), WHOLE_LAYER_CHANGED_MESSAGE),
-        0,
-        "the restart served the damaged cache file:\n{}",
-        server.log()
+        flip_first_data_byte(&server.dir().join("cache/layers")),
+        1,
+        "{case}: the cache has one whole-layer data file"
     );
-    assert_whole_layer_damage_not_served(&server, &expected, "after the restart");
+    image.set_blob_fault(Fault::Delay(Duration::from_secs(2)));
+    assert_concurrent_reads_correct(server, &image.expected, case);
+    image.set_blob_fault(Fault::Pass);
+
+    let log = server.log();
+    assert_eq!(
+        count_matches(&log, WHOLE_LAYER_CHANGED_MESSAGE),
+        1,
+        "{case}: the changed block is not logged exactly once:\n{log}"
+    );
+    assert_eq!(
+        count_matches(&log, WHOLE_LAYER_REPAIRED_MESSAGE),
+        usize::try_from(refetches_before).expect("a small count") + 1,
+        "{case}: the repair is not logged once:\n{log}"
+    );
+    let stats = server.stats();
+    assert_eq!(
+        stats["store"]["whole_layer_refetches"].as_u64(),
+        Some(refetches_before + 1),
+        "{case}: the concurrent readers did not share one refetch: {stats}"
+    );
+    let repaired_before = stats_before["store"]["whole_layer_chunks_repaired"]
+        .as_u64()
+        .unwrap_or_default();
+    assert_eq!(
+        stats["store"]["whole_layer_chunks_repaired"].as_u64(),
+        Some(repaired_before + 1),
+        "{case}: stats: {stats}"
+    );
+    let requests = image.blob_requests() - requests_before;
+    assert!(
+        requests > 0,
+        "{case}: the registry saw no refetch of the blob"
+    );
+    assert!(
+        fs::read(&path).expect("reading the repaired data file") == original,
+        "{case}: the cache file does not hold its original bytes after the repair"
+    );
+
+    // The repaired file serves a whole copy without another request.
+    let requests_after = image.blob_requests();
+    assert_same_disk(&copy_disk(server), &image.expected, case);
+    assert_eq!(
+        image.blob_requests(),
+        requests_after,
+        "{case}: a copy after the repair sent blob requests"
+    );
+    requests
+}
+
+/// The log line of a repair of a whole layer's cache file that failed.
+const WHOLE_LAYER_REPAIR_FAILED_MESSAGE: &str = "failed to repair the whole layer's cache file";
+
+/// The log line of a whole layer's cache file repaired from its blob.
+const WHOLE_LAYER_REPAIRED_MESSAGE: &str = "repaired the whole layer's cache file from its blob";
+
+/// A tar.gz layer and an uncompressed tar layer, served from a registry, are unpacked
+/// whole into their cache file at start. A byte flipped in that file under the running
+/// server is caught by the block checksums and repaired: the layer's blob is fetched
+/// again once, however many readers wait, and every read returns the expected bytes.
+/// After a restart, which unpacks the layer again, a second flip is repaired the same
+/// way.
+#[test]
+fn flipped_whole_layer_byte_refetched() {
+    for kind in WHOLE_LAYER_KINDS {
+        let image = WholeLayerImage::push(kind);
+        let server = Server::start(&image.reference, &[]);
+        assert!(
+            server.log().contains("not lazy"),
+            "{kind}: the layer was not fetched whole:\n{}",
+            server.log()
+        );
+        assert_same_disk(&copy_disk(&server), &image.expected, kind);
+        let requests = assert_whole_layer_repaired(&server, &image, &format!("{kind}, first run"));
+        let (dir, _) = server.stop();
+
+        let server = Server::start_in(&image.reference, &[], dir);
+        assert_same_disk(&copy_disk(&server), &image.expected, kind);
+        assert_eq!(
+            count_matches(&server.log(), WHOLE_LAYER_CHANGED_MESSAGE),
+            0,
+            "{kind}: the restart served the damaged cache file:\n{}",
+            server.log()
+        );
+        let again =
+            assert_whole_layer_repaired(&server, &image, &format!("{kind}, after the restart"));
+        assert_eq!(
+            again, requests,
+            "{kind}: the second repair made a different number of blob requests"
+        );
+    }
+}
+
+/// The repair of a flipped byte in a whole layer's cache file cannot succeed: once with
+/// the registry stopped, once with every blob response damaged by the proxy (so the
+/// refetched blob fails its digest). The reads of the changed block fail with EIO, every
+/// other read returns the expected bytes, and within the back-off the failing reads do
+/// not fetch the layer again.
+#[test]
+fn whole_layer_refetch_failure_reads_eio() {
+    for case in ["registry stopped", "blob damaged"] {
+        let mut image = WholeLayerImage::push("tar.gz");
+        let server = Server::start(
+            &image.reference,
+            &["--retries", "1", "--fetch-deadline", "10"],
+        );
+        assert_same_disk(&copy_disk(&server), &image.expected, case);
+        let requests_before = image.blob_requests();
+
+        if case == "registry stopped" {
+            drop(image.registry.take());
+        } else {
+            image.set_blob_fault(Fault::FlipByte);
+        }
+        assert_whole_layer_damage_not_served(&server, &image.expected, case);
+
+        let stats = server.stats();
+        assert_eq!(
+            stats["store"]["whole_layer_refetches"].as_u64(),
+            Some(1),
+            "{case}: the failing reads started more than one refetch: {stats}"
+        );
+        assert_eq!(
+            stats["store"]["whole_layer_chunks_repaired"].as_u64(),
+            Some(0),
+            "{case}: stats: {stats}"
+        );
+        assert!(
+            image.blob_requests() > requests_before,
+            "{case}: the refetch sent no blob request"
+        );
+        assert_eq!(
+            count_matches(&server.log(), WHOLE_LAYER_REPAIR_FAILED_MESSAGE),
+            1,
+            "{case}: the failed repair is not logged once:\n{}",
+            server.log()
+        );
+    }
 }
 
 /// The log line of a whole layer unpacked outside the cache directory.
@@ -650,6 +906,80 @@ fn unusable_cache_at_start_whole_layer() {
             }
         }
     }
+}
+
+/// Returns the `/proc/PID/fd` link of the deleted whole-layer data file that the server
+/// process `pid` still has open.
+fn deleted_data_file(pid: u32) -> PathBuf {
+    let fds = PathBuf::from(format!("/proc/{pid}/fd"));
+    for entry in fs::read_dir(&fds).expect("listing the server's descriptors") {
+        let fd = entry.expect("a descriptor").path();
+        let Ok(target) = fs::read_link(&fd) else {
+            continue;
+        };
+        let target = target.to_string_lossy();
+        if target.contains(".data") && target.ends_with("(deleted)") {
+            return fd;
+        }
+    }
+    panic!("the server has no deleted whole-layer data file open");
+}
+
+/// Flips the first non-zero byte of the file at `path`, in place.
+fn flip_first_non_zero_byte(path: &Path) {
+    let bytes = fs::read(path).expect("reading the data file");
+    let offset = bytes
+        .iter()
+        .position(|byte| *byte != 0)
+        .expect("the data file has a non-zero byte");
+    let file = fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .unwrap_or_else(|error| panic!("opening {}: {error}", path.display()));
+    file.write_all_at(&[bytes[offset] ^ 0xff], offset as u64)
+        .expect("flipping a byte of the data file");
+}
+
+/// A plain tar.gz layer unpacked into the temporary directory because the cache
+/// directory is read-only at start: that directory is deleted once the store opened
+/// the file, so the repair of a flipped byte downloads the blob into `$TMPDIR` instead.
+/// Every read returns the expected bytes and the file gets its original bytes back.
+#[test]
+fn whole_layer_in_temporary_dir_repaired() {
+    let layout = tempfile::tempdir().expect("temp dir");
+    let image = plain_basic_image(layout.path());
+    let expected = expected_disk_of(&image);
+    let (dir, scratch) = server_dir_with(|path| ScratchMount::tmpfs(path, "16m"));
+    scratch.remount_read_only();
+    let server = Server::start_in(&image, &[], dir);
+    assert_same_disk(&copy_disk(&server), &expected, "copy before the damage");
+
+    let data_file = deleted_data_file(server.pid().expect("the server runs"));
+    let original = fs::read(&data_file).expect("reading the deleted data file");
+    flip_first_non_zero_byte(&data_file);
+    let (bytes, failed) = read_blocks(&server);
+    assert!(
+        failed.is_empty(),
+        "reads failed at {failed:x?}\nserver log:\n{}",
+        server.log()
+    );
+    assert_same_disk(&bytes, &expected, "reads after the damage");
+
+    let stats = server.stats();
+    assert_eq!(
+        stats["store"]["whole_layer_refetches"].as_u64(),
+        Some(1),
+        "stats: {stats}"
+    );
+    assert_eq!(
+        stats["store"]["whole_layer_chunks_repaired"].as_u64(),
+        Some(1),
+        "stats: {stats}"
+    );
+    assert!(
+        fs::read(&data_file).expect("reading the repaired data file") == original,
+        "the deleted data file does not hold its original bytes after the repair"
+    );
 }
 
 /// The cache folders are 0700 and the cache files 0600, also under a umask

@@ -1,6 +1,7 @@
 //! Reads from the cache file checked against the block checksums, and what happens when a
 //! block does not match: a fetched chunk is dropped from the cache so the next attempt
-//! fetches and verifies it again, and a chunk of a whole layer fails the read with EIO.
+//! fetches and verifies it again, and a chunk of a whole layer stays present while the
+//! caller repairs the layer's cache file (see `repair`).
 
 use std::ops::Range;
 use std::sync::Arc;
@@ -20,7 +21,7 @@ impl Inner {
     /// 4 KiB blocks and every block is checked against its crc32. Fetched chunks with a
     /// changed block are dropped from the cache and [`ReadError::CacheChecksum`] is returned
     /// for the first one. A whole layer's chunk with a changed block stays present and
-    /// [`ReadError::WholeLayerChecksum`] is returned.
+    /// [`ReadError::WholeLayerChecksum`] is returned; the caller repairs the layer.
     pub(crate) async fn read_checked(
         &self,
         layer: usize,
@@ -83,9 +84,9 @@ impl Inner {
         Ok(bytes.slice(at..at + len_usize))
     }
 
-    /// Counts and logs (once per chunk) a changed block of a whole layer's chunk, which
-    /// cannot be fetched again on its own, and returns the error the read fails with. The
-    /// chunk stays present, so every read of the block fails the same way.
+    /// Counts and logs (once per chunk until a repair rewrites it) a changed block of a
+    /// whole layer's chunk, which cannot be fetched again on its own, and returns the error
+    /// that sends the read to the repair. The chunk stays present.
     fn report_changed_local_chunk(
         &self,
         layer: usize,
@@ -97,6 +98,11 @@ impl Inner {
         let data_offset = record.data_offset + mismatch.block * CHECK_BLOCK;
         if state.reported.insert(chunk) {
             Stats::add(&self.stats.cache_checksum_failures, 1);
+            let outcome = if state.repair.is_some() {
+                "fetching the layer again to repair it"
+            } else {
+                "the store has no blob source to repair it from, so reads of the block fail with EIO until a restart fetches the layer again"
+            };
             tracing::error!(
                 layer = %state.index.digest,
                 chunk,
@@ -104,7 +110,7 @@ impl Inner {
                 data_offset,
                 expected = format_args!("{:#010x}", mismatch.expected),
                 actual = format_args!("{:#010x}", mismatch.actual),
-                "a block of a whole layer's cache file changed on disk; reads of it fail with EIO until a restart fetches the layer again"
+                "a block of a whole layer's cache file changed on disk; {outcome}"
             );
         }
         ReadError::WholeLayerChecksum {

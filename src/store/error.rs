@@ -140,13 +140,21 @@ pub enum ReadError {
         actual: u32,
     },
 
-    #[error("the cache file of whole layer {layer} fails its block checksum at data offset {data_offset:#x} (entry {name:?}): crc32 {actual:#010x}, expected {expected:#010x}; a whole layer cannot be fetched again per chunk, so the read fails: restart the server to fetch the layer again and check the disk under the cache directory")]
+    #[error("the cache file of whole layer {layer} fails its block checksum at data offset {data_offset:#x} (entry {name:?}): crc32 {actual:#010x}, expected {expected:#010x}, and fetching the layer again did not repair it (or no blob source was given to repair it from); check the disk under the cache directory")]
     WholeLayerChecksum {
         layer: String,
         name: String,
         data_offset: u64,
         expected: u32,
         actual: u32,
+    },
+
+    #[error("the cache file of whole layer {layer} changed on disk at data offset {data_offset:#x} and fetching the layer again to repair it failed: {chain}; check the connection to the registry and the disk under the cache directory; reads of damaged blocks fail at once for {retry_after_secs} s, then the next one tries again")]
+    WholeLayerRepair {
+        layer: String,
+        data_offset: u64,
+        chain: String,
+        retry_after_secs: u64,
     },
 
     #[error("fetch task for layer {layer} stopped before finishing ({detail}); this is a bug")]

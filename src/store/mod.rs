@@ -14,7 +14,8 @@
 //! crc32 and the crc32 of each of their 4 KiB blocks, so a later run (of this image or
 //! another sharing the layer) reuses them after checking each one's checksum. Every read
 //! from the cache file checks the blocks it touches; a chunk with a changed block is
-//! dropped and fetched again. Sequential reads of a layer trigger read-ahead.
+//! dropped and fetched again, and a whole layer's cache file is repaired from its blob.
+//! Sequential reads of a layer trigger read-ahead.
 
 mod blocks;
 mod cache;
@@ -28,10 +29,12 @@ mod fetch;
 mod io;
 mod persist;
 mod readahead;
+mod repair;
 mod stats;
 mod table;
 mod uring;
 mod whole;
+mod whole_blob;
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -53,6 +56,7 @@ pub use error::{ReadError, StoreError};
 pub use evict::{list_layers, prune, CachedLayer, PruneOptions, PruneReport};
 pub use fetch::Priority;
 pub use stats::{LatencyHistogram, StatsSnapshot, FETCH_LATENCY_BOUNDS};
+pub use whole_blob::{download_verified, layer_tar_reader, WholeDownloadError};
 
 use blocks::BlockSums;
 use cache::Presence;
@@ -60,11 +64,13 @@ use fetch::{Decoded, Flight};
 use io::CacheIo;
 use persist::IndexFile;
 use readahead::ReadAhead;
+use repair::WholeRepair;
 use stats::Stats;
 use table::MemberTable;
 
-/// How many times one read fetches chunks again whose cached blocks failed their
-/// checksum, before it fails with [`ReadError::CacheChecksum`].
+/// How many times one read fetches chunks (or repairs a whole layer) again whose cached
+/// blocks failed their checksum, before it fails with [`ReadError::CacheChecksum`] (or
+/// [`ReadError::WholeLayerChecksum`]).
 pub const CHECKSUM_REFETCHES: u32 = 2;
 
 /// The backend for cache file I/O.
@@ -122,8 +128,10 @@ impl StoreOptions {
 #[derive(Clone)]
 pub struct StoreLayer {
     pub index: Arc<LayerIndex>,
-    /// The layer blob; `None` for a layer written whole at start-up, whose chunks are
-    /// all [`ChunkSource::Local`].
+    /// The layer blob. A layer written whole at start-up has only
+    /// [`ChunkSource::Local`] chunks and reads its blob only to repair its cache file
+    /// after a block failed its checksum. Without a blob, such a block fails its reads
+    /// with EIO.
     pub blob: Option<Arc<dyn BlobSource>>,
 }
 
@@ -162,8 +170,11 @@ pub(crate) struct LayerState {
     /// crc32 of each 4 KiB block of the fetched chunks and of the chunks of a whole layer
     /// ([`ChunkSource::Local`], see `whole`), checked on every cache read.
     blocks: BlockSums,
-    /// Local chunks whose failed block checksum was logged, so each is logged once.
+    /// Local chunks whose failed block checksum was logged, so each is logged once until
+    /// a repair rewrites it.
     reported: Presence,
+    /// Set for a whole layer with a blob source: repairs its cache file (see `repair`).
+    repair: Option<WholeRepair>,
     /// `None` for an uncached layer.
     index_file: Option<IndexFile>,
     /// Set when the cache directory was full or read-only at open: the layer's chunks are
@@ -271,6 +282,10 @@ impl ChunkStore {
                 tracing::info!(layer = %index.digest, chunks = reusable, "reusing chunks cached by an earlier run");
             }
 
+            let repair = match (has_local, &layer.blob) {
+                (true, Some(_)) => Some(whole_repair(&file, &path)?),
+                _ => None,
+            };
             files.push(file);
             let reported = Presence::new(index.chunks.len());
             states.push(LayerState {
@@ -283,6 +298,7 @@ impl ChunkStore {
                 persisted_crc,
                 blocks,
                 reported,
+                repair,
                 index_file,
                 uncached,
                 readahead: Mutex::new(ReadAhead::default()),
@@ -312,8 +328,9 @@ impl ChunkStore {
     /// decompresses and verifies missing chunks first.
     ///
     /// Bytes read from the cache file are checked against their block checksums. A chunk
-    /// with a changed block is dropped and fetched again, up to
-    /// [`CHECKSUM_REFETCHES`] times per read; after that the read fails.
+    /// with a changed block is dropped and fetched again. For a whole layer, the layer's
+    /// blob is fetched again and its cache file repaired instead. A read does this up to
+    /// [`CHECKSUM_REFETCHES`] times, then fails.
     ///
     /// Must run inside a tokio runtime: fetches run as spawned tasks, so they finish and
     /// fill the cache even if this future is dropped.
@@ -332,6 +349,7 @@ impl ChunkStore {
 
         let mut refetches = 0;
         loop {
+            let repair_generation = state.repair.as_ref().map(WholeRepair::generation);
             let decoded = match self
                 .inner
                 .ensure_present(layer as usize, chunks.clone(), Priority::High)
@@ -370,6 +388,17 @@ impl ChunkStore {
                     return Ok(bytes);
                 }
                 Err(ReadError::CacheChecksum { .. }) if refetches < CHECKSUM_REFETCHES => {
+                    refetches += 1;
+                }
+                Err(error @ ReadError::WholeLayerChecksum { data_offset, .. })
+                    if refetches < CHECKSUM_REFETCHES =>
+                {
+                    let Some(seen) = repair_generation else {
+                        return Err(error);
+                    };
+                    self.inner
+                        .repair_whole_layer(layer as usize, seen, data_offset)
+                        .await?;
                     refetches += 1;
                 }
                 Err(error) => return Err(error),
@@ -597,6 +626,24 @@ impl Inner {
         };
         Ok((state, chunks))
     }
+}
+
+/// Prepares the repair of a whole layer's cache file at `path`: a second descriptor of
+/// the file, and the directories for a downloaded copy of the blob (the cache file's own,
+/// then the system's temporary directory).
+fn whole_repair(file: &File, path: &std::path::Path) -> Result<WholeRepair, StoreError> {
+    let duplicate = file
+        .try_clone()
+        .map_err(|source| StoreError::OpenCacheFile {
+            path: path.to_path_buf(),
+            source,
+        })?;
+    let mut download_dirs = Vec::new();
+    if let Some(parent) = path.parent() {
+        download_dirs.push(parent.to_path_buf());
+    }
+    download_dirs.push(std::env::temp_dir());
+    Ok(WholeRepair::new(duplicate, download_dirs))
 }
 
 /// Opens a lazy layer's cache file and index; `None` when the cache directory is full or

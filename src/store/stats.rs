@@ -55,12 +55,19 @@ pub struct StatsSnapshot {
     /// Chunks written by an earlier run whose crc32 matched, so they were not fetched.
     pub chunks_reused: u64,
     /// Cached chunks whose bytes no longer matched their crc32 or a block's crc32,
-    /// found after a restart or on a read (dropped and fetched again).
+    /// found after a restart or on a read (dropped and fetched again, or for a whole
+    /// layer, repaired from its blob).
     pub cache_checksum_failures: u64,
     /// Read-ahead fetches started after sequential reads.
     pub readaheads: u64,
     /// Reads served from freshly decoded chunks instead of the cache file.
     pub reads_from_decoded: u64,
+    /// Downloads of a whole layer's blob started to repair its cache file after a block
+    /// failed its checksum.
+    pub whole_layer_refetches: u64,
+    /// Chunks of whole layers whose bytes in the cache file differed from the refetched
+    /// blob and were rewritten.
+    pub whole_layer_chunks_repaired: u64,
 }
 
 #[derive(Default)]
@@ -80,6 +87,8 @@ pub(crate) struct Stats {
     pub(crate) cache_checksum_failures: AtomicU64,
     pub(crate) readaheads: AtomicU64,
     pub(crate) reads_from_decoded: AtomicU64,
+    pub(crate) whole_layer_refetches: AtomicU64,
+    pub(crate) whole_layer_chunks_repaired: AtomicU64,
 }
 
 impl Stats {
@@ -119,6 +128,8 @@ impl Stats {
             cache_checksum_failures: load(&self.cache_checksum_failures),
             readaheads: load(&self.readaheads),
             reads_from_decoded: load(&self.reads_from_decoded),
+            whole_layer_refetches: load(&self.whole_layer_refetches),
+            whole_layer_chunks_repaired: load(&self.whole_layer_chunks_repaired),
         }
     }
 }

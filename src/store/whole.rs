@@ -4,8 +4,8 @@
 //! served.
 //!
 //! A whole layer cannot be fetched again one chunk at a time, so a block that fails its
-//! checksum makes the read fail with EIO (logged once per chunk); a restart fetches the
-//! layer again.
+//! checksum makes the read wait while the whole blob is fetched again and the changed
+//! bytes rewritten (see `repair`); the read fails with EIO only when that fails.
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;

@@ -39,6 +39,8 @@ pub enum Fault {
     IgnoreRange,
     /// Forward, but flip the bits of one byte in the middle of the body.
     FlipByte,
+    /// Wait this long, then forward the request as [`Fault::Pass`] does.
+    Delay(Duration),
 }
 
 /// The parts of a request that a plan can inspect.
@@ -349,8 +351,11 @@ async fn handle(mut stream: TcpStream, shared: Arc<Shared>) {
         range: head.header("range").map(str::to_string),
     };
     let plan = Arc::clone(&*shared.plan.lock().expect("plan lock"));
-    let fault = plan(&info);
-    if fault != Fault::Pass {
+    let mut fault = plan(&info);
+    if let Fault::Delay(duration) = fault {
+        tokio::time::sleep(duration).await;
+        fault = Fault::Pass;
+    } else if fault != Fault::Pass {
         shared.faults.fetch_add(1, Ordering::SeqCst);
     }
 

@@ -37,7 +37,8 @@ pub use plain::{
 };
 pub use reference::{estargz_ref, verify_layout};
 pub use registry::{
-    port_is_open, skopeo_manifest_digest, skopeo_push, write_docker_config, Registry,
+    port_is_open, push_layout_unchanged, skopeo_manifest_digest, skopeo_push, write_docker_config,
+    Registry,
 };
 pub use server::Server;
 pub use tree::{assert_tree_matches, compare_tree};

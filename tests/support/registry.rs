@@ -207,3 +207,94 @@ pub fn write_docker_config(dir: &Path, host: &str, user: &str, password: &str) -
     .expect("writing config.json");
     path
 }
+
+/// Uploads the image `oci:OCI_DIR:latest` (one manifest, no index) to
+/// `REGISTRY/REPO:latest` with plain distribution API requests and returns that
+/// reference. Unlike [`skopeo_push`], which gzips uncompressed layers on the way to a
+/// registry, every blob and the manifest arrive byte for byte.
+pub fn push_layout_unchanged(oci_dir: &Path, registry: &Registry, repo: &str) -> String {
+    let index: serde_json::Value = serde_json::from_slice(
+        &fs::read(oci_dir.join("index.json")).expect("reading the layout's index.json"),
+    )
+    .expect("index.json is JSON");
+    let manifest_digest = index["manifests"][0]["digest"]
+        .as_str()
+        .expect("index.json names a manifest")
+        .to_string();
+    let blob = |digest: &str| {
+        let hex = digest.strip_prefix("sha256:").expect("a sha256 digest");
+        fs::read(oci_dir.join("blobs/sha256").join(hex))
+            .unwrap_or_else(|error| panic!("reading blob {digest}: {error}"))
+    };
+    let manifest_bytes = blob(&manifest_digest);
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&manifest_bytes).expect("the manifest is JSON");
+    let mut digests = vec![manifest["config"]["digest"]
+        .as_str()
+        .expect("the manifest names a config")
+        .to_string()];
+    for layer in manifest["layers"]
+        .as_array()
+        .expect("the manifest lists layers")
+    {
+        digests.push(
+            layer["digest"]
+                .as_str()
+                .expect("a layer digest")
+                .to_string(),
+        );
+    }
+
+    let base = format!("http://{}/v2/{repo}", registry.addr());
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("building a runtime for the upload");
+    runtime.block_on(async {
+        let http = reqwest::Client::new();
+        for digest in &digests {
+            let started = http
+                .post(format!("{base}/blobs/uploads/"))
+                .send()
+                .await
+                .expect("starting a blob upload");
+            assert_eq!(
+                started.status().as_u16(),
+                202,
+                "starting the upload of {digest}"
+            );
+            let location = started
+                .headers()
+                .get("location")
+                .and_then(|value| value.to_str().ok())
+                .expect("the upload answer has a Location")
+                .to_string();
+            let url = if location.starts_with('/') {
+                format!("http://{}{location}", registry.addr())
+            } else {
+                location
+            };
+            let separator = if url.contains('?') { '&' } else { '?' };
+            let finished = http
+                .put(format!("{url}{separator}digest={digest}"))
+                .header("content-type", "application/octet-stream")
+                .body(blob(digest))
+                .send()
+                .await
+                .expect("uploading a blob");
+            assert_eq!(finished.status().as_u16(), 201, "uploading {digest}");
+        }
+        let media_type = manifest["mediaType"]
+            .as_str()
+            .unwrap_or("application/vnd.oci.image.manifest.v1+json");
+        let put = http
+            .put(format!("{base}/manifests/latest"))
+            .header("content-type", media_type)
+            .body(manifest_bytes)
+            .send()
+            .await
+            .expect("uploading the manifest");
+        assert_eq!(put.status().as_u16(), 201, "uploading the manifest");
+    });
+    format!("{}/{repo}:latest", registry.addr())
+}
