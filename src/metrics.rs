@@ -159,6 +159,30 @@ pub fn render(snapshot: &MetricsSnapshot, labels: &MetricsLabels) -> String {
         store.members_decompressed,
     );
     metric(
+        "esgz_nbd_cache_checksum_failures_total",
+        "counter",
+        "Cached chunks or blocks whose crc32 no longer matched; fetched or repaired again, never served.",
+        store.cache_checksum_failures,
+    );
+    metric(
+        "esgz_nbd_whole_layer_refetches_total",
+        "counter",
+        "Downloads of a whole layer's blob to repair its cache file after a checksum failure.",
+        store.whole_layer_refetches,
+    );
+    metric(
+        "esgz_nbd_whole_layer_chunks_repaired_total",
+        "counter",
+        "Chunks of whole layers rewritten in the cache file from a refetched blob.",
+        store.whole_layer_chunks_repaired,
+    );
+    metric(
+        "esgz_nbd_readaheads_total",
+        "counter",
+        "Read-ahead fetches started after sequential reads.",
+        store.readaheads,
+    );
+    metric(
         "esgz_nbd_startup_bytes_fetched",
         "gauge",
         "Bytes fetched while the image was opened (footers, TOCs, whole layers).",
@@ -362,6 +386,10 @@ mod tests {
         snapshot.store.fetch_latency.buckets[0] = 3;
         snapshot.store.fetch_latency.buckets[2] = 1;
         snapshot.store.fetch_latency.sum_micros = 1_500_000;
+        snapshot.store.cache_checksum_failures = 5;
+        snapshot.store.whole_layer_refetches = 6;
+        snapshot.store.whole_layer_chunks_repaired = 7;
+        snapshot.store.readaheads = 8;
         let labels = MetricsLabels::for_export("ex", "a\"b\\c\nd");
         let text = render(&snapshot, &labels);
         let labels = "export=\"ex\",image=\"a\\\"b\\\\c\\nd\"";
@@ -375,6 +403,10 @@ mod tests {
             format!("esgz_nbd_fetch_duration_seconds_bucket{{{labels},le=\"+Inf\"}} 4"),
             format!("esgz_nbd_fetch_duration_seconds_sum{{{labels}}} 1.5"),
             format!("esgz_nbd_fetch_duration_seconds_count{{{labels}}} 4"),
+            format!("esgz_nbd_cache_checksum_failures_total{{{labels}}} 5"),
+            format!("esgz_nbd_whole_layer_refetches_total{{{labels}}} 6"),
+            format!("esgz_nbd_whole_layer_chunks_repaired_total{{{labels}}} 7"),
+            format!("esgz_nbd_readaheads_total{{{labels}}} 8"),
         ];
         for line in expected_lines {
             assert!(text.lines().any(|l| l == line), "missing {line}\n{text}");
