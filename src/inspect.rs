@@ -341,10 +341,14 @@ pub fn render_text(report: &ImageReport) -> String {
         }
         if !layer.estargz {
             let reason = layer.not_estargz_reason.as_deref().unwrap_or("unknown");
-            let _ = writeln!(
-                text,
-                "  eStargz:      no ({reason}); fetched whole when served"
-            );
+            // serve and export fall back to a whole fetch only for a layer that
+            // does not claim to be eStargz.
+            let outcome = if layer.toc_digest.is_some() {
+                "rejected when served: the descriptor has a TOC digest annotation, so the blob is corrupt"
+            } else {
+                "fetched whole when served"
+            };
+            let _ = writeln!(text, "  eStargz:      no ({reason}); {outcome}");
             continue;
         }
         let offset = layer.toc_offset.unwrap_or(0);

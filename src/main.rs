@@ -438,9 +438,10 @@ async fn run_server<D: BlockDevice>(
     };
 
     let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
+    let signal_tx = shutdown_tx.clone();
     tokio::spawn(async move {
         wait_for_signal().await;
-        let _ = shutdown_tx.send(true);
+        let _ = signal_tx.send(true);
     });
     let stats_task = args.stats_file.clone().map(|path| {
         let store = store.clone();
@@ -512,6 +513,9 @@ async fn run_server<D: BlockDevice>(
             nbd::serve_unix(&socket, disk.clone(), server_options, shutdown_rx).await
         }
     };
+    // A server that failed to bind got no signal. Stop the stats writer anyway,
+    // so that it writes its last snapshot and the error reaches the caller.
+    let _ = shutdown_tx.send(true);
     if let Some(task) = stats_task {
         let _ = task.await;
     }

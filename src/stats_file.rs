@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use tokio::sync::watch;
-use tracing::warn;
+use tracing::{debug, info, warn};
 
 /// How often the counters are compared with the last snapshot written.
 pub const INTERVAL: Duration = Duration::from_millis(200);
@@ -21,20 +21,30 @@ pub async fn write_loop(
     snapshot: impl Fn() -> serde_json::Value,
     mut stopped: watch::Receiver<bool>,
 ) {
-    let mut last = None;
+    let mut state = WriterState::default();
     loop {
-        write_if_changed(&path, &snapshot(), &mut last);
+        write_if_changed(&path, &snapshot(), &mut state);
         tokio::select! {
             _ = tokio::time::sleep(INTERVAL) => {}
             _ = stopped.changed() => break,
         }
     }
-    write_if_changed(&path, &snapshot(), &mut last);
+    write_if_changed(&path, &snapshot(), &mut state);
+}
+
+/// State the writer keeps between two rounds.
+#[derive(Default)]
+struct WriterState {
+    /// The text written last time, to skip unchanged snapshots.
+    last: Option<Vec<u8>>,
+    /// Whether the previous write failed, so a repeated failure is logged once.
+    failing: bool,
 }
 
 /// Writes `value` unless it equals the text written last time. A failed write is
-/// logged and tried again one [`INTERVAL`] later.
-fn write_if_changed(path: &Path, value: &serde_json::Value, last: &mut Option<Vec<u8>>) {
+/// tried again one [`INTERVAL`] later. The first failure in a row is a warning,
+/// and the repeats are logged at debug level.
+fn write_if_changed(path: &Path, value: &serde_json::Value, state: &mut WriterState) {
     let text = match serde_json::to_vec_pretty(value) {
         Ok(text) => text,
         Err(error) => {
@@ -42,14 +52,26 @@ fn write_if_changed(path: &Path, value: &serde_json::Value, last: &mut Option<Ve
             return;
         }
     };
-    if last.as_ref() == Some(&text) {
+    if state.last.as_ref() == Some(&text) {
         return;
     }
     let staging = path.with_extension("tmp");
     let result = std::fs::write(&staging, &text).and_then(|()| std::fs::rename(&staging, path));
     match result {
-        Ok(()) => *last = Some(text),
-        Err(error) => warn!(path = %path.display(), %error, "failed to write the stats file"),
+        Ok(()) => {
+            if state.failing {
+                info!(path = %path.display(), "the stats file is written again");
+            }
+            state.failing = false;
+            state.last = Some(text);
+        }
+        Err(error) if state.failing => {
+            debug!(path = %path.display(), %error, "failed to write the stats file again");
+        }
+        Err(error) => {
+            state.failing = true;
+            warn!(path = %path.display(), %error, "failed to write the stats file; retrying, with further failures logged at debug level");
+        }
     }
 }
 

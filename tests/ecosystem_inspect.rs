@@ -119,3 +119,34 @@ fn inspect_reports_toc_digest_mismatch() {
     let text = String::from_utf8_lossy(&text);
     assert!(text.contains("MISMATCH"), "{text}");
 }
+
+/// A layer without a valid footer is served whole only when its descriptor
+/// has no TOC digest annotation. With one, serve rejects it, and inspect reports that.
+#[test]
+fn inspect_broken_footer_names_outcome() {
+    let copy = support::copy_layout(&fixture_dir("links").join("oci"));
+    support::patch_layer_blob(copy.path(), 0, |blob| {
+        let footer_start = blob.len() - 51;
+        blob[footer_start..].fill(0);
+    });
+    let image = format!("oci:{}:latest", copy.path().display());
+
+    let text = run(Command::new(esgz_bin()).args(["inspect", &image])).stdout;
+    let text = String::from_utf8_lossy(&text);
+    assert!(
+        text.contains("eStargz:      no (no eStargz footer"),
+        "{text}"
+    );
+    assert!(text.contains("rejected when served"), "{text}");
+    assert!(!text.contains("read it as a plain tar.gz"), "{text}");
+
+    support::edit_manifest(copy.path(), |manifest| {
+        manifest["layers"][0]
+            .as_object_mut()
+            .expect("layer descriptor object")
+            .remove("annotations");
+    });
+    let text = run(Command::new(esgz_bin()).args(["inspect", &image])).stdout;
+    let text = String::from_utf8_lossy(&text);
+    assert!(text.contains("fetched whole when served"), "{text}");
+}

@@ -269,3 +269,64 @@ fn list_shows_the_counters_of_the_metrics_endpoint() {
     assert_eq!(device["counters"]["range_requests"], cell("REQUESTS"));
     drop(server);
 }
+
+/// A serve whose socket cannot be bound must exit with the bind error, also
+/// while its stats writer runs.
+#[test]
+fn stats_file_serve_exits_on_bind_failure() {
+    let image = format!("oci:{}:latest", fixture_dir("links").join("oci").display());
+    let dir = tempfile::tempdir().expect("temp dir");
+    let socket = dir.path().join("missing").join("s.sock");
+    let mut child = Command::new(support::esgz_bin())
+        .args(["serve", &image, "--socket"])
+        .arg(&socket)
+        .arg("--cache-dir")
+        .arg(dir.path().join("cache"))
+        .arg("--stats-file")
+        .arg(dir.path().join("stats.json"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("starting serve");
+
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("polling serve") {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "serve with socket {} kept running after its bind failed",
+                socket.display()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut stderr = String::new();
+    child
+        .stderr
+        .take()
+        .expect("piped stderr")
+        .read_to_string(&mut stderr)
+        .expect("reading stderr");
+
+    assert!(
+        !status.success(),
+        "serve exited with {status}; stderr:\n{stderr}"
+    );
+    assert!(
+        stderr.contains(&format!(
+            "directory {} of socket {} does not exist",
+            dir.path().join("missing").display(),
+            socket.display()
+        )),
+        "{stderr}"
+    );
+    let stats: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(dir.path().join("stats.json")).expect("reading the stats file"),
+    )
+    .expect("parsing the stats file");
+    assert!(stats["store"].is_object(), "{stats}");
+}

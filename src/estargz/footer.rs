@@ -81,7 +81,7 @@ pub enum FooterError {
 
     #[error(
         "blob of {blob_size} bytes has no eStargz footer ({estargz}) and no legacy stargz \
-         footer ({legacy}); it is not an eStargz layer, so read it as a plain tar.gz"
+         footer ({legacy}), so it is not an eStargz layer"
     )]
     NotFound {
         blob_size: u64,
@@ -90,8 +90,8 @@ pub enum FooterError {
     },
 
     #[error(
-        "blob of {blob_size} bytes is shorter than the {min} byte legacy stargz footer; \
-         it is not an eStargz layer, so read it as a plain tar.gz"
+        "blob of {blob_size} bytes is shorter than the {min} byte legacy stargz footer, \
+         so it is not an eStargz layer"
     )]
     BlobTooShort { blob_size: u64, min: u64 },
 

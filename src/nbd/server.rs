@@ -32,6 +32,9 @@ pub enum ListenError {
     #[error("{path} exists and is not a unix socket; remove it or choose another socket path")]
     NotASocket { path: PathBuf },
 
+    #[error("directory {directory} of socket {path} does not exist; create it or choose another socket path")]
+    MissingDirectory { path: PathBuf, directory: PathBuf },
+
     #[error("failed to {step} for socket {path}: {source}")]
     Unix {
         step: &'static str,
@@ -249,6 +252,12 @@ fn bind_unix(path: &Path) -> Result<(UnixListener, (u64, u64)), ListenError> {
         Some(parent) if !parent.as_os_str().is_empty() => parent,
         _ => Path::new("."),
     };
+    if !parent.is_dir() {
+        return Err(ListenError::MissingDirectory {
+            path: path.to_path_buf(),
+            directory: parent.to_path_buf(),
+        });
+    }
     let private_dir = parent.join(format!(
         ".nbd-{}-{}",
         std::process::id(),
