@@ -15,7 +15,7 @@ pub const SYSTEM_CONFIG: &str = "/etc/esgz-nbd/config.toml";
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error(
-        "failed to read the configuration file {path}: {source}; fix the path given with --config"
+        "failed to read the configuration file {path}: {source}; fix the path given with --config or ESGZ_NBD_CONFIG"
     )]
     Read {
         path: PathBuf,

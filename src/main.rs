@@ -487,9 +487,14 @@ async fn run_server<D: BlockDevice>(
                 warn!(%addr, "listening on a non-loopback address: anyone who can reach it can read the image (and change it with --writable)");
             }
             // Bind before printing the URI, so a client that reads it can connect.
-            let listener = tokio::net::TcpListener::bind(addr)
-                .await
-                .with_context(|| format!("failed to listen on TCP address {addr}"))?;
+            let listener = tokio::net::TcpListener::bind(addr).await.map_err(|error| {
+                let hint = if error.kind() == std::io::ErrorKind::AddrInUse {
+                    "; stop the program that uses the port, or choose another port with --listen"
+                } else {
+                    ""
+                };
+                anyhow::anyhow!("failed to listen on TCP address {addr}: {error}{hint}")
+            })?;
             let addr = listener.local_addr().unwrap_or(addr);
             info!(%addr, export = %args.export_name, "serving NBD on TCP");
             println!("nbd://{addr}/{}", args.export_name);
@@ -505,12 +510,15 @@ async fn run_server<D: BlockDevice>(
                 }
             };
             info!(socket = %socket.display(), export = %args.export_name, "serving NBD on a unix socket");
-            println!(
+            let uri = format!(
                 "nbd+unix:///{}?socket={}",
                 args.export_name,
                 socket.display()
             );
-            nbd::serve_unix(&socket, disk.clone(), server_options, shutdown_rx).await
+            // Printed once the socket is bound, so a client that reads it can connect.
+            let announce = move || println!("{uri}");
+            nbd::serve_unix_announced(&socket, disk.clone(), server_options, shutdown_rx, announce)
+                .await
         }
     };
     // A server that failed to bind got no signal. Stop the stats writer anyway,

@@ -195,7 +195,9 @@ fn parse_digest(
 }
 
 fn metadata(entry: &JsonEntry) -> Result<Metadata, TocError> {
-    let mode = non_negative(entry, "mode", entry.mode)?;
+    // Tar writers put the file type bits (0o170000) next to the permissions, and
+    // only the permission bits are kept. A value past 32 bits is no mode at all.
+    let mode = id_field(entry, "mode", entry.mode)?;
     let (mtime, mtime_nsec) = match entry.modtime.as_deref() {
         // The reference writer omits the field for the Unix epoch.
         None | Some("") => (0, 0),
@@ -817,6 +819,11 @@ mod tests {
                 "negative mode",
                 json!([{"name": "x", "type": "dir", "mode": -5}]),
                 "invalid mode",
+            ),
+            (
+                "mode past 32 bits",
+                json!([{"name": "x", "type": "dir", "mode": 1099511627776u64}]),
+                "invalid mode 1099511627776",
             ),
             (
                 "bad xattr",

@@ -42,7 +42,7 @@ use tokio::sync::watch;
 
 use crate::device::BlockDevice;
 
-pub use server::{serve_tcp, serve_tcp_listener, serve_unix, ListenError};
+pub use server::{serve_tcp, serve_tcp_listener, serve_unix, serve_unix_announced, ListenError};
 
 /// The shutdown signal of [`serve_unix`] and [`serve_tcp`].
 ///

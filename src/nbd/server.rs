@@ -63,9 +63,22 @@ pub async fn serve_unix<D: BlockDevice>(
     options: ServerOptions,
     shutdown: Shutdown,
 ) -> anyhow::Result<()> {
+    serve_unix_announced(path, device, options, shutdown, || {}).await
+}
+
+/// Like [`serve_unix`], and calls `bound` once the socket accepts connections, so
+/// a caller can print the address only when a client can connect to it.
+pub async fn serve_unix_announced<D: BlockDevice>(
+    path: &Path,
+    device: Arc<D>,
+    options: ServerOptions,
+    shutdown: Shutdown,
+    bound: impl FnOnce(),
+) -> anyhow::Result<()> {
     options.validate()?;
     let (listener, identity) = bind_unix(path)?;
     info!(path = %path.display(), export = options.export_name, "NBD server listening");
+    bound();
 
     let result = accept_loop(Listener::Unix(listener), device, options, shutdown).await;
 
