@@ -61,6 +61,8 @@ pub struct StatsSnapshot {
     pub readaheads: u64,
     /// Reads served from freshly decoded chunks instead of the cache file.
     pub reads_from_decoded: u64,
+    /// Reads served from the page cache on the calling thread, without waiting for I/O.
+    pub reads_without_wait: u64,
 }
 
 #[derive(Default)]
@@ -80,6 +82,7 @@ pub(crate) struct Stats {
     pub(crate) cache_checksum_failures: AtomicU64,
     pub(crate) readaheads: AtomicU64,
     pub(crate) reads_from_decoded: AtomicU64,
+    pub(crate) reads_without_wait: AtomicU64,
 }
 
 impl Stats {
@@ -119,6 +122,7 @@ impl Stats {
             cache_checksum_failures: load(&self.cache_checksum_failures),
             readaheads: load(&self.readaheads),
             reads_from_decoded: load(&self.reads_from_decoded),
+            reads_without_wait: load(&self.reads_without_wait),
         }
     }
 }
