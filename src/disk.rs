@@ -70,8 +70,9 @@ impl ImageDisk {
 
     /// Reads the whole blocks `start_block..start_block + block_count` into one buffer.
     ///
-    /// Each segment fills its own part of the buffer: metadata is rendered in place, and
-    /// file data the page cache holds is read straight into it
+    /// Each segment fills its own part of the buffer. Metadata is rendered in place. File
+    /// data that the page cache contains is read straight into the buffer, with one
+    /// system call for files that follow each other in a layer
     /// ([`ChunkStore::read_cached_into`]). The other file segments are read through the
     /// store concurrently and copied in.
     async fn read_blocks(&self, start_block: u64, block_count: u64) -> io::Result<Bytes> {
@@ -87,22 +88,40 @@ impl ImageDisk {
         // Every byte of the buffer is written below: pooled buffers hold old data.
         let mut out = self.buffers.take(total);
 
-        let mut waiting = Vec::new();
+        let mut file_reads = Vec::new();
         let mut rest: &mut [u8] = &mut out;
         for segment in &segments {
             let len = ((segment.block_count * BLOCK_SIZE) as usize).min(rest.len());
             let (part, tail) = std::mem::take(&mut rest).split_at_mut(len);
             rest = tail;
             if let Some(file_read) = self.fill_segment(segment, part)? {
-                waiting.push(self.read_file_part(file_read));
+                file_reads.push(file_read);
+            }
+        }
+
+        let mut waiting = Vec::new();
+        let mut file_reads = file_reads.into_iter().peekable();
+        while let Some(first) = file_reads.next() {
+            let (layer, data_offset) = (first.layer, first.data_offset);
+            let mut end = data_offset + first.out.len() as u64;
+            let mut run = vec![first];
+            while let Some(next) =
+                file_reads.next_if(|next| next.layer == layer && next.data_offset == end)
+            {
+                end += next.out.len() as u64;
+                run.push(next);
+            }
+            let mut parts: Vec<&mut [u8]> = run.iter_mut().map(|read| &mut *read.out).collect();
+            if !self.store.read_cached_into(layer, data_offset, &mut parts) {
+                waiting.extend(run.into_iter().map(|read| self.read_file_part(read)));
             }
         }
         try_join_all(waiting).await?;
         Ok(self.buffers.freeze(out))
     }
 
-    /// Fills `part`, the buffer of one segment, with what needs no waiting.
-    /// Returns the file read left to do when the page cache did not hold its data.
+    /// Fills `part`, the buffer of one segment, unless the segment is file data. For
+    /// file data it returns the file read that fills `part`.
     fn fill_segment<'a>(
         &self,
         segment: &Segment,
@@ -137,13 +156,9 @@ impl ImageDisk {
                 if out.is_empty() {
                     return Ok(None);
                 }
-                let data_offset = data.data_offset + file_offset;
-                if self.store.read_cached_into(data.layer, data_offset, out) {
-                    return Ok(None);
-                }
                 Ok(Some(FileRead {
                     layer: data.layer,
-                    data_offset,
+                    data_offset: data.data_offset + file_offset,
                     out,
                 }))
             }
@@ -206,8 +221,8 @@ impl ImageDisk {
     }
 }
 
-/// A file segment's read that has to go through [`ChunkStore::read`]: `out.len()`
-/// bytes of layer `layer`'s data space at `data_offset`.
+/// The read of a file segment: `out.len()` bytes of layer `layer`'s data space at
+/// `data_offset`.
 struct FileRead<'a> {
     layer: u32,
     data_offset: u64,

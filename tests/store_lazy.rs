@@ -744,7 +744,9 @@ async fn cached_reads_without_wait() {
     let chunk = |index: usize| &test_blob.index.chunks[index];
     let read_now = |offset: u64, len: u64| {
         let mut out = vec![0u8; len as usize];
-        store.read_cached_into(0, offset, &mut out).then_some(out)
+        store
+            .read_cached_into(0, offset, &mut [&mut out[..]])
+            .then_some(out)
     };
 
     assert!(read_now(0, 4096).is_none(), "a chunk not yet fetched");
@@ -775,8 +777,28 @@ async fn cached_reads_without_wait() {
         }
     }
     let mut out = [0u8; 4096];
-    assert!(!store.read_cached_into(3, 0, &mut out), "unknown layer");
-    let served = cases.iter().filter(|case| case.3).count() as u64;
+    assert!(
+        !store.read_cached_into(3, 0, &mut [&mut out[..]]),
+        "unknown layer"
+    );
+
+    // Several parts, each starting where the one before ends, in one call.
+    let mut first = vec![0u8; chunk(0).size as usize];
+    let mut second = vec![0u8; (chunk(1).size + chunk(2).size) as usize];
+    assert!(store.read_cached_into(0, 0, &mut [&mut first[..], &mut second[..]]));
+    assert!(first == test_blob.data[..first.len()]);
+    assert!(second == test_blob.data[first.len()..first.len() + second.len()]);
+    let mut partial = [0u8; 100];
+    assert!(
+        !store.read_cached_into(0, 0, &mut [&mut first[..], &mut partial[..]]),
+        "a part that ends inside a block was served"
+    );
+    assert!(
+        !store.read_cached_into(0, 0, &mut [&mut first[..], &mut []]),
+        "an empty part was served"
+    );
+
+    let served = cases.iter().filter(|case| case.3).count() as u64 + 1;
     assert_eq!(store.stats().reads_without_wait, served);
 
     // Flip a byte of chunk 3 in the cache file.

@@ -1,7 +1,7 @@
-//! Sending encoded replies on a connection: the command task that finished a reply
+//! Sending encoded replies on a connection. The command task that finished a reply
 //! writes it itself when the socket is free, so the data leaves from the thread (and
-//! CPU cache) that read it; replies finished meanwhile are queued and sent by whichever
-//! task is writing, in one vectored write.
+//! CPU cache) that read it. Replies finished meanwhile are queued, and the task that is
+//! writing sends them in one vectored write.
 
 use std::io::{self, IoSlice};
 use std::sync::{Mutex, PoisonError};
@@ -11,7 +11,7 @@ use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::sync::{watch, OwnedSemaphorePermit};
 use tracing::debug;
 
-/// Most buffers passed to one `writev`, below the kernel's `IOV_MAX` of 1024.
+/// Maximum buffers passed to one `writev`, below the kernel's `IOV_MAX` of 1024.
 const MAX_IOVECS: usize = 512;
 
 /// One encoded reply with the budget it releases once written.
@@ -29,16 +29,16 @@ pub(super) struct Permits {
 
 /// The write half of a connection shared by the command tasks.
 pub(super) struct ReplySender<W> {
-    /// Replies waiting for the task that holds `writer`.
+    /// Replies waiting for the task that has locked `writer`.
     queue: Mutex<Vec<Outgoing>>,
     writer: tokio::sync::Mutex<W>,
-    /// The first write error; afterwards replies are dropped.
+    /// The first write error. Replies queued after it are dropped.
     failure: Mutex<Option<io::Error>>,
     failed: watch::Sender<bool>,
 }
 
 impl<W: AsyncWrite + Unpin> ReplySender<W> {
-    /// A sender writing to `writer`; `failed` is set when a write fails.
+    /// Creates a sender writing to `writer` that sets `failed` when a write fails.
     pub(super) fn new(writer: W, failed: watch::Sender<bool>) -> ReplySender<W> {
         ReplySender {
             queue: Mutex::new(Vec::new()),
