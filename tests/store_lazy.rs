@@ -727,11 +727,13 @@ async fn auto_backend_probes_io_uring() {
     assert_eq!(bytes.as_ref(), &test_blob.data[..100]);
 }
 
-/// `read_cached_into` serves only ranges whose chunks are present and made of whole
-/// check blocks, and refuses a block whose bytes changed in the cache file, which the
-/// following `read` then fetches again.
-#[tokio::test]
-async fn cached_reads_without_wait() {
+/// A store over the sample blob with the io_uring backend and an empty cache.
+fn fresh_store() -> (
+    TestBlob,
+    Arc<CountingRegistryDouble>,
+    tempfile::TempDir,
+    ChunkStore,
+) {
     let test_blob = sample_blob();
     let registry = CountingRegistryDouble::new(test_blob.blob.clone());
     let dir = tempfile::tempdir().expect("tempdir");
@@ -740,6 +742,27 @@ async fn cached_reads_without_wait() {
         &registry,
         options(dir.path(), IoBackendChoice::Uring),
     );
+    (test_blob, registry, dir, store)
+}
+
+/// The `.data` cache file of the only layer under `cache_dir`.
+fn cache_data_file(cache_dir: &std::path::Path) -> std::path::PathBuf {
+    std::fs::read_dir(cache_dir.join("layers"))
+        .expect("list the cache")
+        .map(|entry| entry.expect("cache entry").path())
+        .find(|path| {
+            path.extension()
+                .is_some_and(|extension| extension == "data")
+        })
+        .expect("a cache data file")
+}
+
+/// `read_cached_into` serves only ranges whose chunks are present and made of whole
+/// check blocks, and refuses a block whose bytes changed in the cache file, which the
+/// following `read` then fetches again.
+#[tokio::test]
+async fn cached_reads_without_wait() {
+    let (test_blob, registry, dir, store) = fresh_store();
     let size = test_blob.data.len() as u64;
     let chunk = |index: usize| &test_blob.index.chunks[index];
     let read_now = |offset: u64, len: u64| {
@@ -803,14 +826,7 @@ async fn cached_reads_without_wait() {
 
     // Flip a byte of chunk 3 in the cache file.
     let target = chunk(3);
-    let data_file = std::fs::read_dir(dir.path().join("layers"))
-        .expect("list the cache")
-        .map(|entry| entry.expect("cache entry").path())
-        .find(|path| {
-            path.extension()
-                .is_some_and(|extension| extension == "data")
-        })
-        .expect("a cache data file");
+    let data_file = cache_data_file(dir.path());
     let file = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
@@ -845,4 +861,41 @@ async fn cached_reads_without_wait() {
         read_now(target.data_offset, target.size).is_some(),
         "the refetched chunk is served without waiting again"
     );
+}
+
+/// Chunks fetched together are written to the cache file in joined runs: the file then
+/// holds exactly the layer's data, and a new store over it serves every range from
+/// the cache without a request.
+#[tokio::test]
+async fn joined_cache_writes_exact() {
+    let (test_blob, registry, dir, store) = fresh_store();
+    let size = test_blob.data.len() as u64;
+    store.read(0, 0, size).await.expect("read everything");
+    assert_eq!(
+        registry.requests(),
+        1,
+        "the members were not fetched together"
+    );
+    drop(store);
+
+    let data_file = cache_data_file(dir.path());
+    let cached = std::fs::read(&data_file).expect("read the cache file");
+    assert!(
+        cached == test_blob.data,
+        "the cache file differs from the layer data"
+    );
+
+    let registry = CountingRegistryDouble::new(test_blob.blob.clone());
+    let reopened = open_store(
+        &test_blob,
+        &registry,
+        options(dir.path(), IoBackendChoice::Std),
+    );
+    let bytes = reopened
+        .read(0, 0, size)
+        .await
+        .expect("read from the cache");
+    assert!(bytes == test_blob.data);
+    assert_eq!(registry.requests(), 0);
+    assert_eq!(reopened.stats().cache_checksum_failures, 0);
 }

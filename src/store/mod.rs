@@ -25,6 +25,7 @@ mod error;
 mod evict;
 mod fallback;
 mod fetch;
+mod fill;
 mod hot;
 mod io;
 mod persist;
