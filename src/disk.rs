@@ -4,11 +4,12 @@
 use std::io;
 use std::sync::Arc;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use futures::future::try_join_all;
 use tracing::warn;
 
 use crate::access::AccessRecorder;
+use crate::buffers::BufferPool;
 use crate::device::BlockDevice;
 use crate::ext4::{
     Layout, LayoutError, LayoutOptions, Segment, SegmentKind, WritableOptions, BLOCK_SIZE,
@@ -23,6 +24,8 @@ pub struct ImageDisk {
     tree: Arc<Tree>,
     layout: Arc<Layout>,
     store: Arc<ChunkStore>,
+    /// Buffers that reads are assembled in.
+    buffers: Arc<BufferPool>,
     /// Receives the files of every read when access recording is on.
     recorder: Option<Arc<AccessRecorder>>,
 }
@@ -33,6 +36,7 @@ impl ImageDisk {
             tree: image.tree.clone(),
             layout: image.layout.clone(),
             store: image.store.clone(),
+            buffers: BufferPool::new(),
             recorder: None,
         }
     }
@@ -44,6 +48,7 @@ impl ImageDisk {
             tree: image.tree.clone(),
             layout,
             store: image.store.clone(),
+            buffers: BufferPool::new(),
             recorder: None,
         }
     }
@@ -63,35 +68,76 @@ impl ImageDisk {
         &self.store
     }
 
-    /// Reads the whole blocks `start_block..start_block + block_count`.
+    /// Reads the whole blocks `start_block..start_block + block_count` into one buffer.
+    ///
+    /// Each segment fills its own part of the buffer. Metadata is rendered in place. File
+    /// data that the page cache contains is read straight into the buffer, with one
+    /// system call for files that follow each other in a layer
+    /// ([`ChunkStore::read_cached_into`]). The other file segments are read through the
+    /// store concurrently and copied in.
     async fn read_blocks(&self, start_block: u64, block_count: u64) -> io::Result<Bytes> {
         let segments = self.layout.segments(start_block, block_count);
         if let Some(recorder) = &self.recorder {
             recorder.record_read(&segments);
         }
-        let parts: Vec<Bytes> =
-            try_join_all(segments.iter().map(|segment| self.read_segment(*segment))).await?;
-        if parts.len() == 1 {
-            return Ok(parts.into_iter().next().unwrap_or_default());
+        let total = usize::try_from(block_count * BLOCK_SIZE).map_err(|_| {
+            io::Error::other(format!(
+                "a read of {block_count} blocks does not fit in memory"
+            ))
+        })?;
+        // Every byte of the buffer is written below: pooled buffers hold old data.
+        let mut out = self.buffers.take(total);
+
+        let mut file_reads = Vec::new();
+        let mut rest: &mut [u8] = &mut out;
+        for segment in &segments {
+            let len = ((segment.block_count * BLOCK_SIZE) as usize).min(rest.len());
+            let (part, tail) = std::mem::take(&mut rest).split_at_mut(len);
+            rest = tail;
+            if let Some(file_read) = self.fill_segment(segment, part)? {
+                file_reads.push(file_read);
+            }
         }
-        let mut out = BytesMut::with_capacity((block_count * BLOCK_SIZE) as usize);
-        for part in parts {
-            out.extend_from_slice(&part);
+
+        let mut waiting = Vec::new();
+        let mut file_reads = file_reads.into_iter().peekable();
+        while let Some(first) = file_reads.next() {
+            let (layer, data_offset) = (first.layer, first.data_offset);
+            let mut end = data_offset + first.out.len() as u64;
+            let mut run = vec![first];
+            while let Some(next) =
+                file_reads.next_if(|next| next.layer == layer && next.data_offset == end)
+            {
+                end += next.out.len() as u64;
+                run.push(next);
+            }
+            let mut parts: Vec<&mut [u8]> = run.iter_mut().map(|read| &mut *read.out).collect();
+            if !self.store.read_cached_into(layer, data_offset, &mut parts) {
+                waiting.extend(run.into_iter().map(|read| self.read_file_part(read)));
+            }
         }
-        Ok(out.freeze())
+        try_join_all(waiting).await?;
+        Ok(self.buffers.freeze(out))
     }
 
-    async fn read_segment(&self, segment: Segment) -> io::Result<Bytes> {
-        let len = (segment.block_count * BLOCK_SIZE) as usize;
+    /// Fills `part`, the buffer of one segment, unless the segment is file data. For
+    /// file data it returns the file read that fills `part`.
+    fn fill_segment<'a>(
+        &self,
+        segment: &Segment,
+        part: &'a mut [u8],
+    ) -> io::Result<Option<FileRead<'a>>> {
         match segment.kind {
-            SegmentKind::Zero => Ok(Bytes::from(vec![0u8; len])),
+            SegmentKind::Zero => {
+                part.fill(0);
+                Ok(None)
+            }
             SegmentKind::Metadata => {
-                let mut out = vec![0u8; len];
-                for (i, block) in out.chunks_exact_mut(BLOCK_SIZE as usize).enumerate() {
+                for (i, block) in part.chunks_exact_mut(BLOCK_SIZE as usize).enumerate() {
                     self.layout
                         .render_metadata(segment.start_block + i as u64, block);
                 }
-                Ok(Bytes::from(out))
+                Ok(None)
             }
             SegmentKind::File { node, file_offset } => {
                 let data = match &self.tree.node(node).kind {
@@ -103,33 +149,53 @@ impl ImageDisk {
                         )))
                     }
                 };
-                let available = data.size.saturating_sub(file_offset).min(len as u64);
-                if available == 0 {
-                    return Ok(Bytes::from(vec![0u8; len]));
+                let available = data.size.saturating_sub(file_offset).min(part.len() as u64);
+                let (out, tail) = part.split_at_mut(available as usize);
+                // The tail of the file's last block reads as zeros.
+                tail.fill(0);
+                if out.is_empty() {
+                    return Ok(None);
                 }
-                let bytes = self
-                    .store
-                    .read(data.layer, data.data_offset + file_offset, available)
-                    .await
-                    .map_err(|error| {
-                        warn!(
-                            layer = data.layer,
-                            data_offset = data.data_offset + file_offset,
-                            len = available,
-                            error = %error,
-                            "read failed: returning EIO for this range"
-                        );
-                        io::Error::other(error.to_string())
-                    })?;
-                if bytes.len() == len {
-                    return Ok(bytes);
-                }
-                let mut out = BytesMut::with_capacity(len);
-                out.extend_from_slice(&bytes);
-                out.resize(len, 0);
-                Ok(out.freeze())
+                Ok(Some(FileRead {
+                    layer: data.layer,
+                    data_offset: data.data_offset + file_offset,
+                    out,
+                }))
             }
         }
+    }
+
+    /// Reads a file segment through the store, fetching what is missing, into its part
+    /// of the buffer.
+    async fn read_file_part(&self, read: FileRead<'_>) -> io::Result<()> {
+        let FileRead {
+            layer,
+            data_offset,
+            out,
+        } = read;
+        let len = out.len() as u64;
+        let bytes = self
+            .store
+            .read(layer, data_offset, len)
+            .await
+            .map_err(|error| {
+                warn!(
+                    layer,
+                    data_offset,
+                    len,
+                    error = %error,
+                    "read failed: returning EIO for this range"
+                );
+                io::Error::other(error.to_string())
+            })?;
+        if bytes.len() != out.len() {
+            return Err(io::Error::other(format!(
+                "the store returned {} bytes for a read of {len} bytes at {data_offset:#x} of layer {layer}",
+                bytes.len()
+            )));
+        }
+        out.copy_from_slice(&bytes);
+        Ok(())
     }
 
     async fn prefetch_blocks(&self, start_block: u64, block_count: u64) -> io::Result<()> {
@@ -153,6 +219,14 @@ impl ImageDisk {
         }
         Ok(())
     }
+}
+
+/// The read of a file segment: `out.len()` bytes of layer `layer`'s data space at
+/// `data_offset`.
+struct FileRead<'a> {
+    layer: u32,
+    data_offset: u64,
+    out: &'a mut [u8],
 }
 
 /// Bytes of added free space per spare inode, the mke2fs default inode ratio.

@@ -3,6 +3,7 @@
 
 pub mod access;
 pub mod attach;
+pub mod buffers;
 pub mod cli;
 pub mod config;
 pub mod convert;

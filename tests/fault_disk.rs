@@ -381,6 +381,14 @@ fn flipped_cache_byte_refetched_while_serving() {
         server.log()
     );
 
+    // Warm reads take the path that reads the page cache on the serving thread, so
+    // the damage below is met by that path first.
+    let stats = server.stats();
+    assert!(
+        stats["store"]["reads_without_wait"].as_u64() > Some(0),
+        "warm copies did not read the page cache directly; stats: {stats}"
+    );
+
     let flipped = flip_first_data_byte(&server.dir().join("cache/layers"));
     assert!(flipped > 0, "no cache file had data to damage");
 

@@ -705,3 +705,176 @@ async fn auto_backend_probes_io_uring() {
     let bytes = sample.store.read(0, 0, 100).await.expect("read");
     assert_eq!(bytes.as_ref(), &sample.test_blob.data[..100]);
 }
+
+/// A store over the sample blob with the io_uring backend and an empty cache.
+fn fresh_store() -> (
+    TestBlob,
+    Arc<CountingRegistryDouble>,
+    tempfile::TempDir,
+    ChunkStore,
+) {
+    let test_blob = sample_blob();
+    let registry = CountingRegistryDouble::new(test_blob.blob.clone());
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = open_store(
+        &test_blob,
+        &registry,
+        options(dir.path(), IoBackendChoice::Uring),
+    );
+    (test_blob, registry, dir, store)
+}
+
+/// The `.data` cache file of the only layer under `cache_dir`.
+fn cache_data_file(cache_dir: &std::path::Path) -> std::path::PathBuf {
+    std::fs::read_dir(cache_dir.join("layers"))
+        .expect("list the cache")
+        .map(|entry| entry.expect("cache entry").path())
+        .find(|path| {
+            path.extension()
+                .is_some_and(|extension| extension == "data")
+        })
+        .expect("a cache data file")
+}
+
+/// `read_cached_into` serves only ranges whose chunks are present and made of whole
+/// check blocks, and refuses a block whose bytes changed in the cache file, which the
+/// following `read` then fetches again.
+#[tokio::test]
+async fn cached_reads_without_wait() {
+    let (test_blob, registry, dir, store) = fresh_store();
+    let size = test_blob.data.len() as u64;
+    let chunk = |index: usize| &test_blob.index.chunks[index];
+    let read_now = |offset: u64, len: u64| {
+        let mut out = vec![0u8; len as usize];
+        store
+            .read_cached_into(0, offset, &mut [&mut out[..]])
+            .then_some(out)
+    };
+
+    assert!(read_now(0, 4096).is_none(), "a chunk not yet fetched");
+    let whole = store.read(0, 0, size).await.expect("first read");
+    assert_eq!(whole.as_ref(), &test_blob.data[..]);
+
+    // (case, offset, length, served without waiting)
+    let cases: &[(&str, u64, u64, bool)] = &[
+        ("first block", 0, 4096, true),
+        ("short last block of a chunk", 4096, 904, true),
+        ("whole chunks across members", 0, chunk(3).data_offset, true),
+        ("large chunk", chunk(4).data_offset, chunk(4).size, true),
+        ("inside a block", 100, 200, false),
+        ("ends inside a block", 0, 4000, false),
+        ("past the end", size - 777, 778, false),
+        ("empty", 0, 0, false),
+    ];
+    for &(case, offset, len, served) in cases {
+        match read_now(offset, len) {
+            Some(bytes) => {
+                assert!(served, "case {case} was served");
+                assert!(
+                    bytes == test_blob.data[offset as usize..(offset + len) as usize],
+                    "case {case}: wrong bytes"
+                );
+            }
+            None => assert!(!served, "case {case} was not served"),
+        }
+    }
+    let mut out = [0u8; 4096];
+    assert!(
+        !store.read_cached_into(3, 0, &mut [&mut out[..]]),
+        "unknown layer"
+    );
+
+    // Several parts, each starting where the one before ends, in one call.
+    let mut first = vec![0u8; chunk(0).size as usize];
+    let mut second = vec![0u8; (chunk(1).size + chunk(2).size) as usize];
+    assert!(store.read_cached_into(0, 0, &mut [&mut first[..], &mut second[..]]));
+    assert!(first == test_blob.data[..first.len()]);
+    assert!(second == test_blob.data[first.len()..first.len() + second.len()]);
+    let mut partial = [0u8; 100];
+    assert!(
+        !store.read_cached_into(0, 0, &mut [&mut first[..], &mut partial[..]]),
+        "a part that ends inside a block was served"
+    );
+    assert!(
+        !store.read_cached_into(0, 0, &mut [&mut first[..], &mut []]),
+        "an empty part was served"
+    );
+
+    let served = cases.iter().filter(|case| case.3).count() as u64 + 1;
+    assert_eq!(store.stats().reads_without_wait, served);
+
+    // Flip a byte of chunk 3 in the cache file.
+    let target = chunk(3);
+    let data_file = cache_data_file(dir.path());
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&data_file)
+        .expect("open the cache file");
+    let offset = target.data_offset + 7;
+    let mut byte = [0u8; 1];
+    std::os::unix::fs::FileExt::read_exact_at(&file, &mut byte, offset).expect("read byte");
+    std::os::unix::fs::FileExt::write_all_at(&file, &[byte[0] ^ 0x20], offset).expect("flip byte");
+    drop(file);
+
+    assert!(
+        read_now(target.data_offset, target.size).is_none(),
+        "a changed block was served"
+    );
+    assert_eq!(store.stats().cache_checksum_failures, 0);
+    let requests = registry.requests();
+    let bytes = store
+        .read(0, target.data_offset, target.size)
+        .await
+        .expect("read after the damage");
+    assert_eq!(
+        bytes.as_ref(),
+        &test_blob.data[target.data_offset as usize..(target.data_offset + target.size) as usize]
+    );
+    assert_eq!(store.stats().cache_checksum_failures, 1);
+    assert!(
+        registry.requests() > requests,
+        "the chunk was not fetched again"
+    );
+    assert!(
+        read_now(target.data_offset, target.size).is_some(),
+        "the refetched chunk is served without waiting again"
+    );
+}
+
+/// Chunks fetched together are written to the cache file in joined runs: the file then
+/// holds exactly the layer's data, and a new store over it serves every range from
+/// the cache without a request.
+#[tokio::test]
+async fn joined_cache_writes_exact() {
+    let (test_blob, registry, dir, store) = fresh_store();
+    let size = test_blob.data.len() as u64;
+    store.read(0, 0, size).await.expect("read everything");
+    assert_eq!(
+        registry.requests(),
+        1,
+        "the members were not fetched together"
+    );
+    drop(store);
+
+    let data_file = cache_data_file(dir.path());
+    let cached = std::fs::read(&data_file).expect("read the cache file");
+    assert!(
+        cached == test_blob.data,
+        "the cache file differs from the layer data"
+    );
+
+    let registry = CountingRegistryDouble::new(test_blob.blob.clone());
+    let reopened = open_store(
+        &test_blob,
+        &registry,
+        options(dir.path(), IoBackendChoice::Std),
+    );
+    let bytes = reopened
+        .read(0, 0, size)
+        .await
+        .expect("read from the cache");
+    assert!(bytes == test_blob.data);
+    assert_eq!(registry.requests(), 0);
+    assert_eq!(reopened.stats().cache_checksum_failures, 0);
+}

@@ -183,18 +183,28 @@ def render_warm(rows, meta, plots, targets):
         f"- Random: `{meta['rand']}`; {meta.get('passes', '1 pass')}.",
         f"- Export: {mib(meta['export_bytes']):.1f} MiB (the Debian image). MB/s = 10^6 bytes per second, "
         f"median (min–max) over {max(r['rep'] for r in rows)} runs.",
-        "",
-        "| pattern | request | queue depth | esgz-nbd MB/s | nbdkit file MB/s | qemu-nbd MB/s | esgz-nbd / nbdkit |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
+    with_cpu = all("server_cpu_s" in r for r in rows)
+    if with_cpu:
+        out.append(f"- Server CPU: {meta['server_cpu']}; the last column divides esgz-nbd's median "
+                   "CPU time per byte by nbdkit's (below 1 means esgz-nbd used less CPU per byte).")
+    header = "| pattern | request | queue depth | esgz-nbd MB/s | nbdkit file MB/s | qemu-nbd MB/s | esgz-nbd / nbdkit |"
+    rule = "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"
+    if with_cpu:
+        header += " server CPU per byte, esgz-nbd / nbdkit |"
+        rule += " ---: |"
+    out += ["", header, rule]
 
     by = defaultdict(list)
+    cpu = defaultdict(list)
     keys = []
     for r in rows:
         key = (r["pattern"], r["request_bytes"], r["depth"])
         if key not in keys:
             keys.append(key)
         by[key + (r["server"],)].append(r["mb_per_s"])
+        if with_cpu:
+            cpu[key + (r["server"],)].append(r["server_cpu_s"] / r["bytes"])
 
     seq_ratios = []
     plot_rows = []
@@ -207,8 +217,13 @@ def render_warm(rows, meta, plots, targets):
             seq_ratios.append((size, ratio))
         size_text = f"{size // 1024} KiB" if size < 1048576 else f"{size // 1048576} MiB"
         depth_text = "64 (nbdcopy)" if pattern == "seq" else str(depth)
-        out.append(f"| {'sequential' if pattern == 'seq' else 'random'} | {size_text} | {depth_text} | "
-                   f"{spread(ours)} | {spread(kit)} | {spread(qemu)} | {ratio:.2f} |")
+        line = (f"| {'sequential' if pattern == 'seq' else 'random'} | {size_text} | {depth_text} | "
+                f"{spread(ours)} | {spread(kit)} | {spread(qemu)} | {ratio:.2f} |")
+        if with_cpu:
+            kit_cpu = med(cpu[(pattern, size, depth, "nbdkit")])
+            cpu_ratio = med(cpu[(pattern, size, depth, "esgz-nbd")]) / kit_cpu if kit_cpu else float("nan")
+            line += f" {cpu_ratio:.2f} |"
+        out.append(line)
         plot_rows.append((f"{pattern} {size_text} qd{depth}", med(ours), med(kit), med(qemu)))
 
     for size, ratio in seq_ratios:

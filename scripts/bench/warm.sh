@@ -31,12 +31,15 @@ serve_start "$image" ours
 log "warming the esgz-nbd cache with one full read"
 nbdcopy "nbd+unix:///?socket=$SOCK" null:
 declare -A SOCKS=([esgz-nbd]=$SOCK)
+declare -A PIDS=([esgz-nbd]=$SERVE_PID)
 
 SOCKS[nbdkit]=$WORK/nbdkit.sock
 nbdkit -f -U "${SOCKS[nbdkit]}" file "$raw" &
+PIDS[nbdkit]=$!
 on_exit "stop_pid $!"
 SOCKS[qemu-nbd]=$WORK/qemu-nbd.sock
 qemu-nbd -r -t --shared=16 -k "${SOCKS[qemu-nbd]}" -f raw "$raw" &
+PIDS[qemu-nbd]=$!
 on_exit "stop_pid $!"
 for name in nbdkit qemu-nbd; do
   "$PY_NBD" "$BENCH_DIR/nbdprobe.py" "${SOCKS[$name]}" --timeout 30 >/dev/null || die "$name did not start"
@@ -44,9 +47,14 @@ done
 # Read the raw file once so that both peers serve from the page cache too.
 cat "$raw" > /dev/null
 
-record() { # SERVER PATTERN SIZE DEPTH REP SECONDS BYTES
-  printf '{"server":"%s","pattern":"%s","request_bytes":%s,"depth":%s,"rep":%s,"seconds":%s,"bytes":%s,"mb_per_s":%s,"loadavg":%s}\n' \
-    "$1" "$2" "$3" "$4" "$5" "$6" "$7" "$(python3 -c "print(round($7 / $6 / 1e6, 1))")" "$(loadavg)" >> "$RESULTS"
+# CPU time (user + system) of a process so far, in clock ticks.
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+TICKS_PER_S=$(getconf CLK_TCK)
+
+record() { # SERVER PATTERN SIZE DEPTH REP SECONDS BYTES SERVER_CPU_TICKS
+  printf '{"server":"%s","pattern":"%s","request_bytes":%s,"depth":%s,"rep":%s,"seconds":%s,"bytes":%s,"mb_per_s":%s,"server_cpu_s":%s,"loadavg":%s}\n' \
+    "$1" "$2" "$3" "$4" "$5" "$6" "$7" "$(python3 -c "print(round($7 / $6 / 1e6, 1))")" \
+    "$(python3 -c "print(round($8 / $TICKS_PER_S, 2))")" "$(loadavg)" >> "$RESULTS"
   log "$1 $2 $3 B depth $4 rep $5: $6 s"
 }
 
@@ -58,21 +66,24 @@ for rep in $(seq 1 "$REPS"); do
       # several passes per measurement.
       passes=1
       [ "$size" -ge 65536 ] && passes=4
+      pid=${PIDS[$name]}
+      cpu0=$(cpu_ticks "$pid")
       t0=$(now_ns)
       for _ in $(seq 1 "$passes"); do
         nbdcopy --no-extents --request-size="$size" "$uri" null:
       done
       seconds=$(python3 -c "print(($(now_ns) - $t0) / 1e9)")
-      record "$name" seq "$size" 64 "$rep" "$seconds" $((export_bytes * passes))
+      record "$name" seq "$size" 64 "$rep" "$seconds" $((export_bytes * passes)) $(($(cpu_ticks "$pid") - cpu0))
 
       for depth in $FIO_DEPTHS; do
+        cpu0=$(cpu_ticks "$pid")
         fio --name=rand --ioengine=nbd --uri="$uri" --rw=randread --bs="$size" \
           --iodepth="$depth" --loops="$passes" --runtime=30 --output-format=json --output="$WORK/fio.json" >/dev/null
         read -r seconds bytes < <(python3 -c '
 import json, sys
 r = json.load(open(sys.argv[1]))["jobs"][0]["read"]
 print(r["runtime"] / 1000, r["io_bytes"])' "$WORK/fio.json")
-        record "$name" rand "$size" "$depth" "$rep" "$seconds" "$bytes"
+        record "$name" rand "$size" "$depth" "$rep" "$seconds" "$bytes" $(($(cpu_ticks "$pid") - cpu0))
       done
     done
   done
@@ -94,6 +105,7 @@ json.dump({
     "seq": "nbdcopy --no-extents --request-size=SIZE nbd+unix:///?socket=S null:  (default 64 requests in flight, up to 4 connections when the server allows multi-conn)",
     "rand": "fio --name=rand --ioengine=nbd --uri=nbd+unix:///?socket=S --rw=randread --bs=SIZE --iodepth=DEPTH --loops=PASSES --runtime=30",
     "passes": "1 pass over the export for 4 KiB requests, 4 passes for 1 MiB",
+    "server_cpu": "user + system CPU time of the server process during each measurement, from /proc/PID/stat",
 }, open(sys.argv[1], "w"), indent=1)
 EOF
 log "wrote $RESULTS"

@@ -31,6 +31,7 @@
 
 mod handshake;
 pub mod proto;
+mod replies;
 mod server;
 mod transmission;
 

@@ -2,16 +2,16 @@
 //! or structured replies (NBD protocol specification, section "Transmission").
 //!
 //! One reader (the calling task) decodes requests and spawns a task per
-//! command; the tasks send finished replies through a channel to one writer
-//! task, so replies leave in completion order, each message whole.
+//! command; each task sends its finished reply through [`ReplySender`], so
+//! replies leave in completion order, each message whole.
 
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
 use futures::FutureExt;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
-use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, BufReader};
+use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinSet;
 use tracing::{debug, error, warn};
 
@@ -20,6 +20,7 @@ use super::proto::{
     self, chunk, command, command_flags, encode_chunk_header, encode_simple_reply, meta, NbdErrno,
     Request,
 };
+use super::replies::{Outgoing, Permits, ReplySender};
 use super::{read_exact_or_eof, wait_for_shutdown, NbdError, ServerOptions, Shutdown};
 use crate::device::BlockDevice;
 
@@ -32,9 +33,6 @@ pub(crate) const MAX_IN_FLIGHT_REQUESTS: usize = 64;
 const MAX_IN_FLIGHT_UNITS: u32 = 32 * 1024;
 /// Granularity of the in-flight byte budget.
 const BUDGET_UNIT: u32 = 4096;
-
-/// Capacity of the reply writer's buffer; payloads larger than this bypass it.
-const WRITE_BUFFER: usize = 256 * 1024;
 
 /// The per-connection state every command task reads.
 struct Context<D> {
@@ -68,19 +66,6 @@ impl Outcome {
     }
 }
 
-/// One encoded reply on its way to the writer, with the budget it releases.
-struct Outgoing {
-    header: Vec<u8>,
-    payload: Option<Bytes>,
-    _permits: Permits,
-}
-
-/// The request slot and read-data budget a command keeps until its reply is written.
-struct Permits {
-    _request: OwnedSemaphorePermit,
-    _bytes: Option<OwnedSemaphorePermit>,
-}
-
 /// Serves requests until the client disconnects, breaks the protocol, or
 /// `shutdown` fires. Every request already read gets its reply before the return.
 pub(crate) async fn transmit<D, S>(
@@ -106,9 +91,8 @@ where
     let (read_half, write_half) = tokio::io::split(stream);
     let mut reader = BufReader::new(read_half);
 
-    let (replies, reply_queue) = mpsc::unbounded_channel::<Outgoing>();
     let (writer_failed_tx, mut writer_failed) = watch::channel(false);
-    let writer = tokio::spawn(write_replies(write_half, reply_queue, writer_failed_tx));
+    let replies = Arc::new(ReplySender::new(write_half, writer_failed_tx));
 
     let requests = Arc::new(Semaphore::new(MAX_IN_FLIGHT_REQUESTS));
     let budget_units = MAX_IN_FLIGHT_UNITS.max(context.options.max_block.div_ceil(BUDGET_UNIT));
@@ -161,7 +145,6 @@ where
                 "transmission: bad request magic"
             );
             tasks.abort_all();
-            writer.abort();
             return Err(NbdError::RequestMagic {
                 found: request.magic,
             });
@@ -200,7 +183,9 @@ where
                     _request: request_permit,
                     _bytes: None,
                 };
-                send_reply(&replies, &context, request, outcome, permits);
+                let reply = encode_outgoing(&context, request, outcome, permits);
+                let replies = Arc::clone(&replies);
+                tasks.spawn(async move { replies.send(reply).await });
                 continue;
             }
             _ => {}
@@ -237,7 +222,7 @@ where
         };
 
         let context = Arc::clone(&context);
-        let replies = replies.clone();
+        let replies = Arc::clone(&replies);
         tasks.spawn(async move {
             let command = AssertUnwindSafe(run_command(&context, request, payload));
             let outcome = match command.catch_unwind().await {
@@ -252,36 +237,34 @@ where
                     Outcome::error(NbdErrno::Io, "internal server error")
                 }
             };
-            send_reply(&replies, &context, request, outcome, permits);
+            let reply = encode_outgoing(&context, request, outcome, permits);
+            replies.send(reply).await;
         });
     };
 
-    // Answer what was already read, then let the writer drain and close.
+    // Answer what was already read, then close the write half.
     if result.is_ok() {
         while tasks.join_next().await.is_some() {}
     } else {
         tasks.abort_all();
     }
-    drop(replies);
-    match writer.await {
-        Ok(Ok(())) => result,
-        Ok(Err(write_error)) => result.and(Err(write_error)),
-        Err(join_error) => {
-            error!(%join_error, "reply writer task failed");
-            result
-        }
+    match replies.close().await {
+        Ok(()) => result,
+        Err(source) => result.and(Err(NbdError::Io {
+            step: "send a reply",
+            source,
+        })),
     }
 }
 
-/// Encodes `outcome` and queues it for the writer; a closed queue means the
-/// connection is already going away, so the reply is dropped.
-fn send_reply<D>(
-    replies: &mpsc::UnboundedSender<Outgoing>,
+/// Encodes `outcome` for the negotiated reply style, with the permits its
+/// sending releases; failures are logged here.
+fn encode_outgoing<D>(
     context: &Context<D>,
     request: Request,
     outcome: Outcome,
     permits: Permits,
-) {
+) -> Outgoing {
     if let Outcome::Error { errno, message } = &outcome {
         debug!(
             command = command::name(request.kind),
@@ -297,58 +280,11 @@ fn send_reply<D>(
         request.cookie,
         outcome,
     );
-    let _ = replies.send(Outgoing {
+    Outgoing {
         header,
         payload,
         _permits: permits,
-    });
-}
-
-/// Writes queued replies until every sender is gone, flushing whenever the
-/// queue runs empty; sets `failed` when the connection breaks.
-async fn write_replies<W>(
-    write_half: W,
-    mut queue: mpsc::UnboundedReceiver<Outgoing>,
-    failed: watch::Sender<bool>,
-) -> Result<(), NbdError>
-where
-    W: AsyncWrite + Unpin,
-{
-    let mut writer = BufWriter::with_capacity(WRITE_BUFFER, write_half);
-    let result = async {
-        while let Some(reply) = queue.recv().await {
-            write_one(&mut writer, reply).await?;
-            while let Ok(reply) = queue.try_recv() {
-                write_one(&mut writer, reply).await?;
-            }
-            writer.flush().await?;
-        }
-        writer.shutdown().await
     }
-    .await;
-
-    match result {
-        Ok(()) => Ok(()),
-        Err(source) => {
-            debug!(%source, "failed to send a reply; closing the connection");
-            let _ = failed.send(true);
-            Err(NbdError::Io {
-                step: "send a reply",
-                source,
-            })
-        }
-    }
-}
-
-async fn write_one<W: AsyncWrite + Unpin>(
-    writer: &mut BufWriter<W>,
-    reply: Outgoing,
-) -> std::io::Result<()> {
-    writer.write_all(&reply.header).await?;
-    if let Some(payload) = &reply.payload {
-        writer.write_all(payload).await?;
-    }
-    Ok(())
 }
 
 /// Runs one command other than DISC, which the reader handles itself;

@@ -173,16 +173,13 @@ impl Inner {
                         expected,
                         actual,
                     } => {
-                        let record = &state.index.chunks[chunk];
-                        Stats::add(&self.stats.verify_failures, 1);
-                        return Err(ReadError::DigestMismatch {
-                            layer: state.index.digest.clone(),
-                            name: record.name.to_string(),
-                            compressed_offset: info.compressed_offset,
-                            data_offset: record.data_offset,
-                            expected: hex::encode(expected),
-                            actual: hex::encode(actual),
-                        });
+                        return Err(self.digest_mismatch(
+                            layer,
+                            info.compressed_offset,
+                            chunk,
+                            &expected,
+                            &actual,
+                        ));
                     }
                 };
                 let record = &state.index.chunks[position];

@@ -10,7 +10,6 @@ use bytes::{Bytes, BytesMut};
 use futures::future::{self, BoxFuture, FutureExt, Shared};
 use tokio::sync::oneshot;
 
-use super::blocks;
 use super::chunk::{self, ChunkOutcome};
 use super::error::ReadError;
 use super::stats::Stats;
@@ -261,7 +260,7 @@ impl Inner {
         let mut results = self.fetch_and_load(layer, &member_ids, start, end).await;
         // A body corrupted on the way (a broken proxy or cache) fails decoding or
         // verification; one more fetch distinguishes that from a corrupt blob. Chunks
-        // loaded by the first fetch are skipped by `load_member`.
+        // loaded by the first fetch are skipped by `decode_member`.
         if results.iter().any(|result| {
             matches!(
                 result,
@@ -279,8 +278,8 @@ impl Inner {
         }
     }
 
-    /// Downloads `start..end` and loads each member of it into the cache; returns
-    /// each member's result.
+    /// Downloads `start..end`, decodes each member of it and writes the good chunks to
+    /// the cache; returns each member's result.
     async fn fetch_and_load(
         &self,
         layer: usize,
@@ -291,13 +290,14 @@ impl Inner {
         let state = &self.layers[layer];
         match self.fetch_range(state, start, end).await {
             Ok(bytes) => {
-                let loads = member_ids.iter().map(|&member| {
+                let decodes = member_ids.iter().map(|&member| {
                     let info = &state.table.members[member];
                     let range = (info.compressed_offset - start) as usize
                         ..(info.compressed_end - start) as usize;
-                    self.load_member(layer, member, bytes.slice(range))
+                    self.decode_member(layer, member, bytes.slice(range))
                 });
-                future::join_all(loads).await
+                let decoded = future::join_all(decodes).await;
+                self.store_members(layer, member_ids, decoded).await
             }
             Err(error) => vec![Err(error); member_ids.len()],
         }
@@ -366,14 +366,13 @@ impl Inner {
         Ok(joined.freeze())
     }
 
-    /// Decodes one member's still-missing chunks, writes the good ones to the cache and
-    /// marks them present; returns them, or the first digest mismatch.
-    async fn load_member(
+    /// Decodes one member's still-missing chunks and checks them against their digests.
+    async fn decode_member(
         &self,
         layer: usize,
         member: usize,
         bytes: Bytes,
-    ) -> Result<Decoded, ReadError> {
+    ) -> Result<Vec<ChunkOutcome>, ReadError> {
         let state = &self.layers[layer];
         let info = &state.table.members[member];
         let slices: Vec<_> = info
@@ -383,7 +382,7 @@ impl Inner {
             .cloned()
             .collect();
         let Some(first) = slices.first() else {
-            return Ok(Decoded::default());
+            return Ok(Vec::new());
         };
         let first_record = &state.index.chunks[first.chunk];
 
@@ -411,77 +410,7 @@ impl Inner {
             }
         };
         Stats::add(&self.stats.members_decompressed, 1);
-
-        let mut first_error = None;
-        let mut writes = Vec::new();
-        let mut ready = Vec::new();
-        for outcome in outcomes {
-            match outcome {
-                ChunkOutcome::Ready { chunk, bytes } => {
-                    ready.push((chunk, bytes.clone()));
-                    writes.push(self.store_chunk(layer, chunk, bytes));
-                }
-                ChunkOutcome::Mismatch {
-                    chunk,
-                    expected,
-                    actual,
-                } => {
-                    let record = &state.index.chunks[chunk];
-                    Stats::add(&self.stats.verify_failures, 1);
-                    let error = ReadError::DigestMismatch {
-                        layer: state.index.digest.clone(),
-                        name: record.name.to_string(),
-                        compressed_offset: info.compressed_offset,
-                        data_offset: record.data_offset,
-                        expected: hex::encode(expected),
-                        actual: hex::encode(actual),
-                    };
-                    tracing::error!(%error, "chunk verification failed, the chunk is not cached");
-                    first_error.get_or_insert(error);
-                }
-            }
-        }
-        for result in future::join_all(writes).await {
-            if let Err(error) = result {
-                first_error.get_or_insert(error);
-            }
-        }
-        first_error.map_or(Ok(Arc::new(ready)), Err)
-    }
-
-    /// Writes one verified chunk to the cache file, marks it present, then records it
-    /// with its crc32 in the index file.
-    async fn store_chunk(&self, layer: usize, chunk: usize, bytes: Bytes) -> Result<(), ReadError> {
-        let state = &self.layers[layer];
-        let record = &state.index.chunks[chunk];
-        let crc = crc32fast::hash(&bytes);
-        let block_sums = blocks::compute(&bytes);
-        self.io.write(layer, record.data_offset, bytes).await.map_err(|source| {
-            tracing::debug!(layer = %state.index.digest, data_offset = record.data_offset, error = %source, "cache write failed");
-            ReadError::CacheIo {
-                layer: state.index.digest.clone(),
-                op: "write",
-                offset: record.data_offset,
-                len: record.size,
-                source: Arc::new(source),
-            }
-        })?;
-        // Readers check blocks only of present chunks, so the sums go in first.
-        state.blocks.store(chunk, &block_sums);
-        state.presence.insert(chunk);
-        Stats::add(&self.stats.chunks_fetched, 1);
-
-        // The record comes after the data write, and readers check the crc32 of every
-        // recorded chunk, so a record never leads to serving bytes that were not written.
-        let first_block = state.blocks.first_block(chunk);
-        let recorded = state
-            .index_file
-            .as_ref()
-            .map(|file| file.mark_present(chunk, crc, first_block, &block_sums));
-        if let Some(Err(error)) = recorded {
-            tracing::warn!(layer = %state.index.digest, chunk, %error, "failed to record the chunk in the cache index; the next run fetches it again");
-        }
-        Ok(())
+        Ok(outcomes)
     }
 }
 

@@ -26,6 +26,8 @@ mod error;
 mod evict;
 mod fallback;
 mod fetch;
+mod fill;
+mod hot;
 mod io;
 mod persist;
 mod readahead;
@@ -143,6 +145,8 @@ pub struct ChunkStore {
 pub(crate) struct Inner {
     layers: Vec<LayerState>,
     io: CacheIo,
+    /// Cache files for reads the page cache answers on the calling thread.
+    hot: hot::HotFiles,
     verify: bool,
     max_coalesce_gap: u64,
     max_request_size: u64,
@@ -205,6 +209,7 @@ impl ChunkStore {
 
         let mut states = Vec::with_capacity(layers.len());
         let mut files = Vec::with_capacity(layers.len());
+        let mut hot_files = Vec::with_capacity(layers.len());
         for layer in layers {
             let index = layer.index;
             let table = table::build(&index, layer.blob.as_ref().map(|blob| blob.size()))?;
@@ -286,6 +291,14 @@ impl ChunkStore {
                 (true, Some(_)) => Some(whole_repair(&file, &path)?),
                 _ => None,
             };
+            let hot_file = if uncached {
+                None
+            } else {
+                file.try_clone()
+                    .map_err(|error| tracing::debug!(layer = %index.digest, %error, "failed to duplicate the cache file; its cached reads go through the cache I/O backend"))
+                    .ok()
+            };
+            hot_files.push(hot_file);
             files.push(file);
             let reported = Presence::new(index.chunks.len());
             states.push(LayerState {
@@ -311,6 +324,7 @@ impl ChunkStore {
         let inner = Inner {
             layers: states,
             io,
+            hot: hot::HotFiles::new(hot_files),
             verify: options.verify,
             max_coalesce_gap: options.max_coalesce_gap,
             max_request_size: options.max_request_size.max(1),

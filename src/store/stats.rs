@@ -68,6 +68,8 @@ pub struct StatsSnapshot {
     /// Chunks of whole layers whose bytes in the cache file differed from the refetched
     /// blob and were rewritten.
     pub whole_layer_chunks_repaired: u64,
+    /// Reads served from the page cache on the calling thread, without waiting for I/O.
+    pub reads_without_wait: u64,
 }
 
 #[derive(Default)]
@@ -89,6 +91,7 @@ pub(crate) struct Stats {
     pub(crate) reads_from_decoded: AtomicU64,
     pub(crate) whole_layer_refetches: AtomicU64,
     pub(crate) whole_layer_chunks_repaired: AtomicU64,
+    pub(crate) reads_without_wait: AtomicU64,
 }
 
 impl Stats {
@@ -130,6 +133,7 @@ impl Stats {
             reads_from_decoded: load(&self.reads_from_decoded),
             whole_layer_refetches: load(&self.whole_layer_refetches),
             whole_layer_chunks_repaired: load(&self.whole_layer_chunks_repaired),
+            reads_without_wait: load(&self.reads_without_wait),
         }
     }
 }
