@@ -150,3 +150,35 @@ fn inspect_broken_footer_names_outcome() {
     let text = String::from_utf8_lossy(&text);
     assert!(text.contains("fetched whole when served"), "{text}");
 }
+
+/// A single-platform image requested for another platform is served with a
+/// warning that names both platforms; its own platform gives no warning.
+#[test]
+fn export_warns_on_other_platform() {
+    let image = format!("oci:{}:latest", fixture_dir("basic").join("oci").display());
+    let work = tempfile::tempdir().expect("temp dir");
+    let export = |platform: &str| {
+        let output = run(Command::new(esgz_bin())
+            .arg("export")
+            .args(["--platform", platform])
+            .arg(&image)
+            .arg("-o")
+            .arg(work.path().join("disk.img"))
+            .args(["--cache-dir"])
+            .arg(work.path().join("cache"))
+            .env("RUST_LOG", "warn"));
+        String::from_utf8_lossy(&output.stderr).into_owned()
+    };
+
+    let other = export("linux/arm64");
+    assert!(
+        other.contains("not the requested one") && other.contains("built_for=linux/amd64"),
+        "no platform warning:\n{other}"
+    );
+    assert!(other.contains("requested=linux/arm64"), "{other}");
+    let own = export("linux/amd64");
+    assert!(
+        !own.contains("not the requested one"),
+        "warning for the image's own platform:\n{own}"
+    );
+}

@@ -146,6 +146,13 @@ pub struct ImageIndex {
 #[derive(Clone, Debug, Deserialize)]
 pub struct ImageConfig {
     pub rootfs: RootFs,
+    /// Platform the image was built for, when the config names it.
+    #[serde(default)]
+    pub os: Option<String>,
+    #[serde(default)]
+    pub architecture: Option<String>,
+    #[serde(default)]
+    pub variant: Option<String>,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -290,6 +297,29 @@ fn platform_matches(entry: &PlatformSpec, wanted: &Platform) -> bool {
     }
 }
 
+/// Logs a warning when a single-platform image was built for another platform than
+/// `platform`. Serving goes on, because the filesystem is readable on any host (a
+/// VM of that architecture, or an inspection of its files).
+fn warn_platform_mismatch(what: &str, config: &ImageConfig, platform: &Platform) {
+    let (Some(os), Some(architecture)) = (&config.os, &config.architecture) else {
+        return;
+    };
+    let built_for = PlatformSpec {
+        os: os.clone(),
+        architecture: architecture.clone(),
+        variant: config.variant.clone(),
+    };
+    if !platform_matches(&built_for, platform) {
+        tracing::warn!(
+            image = %what,
+            built_for = %built_for.describe(),
+            requested = %platform,
+            "the image has one platform and it is not the requested one; serving it anyway (pass --platform {} to silence this)",
+            built_for.describe()
+        );
+    }
+}
+
 /// Picks the index entry for `platform`. Entries without a platform are
 /// skipped, because an index lists attestations and other artifacts that way.
 pub fn select_platform<'a>(
@@ -369,7 +399,9 @@ pub async fn resolve_image(
 
     for _ in 0..=MAX_INDEX_DEPTH {
         let index = match manifest {
-            Manifest::Image(image) => return finish_image(fetcher, &what, digest, image).await,
+            Manifest::Image(image) => {
+                return finish_image(fetcher, &what, digest, image, platform).await
+            }
             Manifest::Index(index) => index,
         };
 
@@ -398,6 +430,7 @@ async fn finish_image(
     what: &str,
     manifest_digest: String,
     image: ImageManifest,
+    platform: &Platform,
 ) -> anyhow::Result<ResolvedImage> {
     let config_what = format!("config {} of {what}", image.config.digest);
     check_descriptor_digest(what, &image.config.digest)?;
@@ -409,6 +442,7 @@ async fn finish_image(
             what: config_what.clone(),
             source,
         })?;
+    warn_platform_mismatch(what, &config, platform);
 
     let mut layers = Vec::with_capacity(image.layers.len());
     for layer in image.layers {
