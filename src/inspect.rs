@@ -88,6 +88,27 @@ pub struct LayerReport {
     pub prefetch: Option<PrefetchReport>,
 }
 
+impl LayerReport {
+    /// Returns why `serve` and `export` reject this layer, or `None` when they read it.
+    pub fn rejection(&self) -> Option<String> {
+        if !self.estargz && self.toc_digest.is_some() {
+            return Some(format!(
+                "layer {} has a TOC digest annotation but no valid eStargz footer",
+                self.digest
+            ));
+        }
+        if self.toc_verification == Some(TocVerification::Mismatch) {
+            return Some(format!(
+                "the TOC of layer {} hashes to {}, not to its annotation {}",
+                self.digest,
+                self.toc_digest_actual.as_deref().unwrap_or("?"),
+                self.toc_digest.as_deref().unwrap_or("?")
+            ));
+        }
+        None
+    }
+}
+
 /// A TOC entry, only the fields inspection needs.
 #[derive(Deserialize)]
 struct RawEntry {

@@ -724,6 +724,19 @@ async fn inspect(args: InspectArgs, settings: &Settings) -> anyhow::Result<()> {
     } else {
         print!("{}", render_text(&report));
     }
+    // The report is printed either way; the exit status tells scripts whether the
+    // image can be served.
+    let rejected: Vec<String> = report
+        .layers
+        .iter()
+        .filter_map(|layer| layer.rejection())
+        .collect();
+    if !rejected.is_empty() {
+        bail!(
+            "serve and export would reject this image: {}; push the image again, or convert it from its source",
+            rejected.join("; ")
+        );
+    }
     Ok(())
 }
 

@@ -109,15 +109,39 @@ fn inspect_reports_toc_digest_mismatch() {
     let wrong = format!("sha256:{}", "0".repeat(64));
     support::set_toc_digest_annotation(copy.path(), 0, &wrong);
     let image = format!("oci:{}:latest", copy.path().display());
-    let output = run(Command::new(esgz_bin()).args(["inspect", &image, "--json"]));
+    let output = rejected_inspect(&image, &["--json"]);
     let report: Value = serde_json::from_slice(&output.stdout).expect("JSON");
     let layer = &report["layers"][0];
     assert_eq!(layer["toc_verification"], "mismatch", "{layer}");
     assert_eq!(layer["toc_digest"], wrong.as_str(), "{layer}");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains(&wrong),
+        "the error does not name the annotation: {stderr}"
+    );
 
-    let text = run(Command::new(esgz_bin()).args(["inspect", &image])).stdout;
+    let text = rejected_inspect(&image, &[]).stdout;
     let text = String::from_utf8_lossy(&text);
     assert!(text.contains("MISMATCH"), "{text}");
+}
+
+/// Runs `inspect IMAGE EXTRA` and asserts that it printed its report and then
+/// failed, because serve would reject the image.
+fn rejected_inspect(image: &str, extra: &[&str]) -> std::process::Output {
+    let output = Command::new(esgz_bin())
+        .arg("inspect")
+        .arg(image)
+        .args(extra)
+        .output()
+        .expect("running esgz-nbd inspect");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "inspect succeeded: {stderr}");
+    assert!(!output.stdout.is_empty(), "no report printed: {stderr}");
+    assert!(
+        stderr.contains("serve and export would reject this image"),
+        "{stderr}"
+    );
+    output
 }
 
 /// A layer without a valid footer is served whole only when its descriptor
@@ -131,7 +155,7 @@ fn inspect_broken_footer_names_outcome() {
     });
     let image = format!("oci:{}:latest", copy.path().display());
 
-    let text = run(Command::new(esgz_bin()).args(["inspect", &image])).stdout;
+    let text = rejected_inspect(&image, &[]).stdout;
     let text = String::from_utf8_lossy(&text);
     assert!(
         text.contains("eStargz:      no (no eStargz footer"),
