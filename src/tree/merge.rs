@@ -12,8 +12,10 @@ use std::collections::BTreeMap;
 
 use tracing::{debug, warn};
 
-use super::{EntryKind, LayerEntry, Metadata, Node, NodeId, NodeKind, Tree, ROOT};
-use crate::estargz::name::display_path;
+use super::{
+    components_of, display_joined, Children, EntryKind, EntryPath, LayerEntry, Metadata, Node,
+    NodeId, NodeKind, Tree, ROOT,
+};
 
 /// Prefix of OCI whiteout file names.
 const WHITEOUT_PREFIX: &[u8] = b".wh.";
@@ -101,11 +103,9 @@ pub fn merge_owned(layers: Vec<Vec<LayerEntry>>) -> Result<Tree, MergeError> {
     Ok(tree)
 }
 
-fn implied_dir() -> Node {
-    Node {
-        kind: NodeKind::Dir {
-            children: BTreeMap::new(),
-        },
+fn implied_dir() -> BuildNode {
+    BuildNode {
+        kind: BuildKind::Dir(BTreeMap::new()),
         meta: Metadata {
             mode: 0o755,
             ..Metadata::default()
@@ -114,16 +114,16 @@ fn implied_dir() -> Node {
 }
 
 fn check_names(layer: usize, entry: &LayerEntry) -> Result<(), MergeError> {
-    for component in &entry.path {
+    for component in entry.path.components() {
         let invalid = component.is_empty()
             || component.len() > MAX_NAME_LEN
-            || component.as_slice() == b"."
-            || component.as_slice() == b".."
+            || component == b"."
+            || component == b".."
             || component.iter().any(|&byte| byte == b'/' || byte == 0);
         if invalid {
             return Err(MergeError::InvalidName {
                 layer,
-                path: display_path(&entry.path),
+                path: entry.path.display(),
                 component: String::from_utf8_lossy(component).into_owned(),
             });
         }
@@ -156,9 +156,8 @@ fn classify_whiteout(name: &[u8]) -> Option<Whiteout<'_>> {
 
 /// Returns whether an entry lies at or below a whiteout-named component.
 /// Such entries never appear in the tree.
-fn under_whiteout_name(path: &[Vec<u8>]) -> bool {
-    path.iter()
-        .any(|component| component.starts_with(WHITEOUT_PREFIX))
+fn under_whiteout_name(path: &[u8]) -> bool {
+    components_of(path).any(|component| component.starts_with(WHITEOUT_PREFIX))
 }
 
 fn entry_kind_name(kind: &EntryKind) -> &'static str {
@@ -173,31 +172,45 @@ fn entry_kind_name(kind: &EntryKind) -> &'static str {
     }
 }
 
+/// A node of the tree under construction: directories keep their children
+/// in a map that entries can be added to and removed from.
+struct BuildNode {
+    kind: BuildKind,
+    meta: Metadata,
+}
+
+enum BuildKind {
+    Dir(BTreeMap<Vec<u8>, NodeId>),
+    /// Any other node; never [`NodeKind::Dir`].
+    Other(NodeKind),
+}
+
 /// The tree under construction. Replaced nodes stay in `nodes` unreachable
 /// until [`TreeBuilder::compact`] drops them.
 struct TreeBuilder {
-    nodes: Vec<Node>,
+    nodes: Vec<BuildNode>,
 }
 
 impl TreeBuilder {
     fn children(&self, id: NodeId) -> Option<&BTreeMap<Vec<u8>, NodeId>> {
         match &self.nodes[id as usize].kind {
-            NodeKind::Dir { children } => Some(children),
-            _ => None,
+            BuildKind::Dir(children) => Some(children),
+            BuildKind::Other(_) => None,
         }
     }
 
     fn children_mut(&mut self, id: NodeId) -> Option<&mut BTreeMap<Vec<u8>, NodeId>> {
         match &mut self.nodes[id as usize].kind {
-            NodeKind::Dir { children } => Some(children),
-            _ => None,
+            BuildKind::Dir(children) => Some(children),
+            BuildKind::Other(_) => None,
         }
     }
 
-    /// Finds the node at `path` without creating anything.
-    fn lookup(&self, path: &[Vec<u8>]) -> Option<NodeId> {
+    /// Finds the node at `path` (components joined by `/`) without creating
+    /// anything.
+    fn lookup(&self, path: &[u8]) -> Option<NodeId> {
         let mut current = ROOT;
-        for component in path {
+        for component in components_of(path) {
             current = *self.children(current)?.get(component)?;
         }
         Some(current)
@@ -205,12 +218,12 @@ impl TreeBuilder {
 
     /// Finds the directory at `path`, or `None` when it is missing or not a
     /// directory.
-    fn lookup_dir(&self, path: &[Vec<u8>]) -> Option<NodeId> {
+    fn lookup_dir(&self, path: &[u8]) -> Option<NodeId> {
         let id = self.lookup(path)?;
         self.children(id).map(|_| id)
     }
 
-    fn push_node(&mut self, node: Node) -> Result<NodeId, MergeError> {
+    fn push_node(&mut self, node: BuildNode) -> Result<NodeId, MergeError> {
         let id = NodeId::try_from(self.nodes.len()).map_err(|_| MergeError::TooManyNodes {
             limit: u64::from(NodeId::MAX) + 1,
         })?;
@@ -218,11 +231,13 @@ impl TreeBuilder {
         Ok(id)
     }
 
-    /// Returns the directory at `path`, creating missing directories and
-    /// replacing non-directories on the way.
-    fn ensure_dir(&mut self, path: &[Vec<u8>]) -> Result<NodeId, MergeError> {
+    /// Returns the directory at `path` (components joined by `/`), creating
+    /// missing directories and replacing non-directories on the way.
+    fn ensure_dir(&mut self, path: &[u8]) -> Result<NodeId, MergeError> {
         let mut current = ROOT;
-        for (depth, component) in path.iter().enumerate() {
+        let mut walked = 0;
+        for component in components_of(path) {
+            walked += component.len() + usize::from(walked > 0);
             let existing = self
                 .children(current)
                 .and_then(|children| children.get(component))
@@ -232,7 +247,7 @@ impl TreeBuilder {
                 other => {
                     if other.is_some() {
                         debug!(
-                            path = %display_path(&path[..=depth]),
+                            path = %display_joined(&path[..walked]),
                             "replacing a non-directory by an implied parent directory"
                         );
                     }
@@ -280,7 +295,7 @@ impl TreeBuilder {
             Whiteout::Ignored => {
                 warn!(
                     layer,
-                    path = %display_path(&entry.path),
+                    path = %entry.path.display(),
                     "ignoring a whiteout-prefixed name that names no removable entry"
                 );
             }
@@ -289,12 +304,11 @@ impl TreeBuilder {
 
     /// Second pass: adds one entry of the layer.
     fn apply_entry(&mut self, layer: usize, entry: LayerEntry) -> Result<(), MergeError> {
-        if entry.path.is_empty() {
+        let Some((name, parent_path)) = entry.path.split_last() else {
             return self.apply_root(layer, entry);
-        }
-        if under_whiteout_name(&entry.path) {
+        };
+        if under_whiteout_name(entry.path.as_bytes()) {
             // The marker implies its directory exists in this layer.
-            let parent_path = &entry.path[..entry.path.len() - 1];
             if !under_whiteout_name(parent_path) {
                 self.ensure_dir(parent_path)?;
             }
@@ -307,16 +321,9 @@ impl TreeBuilder {
             _ => None,
         };
 
-        let LayerEntry {
-            mut path,
-            kind,
-            meta,
-        } = entry;
-        let Some(name) = path.pop() else {
-            return Ok(());
-        };
-        let parent = self.ensure_dir(&path)?;
-        drop(path);
+        let name = name.to_vec();
+        let parent = self.ensure_dir(parent_path)?;
+        let LayerEntry { kind, meta, .. } = entry;
         let existing = self
             .children(parent)
             .and_then(|children| children.get(&name))
@@ -329,10 +336,8 @@ impl TreeBuilder {
                     self.nodes[id as usize].meta = meta;
                     return Ok(());
                 }
-                _ => self.push_node(Node {
-                    kind: NodeKind::Dir {
-                        children: BTreeMap::new(),
-                    },
+                _ => self.push_node(BuildNode {
+                    kind: BuildKind::Dir(BTreeMap::new()),
                     meta,
                 })?,
             },
@@ -346,7 +351,10 @@ impl TreeBuilder {
                     // Handled above: directories, and hard links through `link_target`.
                     EntryKind::Dir | EntryKind::Hardlink { .. } => return Ok(()),
                 };
-                self.push_node(Node { kind, meta })?
+                self.push_node(BuildNode {
+                    kind: BuildKind::Other(kind),
+                    meta,
+                })?
             }
         };
         if let Some(children) = self.children_mut(parent) {
@@ -372,76 +380,69 @@ impl TreeBuilder {
         &self,
         layer: usize,
         entry: &LayerEntry,
-        target: &[Vec<u8>],
+        target: &EntryPath,
     ) -> Result<NodeId, MergeError> {
-        let id = self
-            .lookup(target)
-            .ok_or_else(|| MergeError::MissingHardlinkTarget {
-                layer,
-                path: display_path(&entry.path),
-                target: display_path(target),
-            })?;
+        let id =
+            self.lookup(target.as_bytes())
+                .ok_or_else(|| MergeError::MissingHardlinkTarget {
+                    layer,
+                    path: entry.path.display(),
+                    target: target.display(),
+                })?;
         if self.children(id).is_some() {
             return Err(MergeError::HardlinkToDirectory {
                 layer,
-                path: display_path(&entry.path),
-                target: display_path(target),
+                path: entry.path.display(),
+                target: target.display(),
             });
         }
         Ok(id)
     }
 
-    /// Keeps only the nodes reachable from the root and numbers them in
-    /// depth-first preorder, children by name.
+    /// Keeps only the nodes reachable from the root, numbers them in
+    /// depth-first preorder, children by name, and packs each directory's
+    /// children (see [`Children`]).
     fn compact(self) -> Tree {
         let mut new_id: Vec<Option<NodeId>> = vec![None; self.nodes.len()];
-        let mut reachable = 0usize;
+        let mut preorder: Vec<NodeId> = Vec::new();
         let mut stack = vec![ROOT];
         while let Some(id) = stack.pop() {
             if new_id[id as usize].is_some() {
                 continue;
             }
-            // `reachable` never outgrows `nodes`, whose length fits a NodeId.
-            new_id[id as usize] = Some(reachable as NodeId);
-            reachable += 1;
+            // `preorder` never outgrows `nodes`, whose length fits a NodeId.
+            new_id[id as usize] = Some(preorder.len() as NodeId);
+            preorder.push(id);
             if let Some(children) = self.children(id) {
                 stack.extend(children.values().rev().copied());
             }
         }
 
-        // Unreachable nodes go after the reachable ones, to be cut off.
-        let mut next_unreachable = reachable;
-        let mut target: Vec<usize> = new_id
-            .iter()
-            .map(|id| match id {
-                Some(id) => *id as usize,
-                None => {
-                    next_unreachable += 1;
-                    next_unreachable - 1
-                }
-            })
-            .collect();
-
-        // Move every node to its new position in place; each swap puts one
-        // node where it belongs, so no second node vector is needed.
-        let mut nodes = self.nodes;
-        for position in 0..nodes.len() {
-            while target[position] != position {
-                let destination = target[position];
-                nodes.swap(position, destination);
-                target.swap(position, destination);
-            }
-        }
-        nodes.truncate(reachable);
-        nodes.shrink_to_fit();
-        for node in &mut nodes {
-            if let NodeKind::Dir { children } = &mut node.kind {
-                for child in children.values_mut() {
-                    if let Some(id) = new_id[*child as usize] {
-                        *child = id;
+        // Each node moves out of the builder once, in its new order; the
+        // builder's maps are freed one directory at a time.
+        let mut old = self.nodes;
+        let mut nodes = Vec::with_capacity(preorder.len());
+        for id in preorder {
+            let BuildNode { kind, meta } = std::mem::replace(
+                &mut old[id as usize],
+                BuildNode {
+                    kind: BuildKind::Other(NodeKind::Fifo),
+                    meta: Metadata::default(),
+                },
+            );
+            let kind = match kind {
+                BuildKind::Dir(children) => {
+                    let pairs = children.iter().filter_map(|(name, child)| {
+                        Some((name.as_slice(), new_id[*child as usize]?))
+                    });
+                    // A map yields its names in increasing order.
+                    NodeKind::Dir {
+                        children: Children::from_sorted(pairs).unwrap_or_default(),
                     }
                 }
-            }
+                BuildKind::Other(kind) => kind,
+            };
+            nodes.push(Node { kind, meta });
         }
         Tree { nodes }
     }
@@ -452,11 +453,8 @@ mod tests {
     use super::*;
     use crate::tree::FileData;
 
-    fn path(text: &str) -> Vec<Vec<u8>> {
-        text.split('/')
-            .filter(|part| !part.is_empty())
-            .map(|part| part.as_bytes().to_vec())
-            .collect()
+    fn path(text: &str) -> EntryPath {
+        EntryPath::from_components(text.split('/').filter(|part| !part.is_empty()))
     }
 
     fn meta(mode: u16) -> Metadata {
@@ -525,10 +523,7 @@ mod tests {
                 NodeKind::Dir { children } => {
                     lines.push(format!("{shown} dir {:o}", node.meta.mode));
                     for (name, child) in children.iter().rev() {
-                        stack.push((
-                            format!("{prefix}/{}", String::from_utf8_lossy(name)),
-                            *child,
-                        ));
+                        stack.push((format!("{prefix}/{}", String::from_utf8_lossy(name)), child));
                     }
                 }
                 NodeKind::Reg { data } => {
@@ -554,9 +549,9 @@ mod tests {
                     assert!(name.len() <= 255);
                     assert!(!name.contains(&b'/'));
                     assert!(!name.contains(&0));
-                    assert!(name.as_slice() != b".");
-                    assert!(name.as_slice() != b"..");
-                    seen[*child as usize] += 1;
+                    assert!(name != b".");
+                    assert!(name != b"..");
+                    seen[child as usize] += 1;
                 }
             }
         }
@@ -764,7 +759,7 @@ mod tests {
             (
                 "root not dir",
                 vec![vec![LayerEntry {
-                    path: Vec::new(),
+                    path: EntryPath::default(),
                     kind: EntryKind::Fifo,
                     meta: meta(0),
                 }]],
@@ -773,7 +768,7 @@ mod tests {
             (
                 "dot dot component",
                 vec![vec![LayerEntry {
-                    path: vec![b"..".to_vec()],
+                    path: EntryPath::from_components([b".."]),
                     kind: EntryKind::Dir,
                     meta: meta(0),
                 }]],
