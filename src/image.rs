@@ -156,6 +156,8 @@ pub async fn open_image(image: &str, options: &OpenOptions) -> anyhow::Result<Op
         .context("failed to open the chunk cache")?,
     );
     fallback.remove();
+    // The layout's and the store's planning lists are gone too.
+    crate::heap::release_free_memory();
     info!(
         image = %source.describe(),
         nodes = tree.nodes.len(),

@@ -286,7 +286,8 @@ fn number_inodes(tree: &Tree) -> Result<Numbering, LayoutError> {
         stack.extend(subdirs.into_iter().rev());
     }
 
-    numbering.order.sort_by_key(|&(ino, _)| ino);
+    // Inode numbers are distinct, so the order does not depend on stability.
+    numbering.order.sort_unstable_by_key(|&(ino, _)| ino);
     numbering.max_inode = next - 1;
     Ok(numbering)
 }
@@ -457,6 +458,10 @@ impl Layout {
         if writable.journal_blocks > 0 {
             inodes[JOURNAL_INO as usize] = Some(journal_record(writable.journal_blocks)?);
         }
+        // What only the planning above needs goes before the blocks are placed.
+        drop(numbering.order);
+        drop(numbering.parents);
+        drop(numbering.entry_counts);
 
         // Count every block after the inode tables, then size the groups.
         let mut variable_blocks = options.extra_free_blocks;
@@ -589,7 +594,8 @@ impl Layout {
     /// Places regular file data in (layer, data_offset) order from
     /// `cursor` on. Returns the first block after it.
     fn allocate_file_data(&mut self, mut cursor: u64) -> Result<u64, LayoutError> {
-        let mut files: Vec<(u32, u64, NodeId, u32)> = Vec::new();
+        // (layer, data offset, inode): the node is found again through the inode.
+        let mut files: Vec<(u32, u64, u32)> = Vec::new();
         for (ino, slot) in self.inodes.iter().enumerate() {
             let Some(record) = slot else { continue };
             let InodeSource::Node(node) = record.source else {
@@ -599,15 +605,18 @@ impl Layout {
                 (&self.tree.node(node).kind, record.body)
             {
                 if map.len > 0 {
-                    files.push((data.layer, data.data_offset, node, ino as u32));
+                    files.push((data.layer, data.data_offset, ino as u32));
                 }
             }
         }
         files.sort_unstable();
         self.file_runs.reserve_exact(files.len());
 
-        for (_, _, node, ino) in files {
+        for (_, _, ino) in files {
             let Some(Some(record)) = self.inodes.get_mut(ino as usize) else {
+                continue;
+            };
+            let InodeSource::Node(node) = record.source else {
                 continue;
             };
             if let InodeBody::Extents(map) = &mut record.body {

@@ -21,6 +21,9 @@ use super::{
 const WHITEOUT_PREFIX: &[u8] = b".wh.";
 /// Name of the OCI opaque-directory marker.
 const OPAQUE_MARKER: &[u8] = b".wh..wh..opq";
+/// Entries applied between two releases of the unused part of a layer's
+/// entry list.
+const RELEASE_STEP: usize = 1 << 16;
 /// Maximum length of a name component in the tree, in bytes.
 const MAX_NAME_LEN: usize = 255;
 
@@ -80,8 +83,11 @@ pub fn merge(layers: &[Vec<LayerEntry>]) -> Result<Tree, MergeError> {
 pub fn merge_owned(layers: Vec<Vec<LayerEntry>>) -> Result<Tree, MergeError> {
     let layer_count = layers.len();
     let mut builder = TreeBuilder {
-        nodes: vec![implied_dir()],
+        nodes: Vec::new(),
+        maps: Vec::new(),
+        dir_map: Vec::new(),
     };
+    builder.push_dir(implied_dir_meta())?;
     for (layer, entries) in layers.into_iter().enumerate() {
         for entry in &entries {
             check_names(layer, entry)?;
@@ -89,8 +95,17 @@ pub fn merge_owned(layers: Vec<Vec<LayerEntry>>) -> Result<Tree, MergeError> {
         for entry in &entries {
             builder.apply_whiteout(layer, entry);
         }
-        for entry in entries {
+        // Entries are taken from the end of the reversed list, so the list
+        // can hand its memory back while the tree grows.
+        let mut entries = entries;
+        entries.reverse();
+        let mut released = entries.len();
+        while let Some(entry) = entries.pop() {
             builder.apply_entry(layer, entry)?;
+            if released - entries.len() >= RELEASE_STEP {
+                entries.shrink_to_fit();
+                released = entries.len();
+            }
         }
     }
 
@@ -103,13 +118,10 @@ pub fn merge_owned(layers: Vec<Vec<LayerEntry>>) -> Result<Tree, MergeError> {
     Ok(tree)
 }
 
-fn implied_dir() -> BuildNode {
-    BuildNode {
-        kind: BuildKind::Dir(BTreeMap::new()),
-        meta: Metadata {
-            mode: 0o755,
-            ..Metadata::default()
-        },
+fn implied_dir_meta() -> Metadata {
+    Metadata {
+        mode: 0o755,
+        ..Metadata::default()
     }
 }
 
@@ -172,38 +184,28 @@ fn entry_kind_name(kind: &EntryKind) -> &'static str {
     }
 }
 
-/// A node of the tree under construction: directories keep their children
-/// in a map that entries can be added to and removed from.
-struct BuildNode {
-    kind: BuildKind,
-    meta: Metadata,
-}
-
-enum BuildKind {
-    Dir(BTreeMap<Vec<u8>, NodeId>),
-    /// Any other node; never [`NodeKind::Dir`].
-    Other(NodeKind),
-}
+/// `TreeBuilder::dir_map` value of a node that is not a directory.
+const NO_MAP: u32 = u32::MAX;
 
 /// The tree under construction. Replaced nodes stay in `nodes` unreachable
 /// until [`TreeBuilder::compact`] drops them.
 struct TreeBuilder {
-    nodes: Vec<BuildNode>,
+    /// The nodes; a directory's [`Children`] stay empty until `compact`.
+    nodes: Vec<Node>,
+    /// The children of the directories, which entries are added to and
+    /// removed from while the layers are applied.
+    maps: Vec<BTreeMap<Vec<u8>, NodeId>>,
+    /// For each node, the index of its children in `maps`, or [`NO_MAP`].
+    dir_map: Vec<u32>,
 }
 
 impl TreeBuilder {
     fn children(&self, id: NodeId) -> Option<&BTreeMap<Vec<u8>, NodeId>> {
-        match &self.nodes[id as usize].kind {
-            BuildKind::Dir(children) => Some(children),
-            BuildKind::Other(_) => None,
-        }
+        self.maps.get(*self.dir_map.get(id as usize)? as usize)
     }
 
     fn children_mut(&mut self, id: NodeId) -> Option<&mut BTreeMap<Vec<u8>, NodeId>> {
-        match &mut self.nodes[id as usize].kind {
-            BuildKind::Dir(children) => Some(children),
-            BuildKind::Other(_) => None,
-        }
+        self.maps.get_mut(*self.dir_map.get(id as usize)? as usize)
     }
 
     /// Finds the node at `path` (components joined by `/`) without creating
@@ -223,11 +225,29 @@ impl TreeBuilder {
         self.children(id).map(|_| id)
     }
 
-    fn push_node(&mut self, node: BuildNode) -> Result<NodeId, MergeError> {
-        let id = NodeId::try_from(self.nodes.len()).map_err(|_| MergeError::TooManyNodes {
-            limit: u64::from(NodeId::MAX) + 1,
-        })?;
-        self.nodes.push(node);
+    /// Adds a node that is not a directory.
+    fn push_node(&mut self, kind: NodeKind, meta: Metadata) -> Result<NodeId, MergeError> {
+        // NO_MAP is u32::MAX, so ids (and map indexes) stay below it.
+        let id = NodeId::try_from(self.nodes.len())
+            .ok()
+            .filter(|&id| id < NO_MAP)
+            .ok_or(MergeError::TooManyNodes {
+                limit: u64::from(NO_MAP),
+            })?;
+        self.nodes.push(Node { kind, meta });
+        self.dir_map.push(NO_MAP);
+        Ok(id)
+    }
+
+    /// Adds an empty directory.
+    fn push_dir(&mut self, meta: Metadata) -> Result<NodeId, MergeError> {
+        let kind = NodeKind::Dir {
+            children: Children::new(),
+        };
+        let id = self.push_node(kind, meta)?;
+        // There are no more maps than nodes, so the index fits like the id.
+        self.dir_map[id as usize] = self.maps.len() as u32;
+        self.maps.push(BTreeMap::new());
         Ok(id)
     }
 
@@ -251,7 +271,7 @@ impl TreeBuilder {
                             "replacing a non-directory by an implied parent directory"
                         );
                     }
-                    let id = self.push_node(implied_dir())?;
+                    let id = self.push_dir(implied_dir_meta())?;
                     self.insert_child(current, component, id);
                     id
                 }
@@ -336,10 +356,7 @@ impl TreeBuilder {
                     self.nodes[id as usize].meta = meta;
                     return Ok(());
                 }
-                _ => self.push_node(BuildNode {
-                    kind: BuildKind::Dir(BTreeMap::new()),
-                    meta,
-                })?,
+                _ => self.push_dir(meta)?,
             },
             (kind, None) => {
                 let kind = match kind {
@@ -351,10 +368,7 @@ impl TreeBuilder {
                     // Handled above: directories, and hard links through `link_target`.
                     EntryKind::Dir | EntryKind::Hardlink { .. } => return Ok(()),
                 };
-                self.push_node(BuildNode {
-                    kind: BuildKind::Other(kind),
-                    meta,
-                })?
+                self.push_node(kind, meta)?
             }
         };
         if let Some(children) = self.children_mut(parent) {
@@ -403,46 +417,68 @@ impl TreeBuilder {
     /// depth-first preorder, children by name, and packs each directory's
     /// children (see [`Children`]).
     fn compact(self) -> Tree {
-        let mut new_id: Vec<Option<NodeId>> = vec![None; self.nodes.len()];
-        let mut preorder: Vec<NodeId> = Vec::new();
+        let TreeBuilder {
+            mut nodes,
+            mut maps,
+            mut dir_map,
+        } = self;
+
+        // New ids in preorder; NO_MAP marks an unreachable node.
+        let mut new_id: Vec<NodeId> = vec![NO_MAP; nodes.len()];
+        let mut reachable: NodeId = 0;
         let mut stack = vec![ROOT];
         while let Some(id) = stack.pop() {
-            if new_id[id as usize].is_some() {
+            if new_id[id as usize] != NO_MAP {
                 continue;
             }
-            // `preorder` never outgrows `nodes`, whose length fits a NodeId.
-            new_id[id as usize] = Some(preorder.len() as NodeId);
-            preorder.push(id);
-            if let Some(children) = self.children(id) {
+            // `reachable` never outgrows `nodes`, whose ids stay below NO_MAP.
+            new_id[id as usize] = reachable;
+            reachable += 1;
+            if let Some(children) = maps.get(dir_map[id as usize] as usize) {
                 stack.extend(children.values().rev().copied());
             }
         }
 
-        // Each node moves out of the builder once, in its new order; the
-        // builder's maps are freed one directory at a time.
-        let mut old = self.nodes;
-        let mut nodes = Vec::with_capacity(preorder.len());
-        for id in preorder {
-            let BuildNode { kind, meta } = std::mem::replace(
-                &mut old[id as usize],
-                BuildNode {
-                    kind: BuildKind::Other(NodeKind::Fifo),
-                    meta: Metadata::default(),
-                },
-            );
-            let kind = match kind {
-                BuildKind::Dir(children) => {
-                    let pairs = children.iter().filter_map(|(name, child)| {
-                        Some((name.as_slice(), new_id[*child as usize]?))
-                    });
-                    // A map yields its names in increasing order.
-                    NodeKind::Dir {
-                        children: Children::from_sorted(pairs).unwrap_or_default(),
-                    }
+        // Unreachable nodes go after the reachable ones, to be cut off.
+        let mut next_unreachable = reachable;
+        let mut target: Vec<NodeId> = new_id
+            .iter()
+            .map(|&id| match id {
+                NO_MAP => {
+                    next_unreachable += 1;
+                    next_unreachable - 1
                 }
-                BuildKind::Other(kind) => kind,
+                id => id,
+            })
+            .collect();
+
+        // Move every node to its new position in place; each swap puts one
+        // node where it belongs, so no second node vector is needed.
+        for position in 0..nodes.len() {
+            while target[position] as usize != position {
+                let destination = target[position] as usize;
+                nodes.swap(position, destination);
+                dir_map.swap(position, destination);
+                target.swap(position, destination);
+            }
+        }
+        drop(target);
+        nodes.truncate(reachable as usize);
+        nodes.shrink_to_fit();
+
+        // Pack each directory's children, freeing its map.
+        for (node, &map) in nodes.iter_mut().zip(&dir_map) {
+            let Some(children) = maps.get_mut(map as usize).map(std::mem::take) else {
+                continue;
             };
-            nodes.push(Node { kind, meta });
+            let pairs = children.iter().filter_map(|(name, child)| {
+                let id = new_id[*child as usize];
+                (id != NO_MAP).then_some((name.as_slice(), id))
+            });
+            // A map yields its names in increasing order.
+            node.kind = NodeKind::Dir {
+                children: Children::from_sorted(pairs).unwrap_or_default(),
+            };
         }
         Tree { nodes }
     }
