@@ -988,6 +988,15 @@ mod tests {
                 "follows no regular file",
             ),
             (
+                "chunk after its file was replaced by an empty one",
+                json!([
+                {"name": "x", "type": "reg", "size": 10, "offset": 5, "chunkSize": 5},
+                {"name": "x", "type": "reg"},
+                {"name": "y", "type": "reg", "size": 1, "offset": 20},
+                {"name": "x", "type": "chunk", "offset": 50, "chunkOffset": 5}]),
+                "follows no regular file",
+            ),
+            (
                 "overlapping chunks",
                 json!([
                 {"name": "x", "type": "reg", "size": 10, "offset": 5, "chunkSize": 6},

@@ -131,8 +131,8 @@ pub struct Node {
 /// The entries of a directory, sorted by name bytes, with distinct names.
 ///
 /// All names of a directory sit in one byte buffer, so a tree of a million
-/// entries holds about ten thousand buffers instead of a million names, and
-/// an empty directory holds none. Built in one go with [`FromIterator`]
+/// entries in ten thousand directories contains ten thousand buffers instead
+/// of a million names, and an empty directory allocates nothing. Built in one go with [`FromIterator`]
 /// (see [`Children::from_sorted`] for input already in order); [`insert`]
 /// rebuilds the whole list and suits small trees only.
 ///
@@ -190,7 +190,7 @@ impl Children {
         self.len() == 0
     }
 
-    /// The child at position `index` in name order.
+    /// Returns the child at position `index` in name order.
     fn at(&self, index: usize) -> Option<(&[u8], NodeId)> {
         let list = self.list.as_ref()?;
         let &(end, node) = list.entries.get(index)?;
@@ -202,7 +202,7 @@ impl Children {
         Some((name, node))
     }
 
-    /// The node named `name`.
+    /// Returns the node named `name`.
     pub fn get(&self, name: &[u8]) -> Option<NodeId> {
         let (mut low, mut high) = (0, self.len());
         while low < high {
@@ -217,7 +217,7 @@ impl Children {
         None
     }
 
-    /// The children in name order.
+    /// Iterates over the children in name order.
     pub fn iter(&self) -> ChildIter<'_> {
         ChildIter {
             children: self,
@@ -239,15 +239,6 @@ impl Children {
             .map(|(name, node)| (name.to_vec(), node))
             .collect();
         *self = names.into_iter().collect();
-    }
-
-    /// Changes the node of every child through `map`.
-    pub fn map_nodes(&mut self, mut map: impl FnMut(NodeId) -> NodeId) {
-        if let Some(list) = &mut self.list {
-            for (_, node) in list.entries.iter_mut() {
-                *node = map(*node);
-            }
-        }
     }
 }
 
@@ -468,7 +459,7 @@ pub enum EntryKind {
 
 /// One entry of a layer after name normalisation, in layer order.
 ///
-/// `path` holds the components below the root (empty for the root itself);
+/// `path` is the path below the root (the empty path for the root itself);
 /// whiteout names (`.wh.NAME`, `.wh..wh..opq`) are kept as they are and
 /// interpreted by [`merge`].
 #[derive(Clone, Debug, PartialEq, Eq)]
