@@ -133,7 +133,7 @@ fn file_paths(tree: &Tree) -> Vec<Option<String>> {
             continue;
         };
         // Reversed, so the stack pops children in name order.
-        for (name, &child) in children.iter().rev() {
+        for (name, child) in children.iter().rev() {
             let mut path = prefix.clone();
             path.push(b'/');
             path.extend_from_slice(name);
@@ -173,12 +173,11 @@ fn list_line(path: Vec<u8>) -> Option<String> {
 
 #[cfg(test)]
 mod tests {
-    use std::collections::BTreeMap;
     use std::sync::Arc;
 
     use super::*;
     use crate::ext4::{Layout, LayoutOptions};
-    use crate::tree::{FileData, Metadata, Node};
+    use crate::tree::{Children, FileData, Metadata, Node};
 
     /// A tree builder that gives each file its own range of layer 0.
     struct TreeBuilder {
@@ -191,7 +190,7 @@ mod tests {
             TreeBuilder {
                 nodes: vec![Node {
                     kind: NodeKind::Dir {
-                        children: BTreeMap::new(),
+                        children: Children::new(),
                     },
                     meta: meta(0o755),
                 }],
@@ -203,7 +202,7 @@ mod tests {
             let NodeKind::Dir { children } = &mut self.nodes[parent as usize].kind else {
                 panic!("node {parent} is not a directory");
             };
-            children.insert(name.to_vec(), child);
+            children.insert(name, child);
         }
 
         fn add(&mut self, parent: NodeId, name: &[u8], kind: NodeKind) -> NodeId {
@@ -217,7 +216,7 @@ mod tests {
         }
 
         fn dir(&mut self, parent: NodeId, name: &str) -> NodeId {
-            let children = BTreeMap::new();
+            let children = Children::new();
             self.add(parent, name.as_bytes(), NodeKind::Dir { children })
         }
 

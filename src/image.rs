@@ -133,6 +133,9 @@ pub async fn open_image(image: &str, options: &OpenOptions) -> anyhow::Result<Op
     }
 
     let tree = Arc::new(merge_owned(entries).context("failed to merge the image layers")?);
+    // The layers' entries are gone now; their memory is not needed for the
+    // layout and the store that come next.
+    crate::heap::release_free_memory();
     let layout_options = layout_options_for(&resolved.manifest_digest);
     let layout = Arc::new(
         Layout::new(tree.clone(), layout_options)
@@ -152,6 +155,8 @@ pub async fn open_image(image: &str, options: &OpenOptions) -> anyhow::Result<Op
         .context("failed to open the chunk cache")?,
     );
     fallback.remove();
+    // The layout's and the store's planning lists are gone too.
+    crate::heap::release_free_memory();
     info!(
         image = %source.describe(),
         nodes = tree.nodes.len(),

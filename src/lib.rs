@@ -12,6 +12,7 @@ pub mod disk;
 pub mod estargz;
 pub mod export;
 pub mod ext4;
+pub mod heap;
 pub mod image;
 pub mod inspect;
 pub mod layer;

@@ -17,7 +17,7 @@ use crate::estargz::name::{normalize_name, NameError};
 use crate::estargz::{NO_PREFETCH_LANDMARK, PREFETCH_LANDMARK, TOC_TAR_NAME};
 use crate::layer::{ChunkRecord, ChunkSource, LayerIndex, Prefetch};
 use crate::pax;
-use crate::tree::{EntryKind, FileData, LayerEntry, Metadata};
+use crate::tree::{EntryKind, EntryPath, FileData, LayerEntry, Metadata};
 
 /// Tar block size; headers and data are padded to it.
 const BLOCK_SIZE: u64 = 512;
@@ -479,7 +479,7 @@ impl Extensions {
         }
         // BTreeMap order is byte order of the full record key, so the names
         // (after one common prefix) come out sorted.
-        let xattrs = records
+        let xattrs: Vec<(Vec<u8>, Vec<u8>)> = records
             .iter()
             .filter_map(|(key, value)| {
                 key.strip_prefix(PAX_XATTR_PREFIX)
@@ -520,7 +520,7 @@ impl Extensions {
                 gid: u32::try_from(gid).map_err(|_| out_of_range("gid", gid.to_string()))?,
                 mtime,
                 mtime_nsec,
-                xattrs,
+                xattrs: xattrs.into(),
             },
             device,
         })
@@ -576,18 +576,21 @@ impl TarIndexBuilder {
         sink: &mut dyn FnMut(u64, &[u8]) -> io::Result<()>,
     ) -> Result<(), TarLayerError> {
         let display_name = String::from_utf8_lossy(&raw.name).into_owned();
-        let path = normalize_name(&raw.name).map_err(|source| TarLayerError::Name {
-            offset: raw.offset,
-            source,
-        })?;
+        let path =
+            EntryPath::from(
+                normalize_name(&raw.name).map_err(|source| TarLayerError::Name {
+                    offset: raw.offset,
+                    source,
+                })?,
+            );
         let is_regular = matches!(raw.typeflag, b'0' | b'\0' | b'7');
         // Pre-POSIX tars mark directories as regular files whose name ends in '/'.
         let old_style_dir = raw.typeflag == b'\0' && raw.name.ends_with(b"/");
 
-        let skipped_root_file = matches!(path.as_slice(), [only]
-            if only.as_slice() == PREFETCH_LANDMARK.as_bytes()
-                || only.as_slice() == NO_PREFETCH_LANDMARK.as_bytes()
-                || only.as_slice() == TOC_TAR_NAME.as_bytes());
+        let skipped_root_file = matches!(path.single(), Some(only)
+            if only == PREFETCH_LANDMARK.as_bytes()
+                || only == NO_PREFETCH_LANDMARK.as_bytes()
+                || only == TOC_TAR_NAME.as_bytes());
         if skipped_root_file || raw.typeflag == b'V' {
             debug!(name = %display_name, "skipping builder-added file or volume label in tar layer");
             return stream.skip(raw.size + padding(raw.size), &display_name);
@@ -606,12 +609,13 @@ impl TarIndexBuilder {
             }
             b'5' => EntryKind::Dir,
             b'1' => {
-                let target =
-                    normalize_name(&raw.link_name).map_err(|source| TarLayerError::Name {
+                let target = EntryPath::from(normalize_name(&raw.link_name).map_err(|source| {
+                    TarLayerError::Name {
                         offset: raw.offset,
                         source,
-                    })?;
-                if target.is_empty() {
+                    }
+                })?);
+                if target.is_root() {
                     return Err(TarLayerError::MissingLinkName {
                         offset: raw.offset,
                         name: display_name,
@@ -789,7 +793,10 @@ mod tests {
         let kinds: Vec<(Vec<Vec<u8>>, EntryKind)> = index
             .entries
             .iter()
-            .map(|entry| (entry.path.clone(), entry.kind.clone()))
+            .map(|entry| {
+                let components = entry.path.components().map(<[u8]>::to_vec).collect();
+                (components, entry.kind.clone())
+            })
             .collect();
         let reg = |data_offset, size| EntryKind::Reg {
             data: FileData {
@@ -807,7 +814,7 @@ mod tests {
                 (
                     parts(&["tmp", "b"]),
                     EntryKind::Hardlink {
-                        target: parts(&["tmp", "a"])
+                        target: parts(&["tmp", "a"]).into()
                     }
                 ),
                 (
@@ -866,8 +873,11 @@ mod tests {
 
         let (index, _) = index(&tar_bytes);
         let entry = &index.entries[0];
-        assert_eq!(entry.path.len(), 3);
-        assert_eq!(entry.path[1], "d".repeat(200).into_bytes());
+        assert_eq!(entry.path.component_count(), 3);
+        assert_eq!(
+            entry.path.components().nth(1),
+            Some("d".repeat(200).as_bytes())
+        );
         assert_eq!((entry.meta.uid, entry.meta.gid), (3_000_000, 3_000_001));
         assert_eq!((entry.meta.mtime, entry.meta.mtime_nsec), (-2, 750_000_000));
         assert_eq!(
@@ -898,7 +908,7 @@ mod tests {
         assert_eq!(
             index.entries[1].kind,
             EntryKind::Hardlink {
-                target: parts(&[&"n".repeat(150), "file"])
+                target: parts(&[&"n".repeat(150), "file"]).into()
             }
         );
     }

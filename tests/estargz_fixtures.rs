@@ -203,13 +203,13 @@ fn tree_paths(tree: &Tree) -> BTreeMap<String, NodeId> {
     while let Some((path, id)) = stack.pop() {
         if let NodeKind::Dir { children } = &tree.node(id).kind {
             for (name, child) in children {
-                let name = String::from_utf8(name.clone()).expect("fixture names are UTF-8");
+                let name = String::from_utf8(name.to_vec()).expect("fixture names are UTF-8");
                 let child_path = if path == "/" {
                     format!("/{name}")
                 } else {
                     format!("{path}/{name}")
                 };
-                stack.push((child_path, *child));
+                stack.push((child_path, child));
             }
         }
         paths.insert(path, id);

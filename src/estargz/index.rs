@@ -11,7 +11,7 @@ use super::name::normalize_name;
 use super::rfc3339::parse_rfc3339;
 use super::toc::{parse_toc, stream_toc_json, JsonEntry, TocError, TocLimits, TOC_TAR_NAME};
 use crate::layer::{ChunkName, ChunkRecord, ChunkSource, LayerIndex, Prefetch};
-use crate::tree::{EntryKind, FileData, LayerEntry, Metadata};
+use crate::tree::{EntryKind, EntryPath, FileData, LayerEntry, Metadata};
 
 /// Root file marking the end of the files to prefetch.
 pub const PREFETCH_LANDMARK: &str = ".prefetch.landmark";
@@ -90,7 +90,8 @@ fn index_from_json<'de, R: serde_json::de::Read<'de>>(
         files: Vec::new(),
         names: String::new(),
         chunks: Vec::new(),
-        file_by_path: HashMap::new(),
+        file_by_path: None,
+        last_reg: None,
         data_size: 0,
         prefetch: Prefetch::Unknown,
         landmark_pending: false,
@@ -229,7 +230,7 @@ fn metadata(entry: &JsonEntry) -> Result<Metadata, TocError> {
         gid: id_field(entry, "gid", entry.gid)?,
         mtime,
         mtime_nsec,
-        xattrs,
+        xattrs: xattrs.into(),
     })
 }
 
@@ -238,11 +239,14 @@ struct PendingChunk {
     /// Index of its file in `IndexBuilder::files`.
     file: u32,
     chunk_offset: u64,
-    /// `None`: up to the end of the file.
-    chunk_size: Option<u64>,
+    /// 0: up to the end of the file.
+    chunk_size: u64,
     compressed_offset: u64,
     inner_offset: u64,
+    /// `chunkDigest`, or for a file's first chunk without one, the file's
+    /// `digest`, which counts only when the file has no other chunk.
     digest: Option<[u8; 32]>,
+    digest_from_file: bool,
 }
 
 /// A non-empty regular file; its chunks are in `IndexBuilder::chunks`.
@@ -252,7 +256,6 @@ struct PendingFile {
     name_len: u32,
     data_offset: u64,
     size: u64,
-    digest: Option<[u8; 32]>,
 }
 
 struct IndexBuilder {
@@ -272,8 +275,13 @@ struct IndexBuilder {
     /// Chunks of all files in TOC order.
     chunks: Vec<PendingChunk>,
     /// The latest regular file of each path (components joined by `/`),
-    /// which `chunk` entries extend.
-    file_by_path: HashMap<Box<[u8]>, u32>,
+    /// which `chunk` entries extend; `None` until a chunk entry does not
+    /// follow its file (writers put a file's chunks right after it, so most
+    /// TOCs never need the map).
+    file_by_path: Option<HashMap<Box<[u8]>, u32>>,
+    /// The last regular file entry: its position in `entries` and its index
+    /// in `files` (`None` when it is empty).
+    last_reg: Option<(usize, Option<u32>)>,
     data_size: u64,
     prefetch: Prefetch,
     /// A `.prefetch.landmark` without data was seen; the next data entry's
@@ -281,10 +289,11 @@ struct IndexBuilder {
     landmark_pending: bool,
 }
 
-/// Joins normalised components with `/`, which no component contains, so
-/// distinct paths give distinct keys.
-fn path_key(path: &[Vec<u8>]) -> Box<[u8]> {
-    path.join(&b'/').into_boxed_slice()
+/// The key of a path in `IndexBuilder::file_by_path`: its components joined
+/// by `/`, which no normalised component contains, so distinct paths give
+/// distinct keys.
+fn path_key(path: &EntryPath) -> Box<[u8]> {
+    path.as_bytes().into()
 }
 
 impl IndexBuilder {
@@ -305,7 +314,8 @@ impl IndexBuilder {
                 self.files = Vec::new();
                 self.names = String::new();
                 self.chunks = Vec::new();
-                self.file_by_path = HashMap::new();
+                self.file_by_path = None;
+                self.last_reg = None;
                 return;
             }
         }
@@ -317,8 +327,10 @@ impl IndexBuilder {
     }
 
     fn add(&mut self, index: usize, entry: &JsonEntry) -> Result<(), TocError> {
-        let path = normalize_name(entry.name.as_bytes())
-            .map_err(|source| TocError::Name { index, source })?;
+        let path = EntryPath::from(
+            normalize_name(entry.name.as_bytes())
+                .map_err(|source| TocError::Name { index, source })?,
+        );
 
         if self.landmark_pending && has_data(entry) {
             self.prefetch = Prefetch::Before {
@@ -329,7 +341,7 @@ impl IndexBuilder {
         if entry.kind == "chunk" {
             return self.add_chunk(entry, path);
         }
-        if let [only] = path.as_slice() {
+        if let Some(only) = path.single() {
             if self.take_special(entry, only)? {
                 return Ok(());
             }
@@ -338,9 +350,11 @@ impl IndexBuilder {
         let meta = metadata(entry)?;
         let kind = match entry.kind.as_str() {
             "dir" => EntryKind::Dir,
-            "reg" => EntryKind::Reg {
-                data: self.add_file(entry, &path)?,
-            },
+            "reg" => {
+                let (data, file) = self.add_file(entry, &path)?;
+                self.last_reg = Some((self.entries.len(), file));
+                EntryKind::Reg { data }
+            }
             "symlink" => {
                 if entry.link_name.is_empty() {
                     return Err(TocError::MissingLinkName {
@@ -353,9 +367,11 @@ impl IndexBuilder {
                 }
             }
             "hardlink" => {
-                let target = normalize_name(entry.link_name.as_bytes())
-                    .map_err(|source| TocError::Name { index, source })?;
-                if target.is_empty() {
+                let target = EntryPath::from(
+                    normalize_name(entry.link_name.as_bytes())
+                        .map_err(|source| TocError::Name { index, source })?,
+                );
+                if target.is_root() {
                     return Err(TocError::MissingLinkName {
                         name: entry.name.clone(),
                         kind: "hardlink",
@@ -404,8 +420,12 @@ impl IndexBuilder {
     }
 
     /// Gives a regular file its range of the data space and records its
-    /// first chunk.
-    fn add_file(&mut self, entry: &JsonEntry, path: &[Vec<u8>]) -> Result<FileData, TocError> {
+    /// first chunk; returns its index in `files` unless it is empty.
+    fn add_file(
+        &mut self,
+        entry: &JsonEntry,
+        path: &EntryPath,
+    ) -> Result<(FileData, Option<u32>), TocError> {
         let size = non_negative(entry, "size", entry.size)?;
         let data = FileData {
             layer: self.layer,
@@ -413,8 +433,10 @@ impl IndexBuilder {
             size,
         };
         if size == 0 {
-            self.file_by_path.remove(&*path_key(path));
-            return Ok(data);
+            if let Some(map) = &mut self.file_by_path {
+                map.remove(&*path_key(path));
+            }
+            return Ok((data, None));
         }
 
         self.data_size =
@@ -440,24 +462,71 @@ impl IndexBuilder {
             name_len,
             data_offset: data.data_offset,
             size,
-            digest: parse_digest(entry, "digest", &entry.digest)?,
         };
-        let chunk = self.pending_chunk(entry, file_index)?;
+        let file_digest = parse_digest(entry, "digest", &entry.digest)?;
+        let mut chunk = self.pending_chunk(entry, file_index)?;
+        if chunk.digest.is_none() {
+            chunk.digest = file_digest;
+            chunk.digest_from_file = file_digest.is_some();
+        }
         self.chunks.push(chunk);
-        self.file_by_path.insert(path_key(path), file_index);
+        if let Some(map) = &mut self.file_by_path {
+            map.insert(path_key(path), file_index);
+        }
         self.names.push_str(&entry.name);
         self.files.push(file);
-        Ok(data)
+        Ok((data, Some(file_index)))
     }
 
-    fn add_chunk(&mut self, entry: &JsonEntry, path: Vec<Vec<u8>>) -> Result<(), TocError> {
+    /// The latest regular file at `path`, or `None` when there is none or
+    /// the latest one is empty.
+    fn file_at(&mut self, path: &EntryPath) -> Option<u32> {
+        if self.file_by_path.is_none() {
+            if let Some((position, file)) = self.last_reg {
+                if self
+                    .entries
+                    .get(position)
+                    .is_some_and(|last| last.path == *path)
+                {
+                    return file;
+                }
+            }
+            self.file_by_path = Some(self.map_files());
+        }
+        self.file_by_path.as_ref()?.get(&*path_key(path)).copied()
+    }
+
+    /// Maps the path of every regular file added so far to the latest
+    /// non-empty file there.
+    fn map_files(&self) -> HashMap<Box<[u8]>, u32> {
+        let mut map = HashMap::new();
+        for entry in &self.entries {
+            let EntryKind::Reg { data } = &entry.kind else {
+                continue;
+            };
+            if data.size == 0 {
+                map.remove(&*path_key(&entry.path));
+                continue;
+            }
+            // Non-empty files have increasing data offsets.
+            let file = self
+                .files
+                .partition_point(|file| file.data_offset < data.data_offset);
+            if let Ok(file) = u32::try_from(file) {
+                map.insert(path_key(&entry.path), file);
+            }
+        }
+        map
+    }
+
+    fn add_chunk(&mut self, entry: &JsonEntry, path: EntryPath) -> Result<(), TocError> {
         // Check the fields first, as the error order of an entry depends on it.
         let mut chunk = self.pending_chunk(entry, 0)?;
-        chunk.file = *self.file_by_path.get(&*path_key(&path)).ok_or_else(|| {
-            TocError::ChunkWithoutFile {
+        chunk.file = self
+            .file_at(&path)
+            .ok_or_else(|| TocError::ChunkWithoutFile {
                 name: entry.name.clone(),
-            }
-        })?;
+            })?;
         self.chunks.push(chunk);
         Ok(())
     }
@@ -467,10 +536,11 @@ impl IndexBuilder {
         Ok(PendingChunk {
             file,
             chunk_offset: non_negative(entry, "chunkOffset", entry.chunk_offset)?,
-            chunk_size: (chunk_size > 0).then_some(chunk_size),
+            chunk_size,
             compressed_offset: non_negative(entry, "offset", entry.offset)?,
             inner_offset: non_negative(entry, "innerOffset", entry.inner_offset)?,
             digest: parse_digest(entry, "chunkDigest", &entry.chunk_digest)?,
+            digest_from_file: false,
         })
     }
 
@@ -478,7 +548,7 @@ impl IndexBuilder {
     /// returns the chunk table sorted by data offset.
     fn finish_chunks(&mut self) -> Result<Vec<ChunkRecord>, TocError> {
         let mut chunks = std::mem::take(&mut self.chunks);
-        self.file_by_path = HashMap::new();
+        self.file_by_path = None;
         // A TOC lists each file's chunks after it in order, so the sort,
         // which needs a buffer of half the list, is rarely needed. It is
         // stable: chunks at the same offset stay in TOC order.
@@ -486,78 +556,72 @@ impl IndexBuilder {
         if !chunks.is_sorted_by_key(key) {
             chunks.sort_by_key(key);
         }
-
         let names = Arc::new(std::mem::take(&mut self.names));
-        let mut records = Vec::with_capacity(chunks.len());
+        let mut files = std::mem::take(&mut self.files);
+
+        // Check every file first, so the first invalid file in TOC order is
+        // the one reported.
         let mut rest = chunks.as_slice();
-        for (file_index, file) in std::mem::take(&mut self.files).into_iter().enumerate() {
+        for (file_index, file) in files.iter().enumerate() {
             let count = rest
                 .iter()
                 .take_while(|chunk| chunk.file as usize == file_index)
                 .count();
             let (file_chunks, after) = rest.split_at(count);
             rest = after;
-            let single = file_chunks.len() == 1;
-            let name_range = file.name_start as usize..(file.name_start + file.name_len) as usize;
-            // The range was cut from `names` when the file was added.
-            let name = ChunkName::in_buffer(&names, name_range)
-                .unwrap_or_else(|| ChunkName::from(String::new()));
-            let layout_error = |reason: String| TocError::ChunkLayout {
-                name: name.to_string(),
-                reason,
-            };
+            check_file_chunks(file, file_chunks, &names)?;
+        }
 
-            let mut expected_offset = 0u64;
-            for chunk in file_chunks {
-                if chunk.chunk_offset != expected_offset {
-                    return Err(layout_error(format!(
-                        "a chunk starts at {} but the previous one ends at {} \
-                         (chunks overlap or leave a gap)",
-                        chunk.chunk_offset, expected_offset
-                    )));
-                }
-                if chunk.chunk_offset >= file.size {
-                    return Err(layout_error(format!(
-                        "a chunk starts at {}, not below the file size {}",
-                        chunk.chunk_offset, file.size
-                    )));
-                }
-                let size = chunk.chunk_size.unwrap_or(file.size - chunk.chunk_offset);
-                let end = chunk.chunk_offset.saturating_add(size);
-                if end > file.size {
-                    return Err(layout_error(format!(
-                        "the chunk at {} of {} bytes ends past the file size {}",
-                        chunk.chunk_offset, size, file.size
-                    )));
-                }
-
-                let compressed_end = self.member_end(chunk.compressed_offset);
-                let digest = match (chunk.digest, single) {
-                    (Some(digest), _) => Some(digest),
-                    (None, true) => file.digest,
-                    (None, false) => None,
+        // Then build the records from the last file to the first, handing
+        // the pending lists' memory back as they shrink, so the pending
+        // lists and the table are not both held in full.
+        let mut records = Vec::with_capacity(chunks.len());
+        let mut released = chunks.len();
+        while let Some(file) = files.pop() {
+            let file_index = files.len();
+            let count = chunks
+                .iter()
+                .rev()
+                .take_while(|chunk| chunk.file as usize == file_index)
+                .count();
+            let first = chunks.len() - count;
+            let single = count == 1;
+            let name = file_name(&file, &names);
+            for chunk in chunks[first..].iter().rev() {
+                // `check_file_chunks` checked the sizes and offsets.
+                let size = match chunk.chunk_size {
+                    0 => file.size - chunk.chunk_offset,
+                    size => size,
+                };
+                let digest = match (chunk.digest, chunk.digest_from_file) {
+                    (Some(_), true) if !single => None,
+                    (digest, _) => digest,
                 };
                 records.push(ChunkRecord {
                     data_offset: file.data_offset + chunk.chunk_offset,
                     size,
                     source: ChunkSource::Member {
                         compressed_offset: chunk.compressed_offset,
-                        compressed_end,
+                        compressed_end: self.member_end(chunk.compressed_offset),
                         inner_offset: chunk.inner_offset,
                     },
                     digest,
                     name: name.clone(),
                 });
-                expected_offset = end;
             }
-            if expected_offset != file.size {
-                return Err(layout_error(format!(
-                    "chunks cover {} of {} bytes",
-                    expected_offset, file.size
-                )));
+            chunks.truncate(first);
+            if released - chunks.len() >= RELEASE_STEP {
+                chunks.shrink_to_fit();
+                files.shrink_to_fit();
+                released = chunks.len();
             }
         }
-        records.sort_by_key(|record| record.data_offset);
+        records.reverse();
+        // Files get their data in TOC order, so the table is usually sorted
+        // already; the check spares the sort's buffer of half the table.
+        if !records.is_sorted_by_key(|record| record.data_offset) {
+            records.sort_by_key(|record| record.data_offset);
+        }
         Ok(records)
     }
 
@@ -570,6 +634,64 @@ impl IndexBuilder {
             .copied()
             .unwrap_or(self.toc_offset)
     }
+}
+
+/// Pending chunks consumed between two releases of the pending lists'
+/// unused memory while the chunk table is built.
+const RELEASE_STEP: usize = 1 << 16;
+
+/// The name of a pending file, from the layer's name buffer.
+fn file_name(file: &PendingFile, names: &Arc<String>) -> ChunkName {
+    let name_range = file.name_start as usize..(file.name_start + file.name_len) as usize;
+    // The range was cut from `names` when the file was added.
+    ChunkName::in_buffer(names, name_range).unwrap_or_else(|| ChunkName::from(String::new()))
+}
+
+/// Checks that a file's chunks (sorted by offset) are contiguous and cover it.
+fn check_file_chunks(
+    file: &PendingFile,
+    chunks: &[PendingChunk],
+    names: &Arc<String>,
+) -> Result<(), TocError> {
+    let layout_error = |reason: String| TocError::ChunkLayout {
+        name: file_name(file, names).to_string(),
+        reason,
+    };
+    let mut expected_offset = 0u64;
+    for chunk in chunks {
+        if chunk.chunk_offset != expected_offset {
+            return Err(layout_error(format!(
+                "a chunk starts at {} but the previous one ends at {} \
+                 (chunks overlap or leave a gap)",
+                chunk.chunk_offset, expected_offset
+            )));
+        }
+        if chunk.chunk_offset >= file.size {
+            return Err(layout_error(format!(
+                "a chunk starts at {}, not below the file size {}",
+                chunk.chunk_offset, file.size
+            )));
+        }
+        let size = match chunk.chunk_size {
+            0 => file.size - chunk.chunk_offset,
+            size => size,
+        };
+        let end = chunk.chunk_offset.saturating_add(size);
+        if end > file.size {
+            return Err(layout_error(format!(
+                "the chunk at {} of {} bytes ends past the file size {}",
+                chunk.chunk_offset, size, file.size
+            )));
+        }
+        expected_offset = end;
+    }
+    if expected_offset != file.size {
+        return Err(layout_error(format!(
+            "chunks cover {} of {} bytes",
+            expected_offset, file.size
+        )));
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -649,7 +771,7 @@ mod tests {
         assert_eq!(
             index.entries[3].kind,
             EntryKind::Hardlink {
-                target: parts(&["dir", "suid"])
+                target: parts(&["dir", "suid"]).into()
             }
         );
         assert_eq!(
@@ -870,6 +992,15 @@ mod tests {
                 json!([
                 {"name": "x", "type": "reg"},
                 {"name": "x", "type": "chunk", "offset": 5, "chunkOffset": 0}]),
+                "follows no regular file",
+            ),
+            (
+                "chunk after its file was replaced by an empty one",
+                json!([
+                {"name": "x", "type": "reg", "size": 10, "offset": 5, "chunkSize": 5},
+                {"name": "x", "type": "reg"},
+                {"name": "y", "type": "reg", "size": 1, "offset": 20},
+                {"name": "x", "type": "chunk", "offset": 50, "chunkOffset": 5}]),
                 "follows no regular file",
             ),
             (

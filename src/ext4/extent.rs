@@ -23,15 +23,29 @@ const ROOT_ENTRIES: u64 = 4;
 
 /// A contiguous run of device blocks mapped from logical block 0, with the
 /// blocks of its extent tree (if any) in a separate contiguous run.
+///
+/// Block numbers and counts are 32 bits, as in a filesystem without the
+/// `64bit` feature (the layout rejects larger images), which keeps the
+/// inode records of a million-file layout small.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub(super) struct BlockMap {
     /// First device block of the data.
-    pub start: u64,
+    pub start: u32,
     /// Number of data blocks.
-    pub len: u64,
+    pub len: u32,
     /// First device block of the extent tree blocks; meaningless when
     /// `tree_blocks(len)` is 0.
-    pub tree_start: u64,
+    pub tree_start: u32,
+}
+
+impl BlockMap {
+    pub fn start(&self) -> u64 {
+        u64::from(self.start)
+    }
+
+    pub fn len(&self) -> u64 {
+        u64::from(self.len)
+    }
 }
 
 /// Number of extents covering `len` blocks.
@@ -67,7 +81,7 @@ fn count_at(len: u64, levels: &[u64], level: usize) -> u64 {
 
 /// First device block of the tree nodes at `level` (>= 1).
 fn level_base(map: &BlockMap, levels: &[u64], level: usize) -> u64 {
-    map.tree_start + levels[..level - 1].iter().sum::<u64>()
+    u64::from(map.tree_start) + levels[..level - 1].iter().sum::<u64>()
 }
 
 /// Number of extents under one node at `level` (>= 1) when full.
@@ -99,8 +113,8 @@ fn write_entries(
         let entry = &mut buf[offset..offset + ENTRY_SIZE];
         if level == 0 {
             let logical = index * MAX_EXTENT_LEN;
-            let len = (map.len - logical).min(MAX_EXTENT_LEN);
-            let (start_lo, start_hi) = split_block(map.start + logical);
+            let len = (map.len() - logical).min(MAX_EXTENT_LEN);
+            let (start_lo, start_hi) = split_block(map.start() + logical);
             put_u32(entry, 0, u32::try_from(logical).unwrap_or(u32::MAX));
             put_u16(entry, 4, u16::try_from(len).unwrap_or(u16::MAX));
             put_u16(entry, 6, start_hi);
@@ -120,9 +134,9 @@ fn write_entries(
 
 /// Writes the tree root into the 60-byte `i_block` area.
 pub(super) fn write_root(i_block: &mut [u8], map: &BlockMap) {
-    let levels = level_counts(map.len);
+    let levels = level_counts(map.len());
     let depth = levels.len();
-    let entries = count_at(map.len, &levels, depth);
+    let entries = count_at(map.len(), &levels, depth);
     write_header(i_block, entries, ROOT_ENTRIES, depth);
     write_entries(i_block, map, &levels, depth, 0, entries);
 }
@@ -130,12 +144,12 @@ pub(super) fn write_root(i_block: &mut [u8], map: &BlockMap) {
 /// Writes tree block number `index` (0-based within the object's tree
 /// blocks) into `out`.
 pub(super) fn write_tree_block(out: &mut [u8], map: &BlockMap, index: u64) {
-    let levels = level_counts(map.len);
+    let levels = level_counts(map.len());
     let mut remaining = index;
     for (position, &count) in levels.iter().enumerate() {
         if remaining < count {
             let level = position + 1;
-            let children = count_at(map.len, &levels, level - 1);
+            let children = count_at(map.len(), &levels, level - 1);
             let first = remaining * ENTRIES_PER_BLOCK;
             let end = (first + ENTRIES_PER_BLOCK).min(children);
             write_header(out, end - first, ENTRIES_PER_BLOCK, level - 1);

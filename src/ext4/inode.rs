@@ -91,14 +91,15 @@ pub(super) struct InodeRecord {
     pub size: u64,
     pub flags: u32,
     pub body: InodeBody,
-    pub xattr_block: Option<u64>,
+    /// The external xattr block (32 bits, see [`BlockMap`]).
+    pub xattr_block: Option<u32>,
 }
 
 impl InodeRecord {
     /// `i_blocks` in 512-byte units: data, extent tree and xattr blocks.
     pub fn sectors(&self) -> u64 {
         let mut blocks = match self.body {
-            InodeBody::Extents(map) => map.len + extent::tree_blocks(map.len),
+            InodeBody::Extents(map) => map.len() + extent::tree_blocks(map.len()),
             _ => 0,
         };
         if self.xattr_block.is_some() {
@@ -141,7 +142,7 @@ pub(super) fn write_inode(
         InodeBody::Empty => {}
     }
 
-    let (acl_lo, acl_hi) = super::disk::split_block(record.xattr_block.unwrap_or(0));
+    let (acl_lo, acl_hi) = super::disk::split_block(record.xattr_block.map_or(0, u64::from));
     put_u32(out, 104, acl_lo);
     put_u32(out, 108, (record.size >> 32) as u32);
     // osd2 (Linux): l_i_blocks_high, l_i_file_acl_high, l_i_uid_high, l_i_gid_high.

@@ -27,7 +27,7 @@ use super::xattr;
 use super::{
     FileRun, Layout, LayoutError, LayoutOptions, MetaObject, MetaRun, WritableOptions, BLOCK_SIZE,
 };
-use crate::tree::{Metadata, Node, NodeId, NodeKind, Tree, ROOT};
+use crate::tree::{Children, Metadata, Node, NodeId, NodeKind, Tree, Xattrs, ROOT};
 
 /// Inodes per inode table block.
 const INODES_PER_BLOCK: u64 = BLOCK_SIZE / inode::INODE_SIZE as u64;
@@ -199,7 +199,7 @@ struct Numbering {
     max_inode: u32,
 }
 
-fn children(node: &Node) -> Option<&std::collections::BTreeMap<Vec<u8>, NodeId>> {
+fn children(node: &Node) -> Option<&Children> {
     match &node.kind {
         NodeKind::Dir { children } => Some(children),
         _ => None,
@@ -227,7 +227,7 @@ fn number_inodes(tree: &Tree) -> Result<Numbering, LayoutError> {
 
     let mut next = FIRST_INO;
     match root_children.get(LOST_FOUND) {
-        Some(&id)
+        Some(id)
             if tree
                 .nodes
                 .get(id as usize)
@@ -255,7 +255,7 @@ fn number_inodes(tree: &Tree) -> Result<Numbering, LayoutError> {
             continue;
         };
         let mut subdirs = Vec::new();
-        for (name, &child) in entries {
+        for (name, child) in entries {
             let Some(node) = tree.nodes.get(child as usize) else {
                 return Err(LayoutError::DanglingNode {
                     parent: dir,
@@ -286,7 +286,8 @@ fn number_inodes(tree: &Tree) -> Result<Numbering, LayoutError> {
         stack.extend(subdirs.into_iter().rev());
     }
 
-    numbering.order.sort_by_key(|&(ino, _)| ino);
+    // Inode numbers are distinct, so the order does not depend on stability.
+    numbering.order.sort_unstable_by_key(|&(ino, _)| ino);
     numbering.max_inode = next - 1;
     Ok(numbering)
 }
@@ -391,7 +392,7 @@ fn lost_found_metadata(root: &Metadata) -> Metadata {
         gid: 0,
         mtime: root.mtime,
         mtime_nsec: root.mtime_nsec,
-        xattrs: Vec::new(),
+        xattrs: Xattrs::default(),
     }
 }
 
@@ -442,7 +443,7 @@ impl Layout {
                                 leaves: too_many.leaves,
                                 max: too_many.max,
                             })?;
-                    (directory_record(source, 0o700, 2, &dir, false), Some(dir))
+                    (directory_record(source, 0o700, 2, &dir, false)?, Some(dir))
                 }
                 InodeSource::Node(id) => plan_node(&tree, &numbering, id, ino, hash_seed)?,
                 // Numbering never yields the journal; it is added below.
@@ -455,15 +456,19 @@ impl Layout {
             inodes[ino as usize] = Some(record);
         }
         if writable.journal_blocks > 0 {
-            inodes[JOURNAL_INO as usize] = Some(journal_record(writable.journal_blocks));
+            inodes[JOURNAL_INO as usize] = Some(journal_record(writable.journal_blocks)?);
         }
+        // What only the planning above needs goes before the blocks are placed.
+        drop(numbering.order);
+        drop(numbering.parents);
+        drop(numbering.entry_counts);
 
         // Count every block after the inode tables, then size the groups.
         let mut variable_blocks = options.extra_free_blocks;
         for record in inodes.iter().flatten() {
             if let InodeBody::Extents(map) = record.body {
                 variable_blocks =
-                    variable_blocks.saturating_add(map.len + extent::tree_blocks(map.len));
+                    variable_blocks.saturating_add(map.len() + extent::tree_blocks(map.len()));
             }
             if record.xattr_block.is_some() {
                 variable_blocks = variable_blocks.saturating_add(1);
@@ -491,8 +496,8 @@ impl Layout {
             layout.dirs_per_group[group as usize] += 1;
         }
 
-        let data_start = layout.allocate_metadata(geometry.inode_tables_end());
-        let used_blocks = layout.allocate_file_data(data_start);
+        let data_start = layout.allocate_metadata(geometry.inode_tables_end())?;
+        let used_blocks = layout.allocate_file_data(data_start)?;
         geometry.data_start = data_start;
         geometry.used_blocks = used_blocks;
         geometry.block_count = geometry.block_count.max(used_blocks);
@@ -510,7 +515,7 @@ impl Layout {
 
     /// Places directory, long-symlink, xattr and extent tree blocks from
     /// `cursor` on. Returns the first block after them.
-    fn allocate_metadata(&mut self, mut cursor: u64) -> u64 {
+    fn allocate_metadata(&mut self, mut cursor: u64) -> Result<u64, LayoutError> {
         for (index, dir) in self.dirs.iter().enumerate() {
             let len = dir.blocks();
             self.meta_runs.push(MetaRun {
@@ -520,8 +525,8 @@ impl Layout {
             });
             if let Some(Some(record)) = self.inodes.get_mut(dir.inode as usize) {
                 record.body = InodeBody::Extents(BlockMap {
-                    start: cursor,
-                    len,
+                    start: block32(cursor)?,
+                    len: block32(len)?,
                     tree_start: 0,
                 });
             }
@@ -532,7 +537,7 @@ impl Layout {
             let Some(record) = slot else { continue };
             if record.mode & 0o170000 == S_IFLNK {
                 if let InodeBody::Extents(map) = &mut record.body {
-                    map.start = cursor;
+                    map.start = block32(cursor)?;
                     self.meta_runs.push(MetaRun {
                         start: cursor,
                         len: 1,
@@ -546,7 +551,7 @@ impl Layout {
         for (ino, slot) in self.inodes.iter_mut().enumerate() {
             let Some(record) = slot else { continue };
             if record.xattr_block.is_some() {
-                record.xattr_block = Some(cursor);
+                record.xattr_block = Some(block32(cursor)?);
                 self.meta_runs.push(MetaRun {
                     start: cursor,
                     len: 1,
@@ -558,22 +563,22 @@ impl Layout {
 
         if let Some(Some(record)) = self.inodes.get_mut(JOURNAL_INO as usize) {
             if let InodeBody::Extents(map) = &mut record.body {
-                map.start = cursor;
+                map.start = block32(cursor)?;
                 self.meta_runs.push(MetaRun {
                     start: cursor,
-                    len: map.len,
+                    len: map.len(),
                     object: MetaObject::Journal,
                 });
-                cursor += map.len;
+                cursor += map.len();
             }
         }
 
         for (ino, slot) in self.inodes.iter_mut().enumerate() {
             let Some(record) = slot else { continue };
             if let InodeBody::Extents(map) = &mut record.body {
-                let len = extent::tree_blocks(map.len);
+                let len = extent::tree_blocks(map.len());
                 if len > 0 {
-                    map.tree_start = cursor;
+                    map.tree_start = block32(cursor)?;
                     self.meta_runs.push(MetaRun {
                         start: cursor,
                         len,
@@ -583,13 +588,14 @@ impl Layout {
                 }
             }
         }
-        cursor
+        Ok(cursor)
     }
 
     /// Places regular file data in (layer, data_offset) order from
     /// `cursor` on. Returns the first block after it.
-    fn allocate_file_data(&mut self, mut cursor: u64) -> u64 {
-        let mut files: Vec<(u32, u64, NodeId, u32)> = Vec::new();
+    fn allocate_file_data(&mut self, mut cursor: u64) -> Result<u64, LayoutError> {
+        // (layer, data offset, inode): the node is found again through the inode.
+        let mut files: Vec<(u32, u64, u32)> = Vec::new();
         for (ino, slot) in self.inodes.iter().enumerate() {
             let Some(record) = slot else { continue };
             let InodeSource::Node(node) = record.source else {
@@ -599,35 +605,48 @@ impl Layout {
                 (&self.tree.node(node).kind, record.body)
             {
                 if map.len > 0 {
-                    files.push((data.layer, data.data_offset, node, ino as u32));
+                    files.push((data.layer, data.data_offset, ino as u32));
                 }
             }
         }
         files.sort_unstable();
         self.file_runs.reserve_exact(files.len());
 
-        for (_, _, node, ino) in files {
+        for (_, _, ino) in files {
             let Some(Some(record)) = self.inodes.get_mut(ino as usize) else {
                 continue;
             };
+            let InodeSource::Node(node) = record.source else {
+                continue;
+            };
             if let InodeBody::Extents(map) = &mut record.body {
-                map.start = cursor;
+                map.start = block32(cursor)?;
                 self.file_runs.push(FileRun {
-                    start: cursor,
+                    start: map.start,
                     len: map.len,
                     node,
                 });
-                cursor += map.len;
+                cursor += map.len();
             }
         }
-        cursor
+        Ok(cursor)
     }
+}
+
+/// A block number or count as a [`BlockMap`] stores it. `Geometry::solve`
+/// keeps every block the layout places below `MAX_BLOCKS`, so this fails
+/// only for a count planned before that check (a file of 16 TiB or more).
+fn block32(blocks: u64) -> Result<u32, LayoutError> {
+    u32::try_from(blocks).map_err(|_| LayoutError::TooManyBlocks {
+        blocks,
+        max: MAX_BLOCKS,
+    })
 }
 
 /// The journal inode: a regular file of mode 0600 owned by root, as mke2fs
 /// makes it, mapping `blocks` contiguous blocks.
-fn journal_record(blocks: u64) -> InodeRecord {
-    InodeRecord {
+fn journal_record(blocks: u64) -> Result<InodeRecord, LayoutError> {
+    Ok(InodeRecord {
         source: InodeSource::Journal,
         mode: S_IFREG | 0o600,
         links: 1,
@@ -635,11 +654,11 @@ fn journal_record(blocks: u64) -> InodeRecord {
         flags: EXT4_EXTENTS_FL,
         body: InodeBody::Extents(BlockMap {
             start: 0,
-            len: blocks,
+            len: block32(blocks)?,
             tree_start: 0,
         }),
         xattr_block: None,
-    }
+    })
 }
 
 fn directory_record(
@@ -648,13 +667,13 @@ fn directory_record(
     links: u16,
     dir: &Directory,
     htree: bool,
-) -> InodeRecord {
+) -> Result<InodeRecord, LayoutError> {
     let len = dir.blocks();
     let mut flags = EXT4_EXTENTS_FL;
     if htree {
         flags |= EXT4_INDEX_FL;
     }
-    InodeRecord {
+    Ok(InodeRecord {
         source,
         mode: S_IFDIR | perm,
         links,
@@ -662,11 +681,11 @@ fn directory_record(
         flags,
         body: InodeBody::Extents(BlockMap {
             start: 0,
-            len,
+            len: block32(len)?,
             tree_start: 0,
         }),
         xattr_block: None,
-    }
+    })
 }
 
 /// Returns the entries of directory node `id` in name order, with
@@ -677,17 +696,17 @@ pub(super) fn directory_entries(
     node_inodes: &[u32],
     synthetic_lost_found: bool,
     id: NodeId,
-    children: &std::collections::BTreeMap<Vec<u8>, NodeId>,
+    children: &Children,
 ) -> (Vec<DirEntry>, u64) {
     let mut entries = Vec::with_capacity(children.len() + 1);
     let mut subdirs: u64 = 0;
-    for (name, &child) in children {
+    for (name, child) in children {
         let child_node = tree.node(child);
         if matches!(child_node.kind, NodeKind::Dir { .. }) {
             subdirs += 1;
         }
         entries.push(DirEntry {
-            name: name.as_slice().into(),
+            name: name.into(),
             inode: node_inodes.get(child as usize).copied().unwrap_or(0),
             file_type: file_type(&child_node.kind),
         });
@@ -710,7 +729,7 @@ fn plan_directory(
     numbering: &Numbering,
     id: NodeId,
     ino: u32,
-    children: &std::collections::BTreeMap<Vec<u8>, NodeId>,
+    children: &Children,
     hash_seed: [u32; 4],
 ) -> Result<(InodeRecord, Directory), LayoutError> {
     let (entries, subdirs) = directory_entries(
@@ -749,7 +768,7 @@ fn plan_directory(
         links,
         &dir,
         htree,
-    );
+    )?;
     Ok((record, dir))
 }
 
@@ -773,7 +792,7 @@ fn plan_node(
             return Ok((record, Some(dir)));
         }
         NodeKind::Reg { data } => {
-            let len = data.size.div_ceil(BLOCK_SIZE);
+            let len = block32(data.size.div_ceil(BLOCK_SIZE))?;
             (
                 S_IFREG,
                 data.size,

@@ -200,12 +200,23 @@ enum MetaObject {
     Journal,
 }
 
-/// The data blocks of one regular file.
+/// The data blocks of one regular file (32-bit block numbers, see
+/// `extent::BlockMap`).
 #[derive(Clone, Copy, Debug)]
 struct FileRun {
-    start: u64,
-    len: u64,
+    start: u32,
+    len: u32,
     node: NodeId,
+}
+
+impl FileRun {
+    fn start(&self) -> u64 {
+        u64::from(self.start)
+    }
+
+    fn end(&self) -> u64 {
+        u64::from(self.start) + u64::from(self.len)
+    }
 }
 
 /// A planned ext4 image.
@@ -274,7 +285,7 @@ impl Layout {
         let record = self.inodes.get(self.inode_of(node) as usize)?.as_ref()?;
         let is_regular = record.mode & 0o170000 == inode::S_IFREG;
         match record.body {
-            inode::InodeBody::Extents(map) if is_regular && map.len > 0 => Some(map.start),
+            inode::InodeBody::Extents(map) if is_regular && map.len > 0 => Some(map.start()),
             _ => None,
         }
     }

@@ -36,17 +36,15 @@ impl Layout {
             return (SegmentKind::Metadata, geometry.data_start);
         }
         if block < geometry.used_blocks {
-            let index = self
-                .file_runs
-                .partition_point(|run| run.start + run.len <= block);
+            let index = self.file_runs.partition_point(|run| run.end() <= block);
             if let Some(run) = self.file_runs.get(index) {
-                let file_offset = (block - run.start) * BLOCK_SIZE;
+                let file_offset = (block - run.start()) * BLOCK_SIZE;
                 return (
                     SegmentKind::File {
                         node: run.node,
                         file_offset,
                     },
-                    run.start + run.len,
+                    run.end(),
                 );
             }
         }

@@ -1,6 +1,5 @@
 //! End-to-end tests of the ext4 synthesizer against real readers: e2fsck, debugfs and the kernel's ext4 driver.
 
-use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::ErrorKind;
 use std::os::unix::fs::{FileExt, MetadataExt};
@@ -9,7 +8,7 @@ use std::process::Command;
 use std::sync::Arc;
 
 use super::*;
-use crate::tree::{FileData, Metadata, Node, NodeKind, Tree, ROOT};
+use crate::tree::{Children, FileData, Metadata, Node, NodeKind, Tree, ROOT};
 
 const GIB: u64 = 1 << 30;
 const BIG_FILE_SIZE: u64 = 6 * GIB;
@@ -26,7 +25,7 @@ fn meta(mode: u16) -> Metadata {
         gid: 0,
         mtime: BASE_TIME,
         mtime_nsec: 0,
-        xattrs: Vec::new(),
+        xattrs: Default::default(),
     }
 }
 
@@ -40,7 +39,7 @@ impl Builder {
     fn new() -> Builder {
         let root = Node {
             kind: NodeKind::Dir {
-                children: BTreeMap::new(),
+                children: Children::new(),
             },
             meta: meta(0o755),
         };
@@ -53,7 +52,7 @@ impl Builder {
     fn link(&mut self, parent: NodeId, name: &str, node: NodeId) {
         match &mut self.nodes[parent as usize].kind {
             NodeKind::Dir { children } => {
-                children.insert(name.as_bytes().to_vec(), node);
+                children.insert(name.as_bytes(), node);
             }
             _ => panic!("parent {parent} is not a directory"),
         }
@@ -71,7 +70,7 @@ impl Builder {
             parent,
             name,
             NodeKind::Dir {
-                children: BTreeMap::new(),
+                children: Children::new(),
             },
             meta(0o755),
         )
@@ -321,7 +320,8 @@ fn sample_tree() -> Sample {
     small_meta.xattrs = vec![
         (b"security.capability".to_vec(), capability_v2()),
         (b"user.comment".to_vec(), b"hello".to_vec()),
-    ];
+    ]
+    .into();
     // A layer-1 file is added first so placement order differs from tree order.
     let layer1 = b.file(etc, "from_layer1", 1, 10_000, meta(0o644));
     let small = b.file(etc, "small", 0, 5000, small_meta);
@@ -349,7 +349,7 @@ fn sample_tree() -> Sample {
         perm,
         "sticky",
         NodeKind::Dir {
-            children: BTreeMap::new(),
+            children: Children::new(),
         },
         meta(0o1777),
     );
@@ -368,10 +368,11 @@ fn sample_tree() -> Sample {
         (b"trusted.x".to_vec(), vec![0xab; 16]),
         (b"user.a".to_vec(), vec![b'a'; 1000]),
         (b"user.b".to_vec(), vec![b'b'; 1500]),
-    ];
+    ]
+    .into();
     let spill = b.file(xattrs, "spill", 0, 100, spill_meta);
     let mut acl_meta = meta(0o640);
-    acl_meta.xattrs = vec![(b"system.posix_acl_access".to_vec(), posix_acl())];
+    acl_meta.xattrs = vec![(b"system.posix_acl_access".to_vec(), posix_acl())].into();
     let acl = b.file(xattrs, "acl", 0, 1, acl_meta);
 
     let links = b.dir(ROOT, "links");
@@ -791,7 +792,8 @@ fn layout_rejects_unrepresentable_trees() {
                 m.xattrs = vec![
                     (b"user.a".to_vec(), vec![0; 3000]),
                     (b"user.b".to_vec(), vec![0; 3000]),
-                ];
+                ]
+                .into();
                 b.file(ROOT, "f", 0, 1, m);
             }),
             "XattrsTooLarge",
@@ -800,7 +802,7 @@ fn layout_rejects_unrepresentable_trees() {
             "malformed_acl",
             Box::new(|b| {
                 let mut m = meta(0o644);
-                m.xattrs = vec![(b"system.posix_acl_access".to_vec(), vec![1, 0, 0, 0])];
+                m.xattrs = vec![(b"system.posix_acl_access".to_vec(), vec![1, 0, 0, 0])].into();
                 b.file(ROOT, "f", 0, 1, m);
             }),
             "InvalidXattr",

@@ -131,7 +131,7 @@ impl Inner {
                     Err(error) => return Err(error),
                 }
             }
-            if let Some(member) = state.table.chunk_member.get(position).copied().flatten() {
+            if let Some(member) = state.table.member_of(&state.index, position) {
                 if members.last() != Some(&member) {
                     members.push(member);
                 }
@@ -139,11 +139,12 @@ impl Inner {
         }
 
         for member in members {
-            let info = &state.table.members[member];
+            let info = state.member(member);
             let compressed = self
                 .fetch_range(state, info.compressed_offset, info.compressed_end)
                 .await?;
-            let slices = info.slices.clone();
+            let slices = info.slices(&state.index);
+            let first_chunk = slices.first().map_or(0, |slice| slice.chunk);
             let verify = self.verify;
             let outcomes = tokio::task::spawn_blocking(move || {
                 chunk::decode_chunks(&compressed, &slices, verify)
@@ -154,7 +155,7 @@ impl Inner {
                 detail: error.to_string(),
             })?
             .map_err(|error| {
-                let first = &state.index.chunks[info.slices[0].chunk];
+                let first = &state.index.chunks[first_chunk];
                 ReadError::Decompress {
                     layer: state.index.digest.clone(),
                     name: first.name.to_string(),

@@ -140,7 +140,7 @@ impl Inner {
         let mut flights = state.flights.lock().unwrap_or_else(PoisonError::into_inner);
         let missing: BTreeSet<usize> = chunks
             .filter(|&chunk| !state.presence.contains(chunk))
-            .filter_map(|chunk| state.table.chunk_member.get(chunk).copied().flatten())
+            .filter_map(|chunk| state.table.member_of(&state.index, chunk))
             .collect();
         for member in missing {
             if let Some(flight) = flights.get(&member) {
@@ -227,10 +227,10 @@ impl Inner {
     fn coalesce(&self, state: &LayerState, owned: Vec<(usize, FlightSender)>) -> Vec<Group> {
         let mut groups: Vec<Group> = Vec::new();
         for (member, sender) in owned {
-            let current = &state.table.members[member];
+            let current = state.member(member);
             let joins_last = groups.last().is_some_and(|group| {
-                let first = &state.table.members[group.members[0].0];
-                let last = &state.table.members[group.members[group.members.len() - 1].0];
+                let first = state.member(group.members[0].0);
+                let last = state.member(group.members[group.members.len() - 1].0);
                 let gap = current.compressed_offset - last.compressed_end;
                 let size = current.compressed_end - first.compressed_offset;
                 gap <= self.max_coalesce_gap && size <= self.max_request_size
@@ -255,8 +255,10 @@ impl Inner {
             members: member_ids.clone(),
         };
 
-        let start = state.table.members[member_ids[0]].compressed_offset;
-        let end = state.table.members[member_ids[member_ids.len() - 1]].compressed_end;
+        let start = state.member(member_ids[0]).compressed_offset;
+        let end = state
+            .member(member_ids[member_ids.len() - 1])
+            .compressed_end;
         let mut results = self.fetch_and_load(layer, &member_ids, start, end).await;
         // A body corrupted on the way (a broken proxy or cache) fails decoding or
         // verification; one more fetch distinguishes that from a corrupt blob. Chunks
@@ -291,7 +293,7 @@ impl Inner {
         match self.fetch_range(state, start, end).await {
             Ok(bytes) => {
                 let decodes = member_ids.iter().map(|&member| {
-                    let info = &state.table.members[member];
+                    let info = state.member(member);
                     let range = (info.compressed_offset - start) as usize
                         ..(info.compressed_end - start) as usize;
                     self.decode_member(layer, member, bytes.slice(range))
@@ -374,13 +376,9 @@ impl Inner {
         bytes: Bytes,
     ) -> Result<Vec<ChunkOutcome>, ReadError> {
         let state = &self.layers[layer];
-        let info = &state.table.members[member];
-        let slices: Vec<_> = info
-            .slices
-            .iter()
-            .filter(|slice| !state.presence.contains(slice.chunk))
-            .cloned()
-            .collect();
+        let info = state.member(member);
+        let mut slices = info.slices(&state.index);
+        slices.retain(|slice| !state.presence.contains(slice.chunk));
         let Some(first) = slices.first() else {
             return Ok(Vec::new());
         };

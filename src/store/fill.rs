@@ -64,7 +64,7 @@ impl Inner {
                         expected,
                         actual,
                     } => {
-                        let info = &state.table.members[member_ids[position]];
+                        let info = state.member(member_ids[position]);
                         let error = self.digest_mismatch(
                             layer,
                             info.compressed_offset,

@@ -187,6 +187,22 @@ pub(crate) struct LayerState {
     readahead: Mutex<ReadAhead>,
 }
 
+impl LayerState {
+    /// Member `member` of the layer. Member numbers come from the layer's own table
+    /// ([`MemberTable::member_of`] or a range below [`MemberTable::len`]), so they are
+    /// in range; an out-of-range number is a bug and panics like a slice index.
+    fn member(&self, member: usize) -> table::Member<'_> {
+        match self.table.get(&self.index, member) {
+            Some(info) => info,
+            None => panic!(
+                "member {member} of layer {} is past the {} members of its table",
+                self.index.digest,
+                self.table.len()
+            ),
+        }
+    }
+}
+
 impl ChunkStore {
     /// Checks the layers' chunk tables, creates or opens their cache files and starts the
     /// cache I/O backend.
@@ -443,7 +459,7 @@ impl ChunkStore {
         self.inner
             .layers
             .get(layer as usize)
-            .map_or(0, |state| state.table.members.len())
+            .map_or(0, |state| state.table.len())
     }
 
     /// The members whose compressed offset is below `compressed_offset`: the files before
@@ -452,16 +468,13 @@ impl ChunkStore {
         let Some(state) = self.inner.layers.get(layer as usize) else {
             return 0..0;
         };
-        0..state
-            .table
-            .members
-            .partition_point(|member| member.compressed_offset < compressed_offset)
+        0..state.table.count_before(&state.index, compressed_offset)
     }
 
     /// Compressed byte range of a member in the blob.
     pub fn member_span(&self, layer: u32, member: usize) -> Option<Range<u64>> {
         let state = self.inner.layers.get(layer as usize)?;
-        let info = state.table.members.get(member)?;
+        let info = state.table.get(&state.index, member)?;
         Some(info.compressed_offset..info.compressed_end)
     }
 
@@ -473,9 +486,9 @@ impl ChunkStore {
         if state.uncached {
             return true;
         }
-        state.table.members.get(member).is_none_or(|info| {
-            info.slices.iter().all(|slice| {
-                state.presence.contains(slice.chunk) || state.persisted.contains(slice.chunk)
+        state.table.get(&state.index, member).is_none_or(|info| {
+            info.chunks.iter().all(|&chunk| {
+                state.presence.contains(chunk as usize) || state.persisted.contains(chunk as usize)
             })
         })
     }
@@ -497,10 +510,10 @@ impl ChunkStore {
                 layer,
                 count: self.inner.layers.len(),
             })?;
-        let end = members.end.min(state.table.members.len());
-        let chunks: Vec<usize> = state.table.members[members.start.min(end)..end]
-            .iter()
-            .flat_map(|member| member.slices.iter().map(|slice| slice.chunk))
+        let end = members.end.min(state.table.len());
+        let chunks: Vec<usize> = (members.start.min(end)..end)
+            .filter_map(|member| state.table.get(&state.index, member))
+            .flat_map(|member| member.chunks.iter().map(|&chunk| chunk as usize))
             .collect();
         self.inner
             .ensure_present(layer as usize, chunks.iter().copied(), priority)

@@ -1,7 +1,6 @@
 //! A layer's chunk table checked and grouped by gzip member, so one fetch of a member
 //! serves every chunk in it.
 
-use std::collections::BTreeMap;
 use std::ops::Range;
 
 use crate::layer::{ChunkSource, LayerIndex};
@@ -9,21 +8,116 @@ use crate::layer::{ChunkSource, LayerIndex};
 use super::chunk::ChunkSlice;
 use super::error::StoreError;
 
-/// One gzip member of the blob and the chunks whose bytes it holds.
-#[derive(Debug)]
-pub(crate) struct Member {
+/// One gzip member of the blob and the chunks whose bytes it holds, as a view
+/// into a [`MemberTable`] and its layer's chunk table.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Member<'a> {
     pub(crate) compressed_offset: u64,
     pub(crate) compressed_end: u64,
-    /// Chunks in this member, in chunk-table order.
-    pub(crate) slices: Vec<ChunkSlice>,
+    /// Indexes of the chunks in this member, in chunk-table order.
+    pub(crate) chunks: &'a [u32],
 }
 
-/// The members of a layer sorted by compressed offset (they do not overlap), and the
-/// member of each chunk (`None` for a chunk that is in the cache from the start).
+impl Member<'_> {
+    /// What [`super::chunk::decode_chunks`] needs of each chunk of the member.
+    pub(crate) fn slices(&self, index: &LayerIndex) -> Vec<ChunkSlice> {
+        self.chunks
+            .iter()
+            .filter_map(|&chunk| slice(index, chunk as usize))
+            .collect()
+    }
+}
+
+/// The slice of chunk `position`, or `None` for a chunk outside the table or
+/// not in a member.
+pub(crate) fn slice(index: &LayerIndex, position: usize) -> Option<ChunkSlice> {
+    let record = index.chunks.get(position)?;
+    let ChunkSource::Member { inner_offset, .. } = record.source else {
+        return None;
+    };
+    Some(ChunkSlice {
+        chunk: position,
+        inner_offset,
+        size: record.size,
+        digest: record.digest,
+    })
+}
+
+/// The members of a layer sorted by compressed offset (they do not overlap).
+///
+/// The table holds chunk indexes only: offsets, sizes and digests stay in the
+/// layer's chunk table, so a layer of a million one-chunk members costs about
+/// 8 bytes per chunk here.
 #[derive(Debug, Default)]
 pub(crate) struct MemberTable {
-    pub(crate) members: Vec<Member>,
-    pub(crate) chunk_member: Vec<Option<usize>>,
+    /// Chunk indexes grouped by member, members in compressed order, the chunks
+    /// of a member in chunk-table order. Chunks in the cache from the start
+    /// ([`ChunkSource::Local`]) are not listed.
+    order: Vec<u32>,
+    /// Where each member's chunks start in `order`, and `order.len()` last.
+    starts: Vec<u32>,
+}
+
+/// Compressed range of a chunk's member; `None` for a chunk that is not in one.
+fn member_range(index: &LayerIndex, position: usize) -> Option<(u64, u64)> {
+    match index.chunks.get(position)?.source {
+        ChunkSource::Member {
+            compressed_offset,
+            compressed_end,
+            ..
+        } => Some((compressed_offset, compressed_end)),
+        ChunkSource::Local => None,
+    }
+}
+
+impl MemberTable {
+    /// Number of members.
+    pub(crate) fn len(&self) -> usize {
+        self.starts.len().saturating_sub(1)
+    }
+
+    /// Member `member` of the layer whose chunk table is `index`; `None` past
+    /// the last member.
+    pub(crate) fn get<'a>(&'a self, index: &LayerIndex, member: usize) -> Option<Member<'a>> {
+        let start = *self.starts.get(member)? as usize;
+        let end = *self.starts.get(member + 1)? as usize;
+        let chunks = self.order.get(start..end)?;
+        let (compressed_offset, compressed_end) = member_range(index, *chunks.first()? as usize)?;
+        Some(Member {
+            compressed_offset,
+            compressed_end,
+            chunks,
+        })
+    }
+
+    /// Compressed offset of member `member`'s start (`u64::MAX` past the end).
+    fn start_of(&self, index: &LayerIndex, member: usize) -> u64 {
+        self.get(index, member)
+            .map_or(u64::MAX, |member| member.compressed_offset)
+    }
+
+    /// The members starting below `compressed_offset`: a prefix, as members are
+    /// sorted by offset.
+    pub(crate) fn count_before(&self, index: &LayerIndex, compressed_offset: u64) -> usize {
+        let (mut low, mut high) = (0, self.len());
+        while low < high {
+            let middle = low + (high - low) / 2;
+            if self.start_of(index, middle) < compressed_offset {
+                low = middle + 1;
+            } else {
+                high = middle;
+            }
+        }
+        low
+    }
+
+    /// The member holding chunk `position`; `None` for a chunk in the cache from
+    /// the start or outside the table.
+    pub(crate) fn member_of(&self, index: &LayerIndex, position: usize) -> Option<usize> {
+        let (offset, _) = member_range(index, position)?;
+        let member = self.count_before(index, offset);
+        (self.start_of(index, member) == offset).then_some(member)
+    }
 }
 
 /// Checks that `index.chunks` covers `0..data_size` without gaps and that every member
@@ -61,17 +155,17 @@ pub(crate) fn build(index: &LayerIndex, blob_size: Option<u64>) -> Result<Member
             index.data_size
         )));
     }
+    if u32::try_from(index.chunks.len()).is_err() {
+        return Err(invalid(format!(
+            "{} chunks are more than the {} a member table holds",
+            index.chunks.len(),
+            u32::MAX
+        )));
+    }
 
-    let mut by_offset: BTreeMap<u64, (u64, Vec<ChunkSlice>)> = BTreeMap::new();
-    let mut chunk_member_offset = Vec::with_capacity(index.chunks.len());
+    let mut order: Vec<u32> = Vec::new();
     for (position, chunk) in index.chunks.iter().enumerate() {
-        let ChunkSource::Member {
-            compressed_offset,
-            compressed_end,
-            inner_offset,
-        } = chunk.source
-        else {
-            chunk_member_offset.push(None);
+        let Some((compressed_offset, compressed_end)) = member_range(index, position) else {
             continue;
         };
         let Some(blob_size) = blob_size else {
@@ -85,60 +179,49 @@ pub(crate) fn build(index: &LayerIndex, blob_size: Option<u64>) -> Result<Member
                 chunk.name
             )));
         }
-
-        let slice = ChunkSlice {
-            chunk: position,
-            inner_offset,
-            size: chunk.size,
-            digest: chunk.digest,
-        };
-        let (end, slices) = by_offset
-            .entry(compressed_offset)
-            .or_insert_with(|| (compressed_end, Vec::with_capacity(1)));
-        if *end != compressed_end {
-            return Err(invalid(format!(
-                "chunk {position} ({:?}) gives member {compressed_offset:#x} the end {compressed_end:#x}, another chunk gives {end:#x}",
-                chunk.name
-            )));
-        }
-        slices.push(slice);
-        chunk_member_offset.push(Some(compressed_offset));
+        // The count was checked against u32::MAX above.
+        order.push(position as u32);
+    }
+    order.shrink_to_fit();
+    // Chunks of an eStargz blob usually come in member order already; the sort
+    // is stable, so the chunks of one member stay in chunk-table order.
+    let offset_of =
+        |position: &u32| member_range(index, *position as usize).map(|(start, _)| start);
+    if !order.is_sorted_by_key(offset_of) {
+        order.sort_by_key(offset_of);
     }
 
-    let mut members: Vec<Member> = Vec::with_capacity(by_offset.len());
-    for (compressed_offset, (compressed_end, mut slices)) in by_offset {
-        // Most members hold one chunk; a vector grown by push keeps room
-        // for four, which adds up over a million members.
-        slices.shrink_to_fit();
-        if let Some(previous) = members.last() {
-            if previous.compressed_end > compressed_offset {
+    let mut starts: Vec<u32> = Vec::new();
+    let mut previous: Option<(u64, u64)> = None;
+    for (slot, &position) in order.iter().enumerate() {
+        let Some((compressed_offset, compressed_end)) = member_range(index, position as usize)
+        else {
+            continue;
+        };
+        match previous {
+            Some((offset, end)) if offset == compressed_offset => {
+                if end != compressed_end {
+                    return Err(invalid(format!(
+                        "chunk {position} ({:?}) gives member {compressed_offset:#x} the end {compressed_end:#x}, another chunk gives {end:#x}",
+                        index.chunks[position as usize].name
+                    )));
+                }
+                continue;
+            }
+            Some((offset, end)) if end > compressed_offset => {
                 return Err(invalid(format!(
-                    "member {:#x}..{:#x} overlaps member {compressed_offset:#x}..{compressed_end:#x}",
-                    previous.compressed_offset, previous.compressed_end
+                    "member {offset:#x}..{end:#x} overlaps member {compressed_offset:#x}..{compressed_end:#x}"
                 )));
             }
+            _ => {}
         }
-        members.push(Member {
-            compressed_offset,
-            compressed_end,
-            slices,
-        });
+        // `order` is no longer than the chunk table, whose length fits a u32.
+        starts.push(slot as u32);
+        previous = Some((compressed_offset, compressed_end));
     }
-
-    let chunk_member = chunk_member_offset
-        .into_iter()
-        .map(|offset| {
-            offset.and_then(|offset| {
-                members
-                    .binary_search_by_key(&offset, |m| m.compressed_offset)
-                    .ok()
-            })
-        })
-        .collect();
-    Ok(MemberTable {
-        members,
-        chunk_member,
-    })
+    starts.push(order.len() as u32);
+    starts.shrink_to_fit();
+    Ok(MemberTable { order, starts })
 }
 
 /// Indexes of the chunks that overlap `data_offset..data_offset + len` (`len` > 0).
@@ -172,6 +255,16 @@ mod tests {
         }
     }
 
+    fn local_chunk(data_offset: u64, size: u64) -> ChunkRecord {
+        ChunkRecord {
+            data_offset,
+            size,
+            source: ChunkSource::Local,
+            digest: None,
+            name: format!("file{data_offset}").into(),
+        }
+    }
+
     fn index(chunks: Vec<ChunkRecord>, data_size: u64) -> LayerIndex {
         LayerIndex {
             digest: "sha256:test".to_string(),
@@ -192,10 +285,48 @@ mod tests {
             35,
         );
         let table = build(&layer, Some(100)).expect("valid table");
-        assert_eq!(table.members.len(), 2);
-        assert_eq!(table.members[0].slices.len(), 2);
-        assert_eq!(table.members[0].slices[1].inner_offset, 600);
-        assert_eq!(table.chunk_member, vec![Some(0), Some(0), Some(1)]);
+        assert_eq!(table.len(), 2);
+        let first = table.get(&layer, 0).expect("member 0");
+        assert_eq!((first.compressed_offset, first.compressed_end), (0, 50));
+        assert_eq!(first.chunks, &[0, 1]);
+        assert_eq!(first.slices(&layer)[1].inner_offset, 600);
+        let second = table.get(&layer, 1).expect("member 1");
+        assert_eq!((second.compressed_offset, second.compressed_end), (50, 90));
+        assert!(table.get(&layer, 2).is_none());
+        let members: Vec<_> = (0..4).map(|chunk| table.member_of(&layer, chunk)).collect();
+        assert_eq!(members, vec![Some(0), Some(0), Some(1), None]);
+        assert_eq!(table.count_before(&layer, 0), 0);
+        assert_eq!(table.count_before(&layer, 1), 1);
+        assert_eq!(table.count_before(&layer, 50), 1);
+        assert_eq!(table.count_before(&layer, 51), 2);
+    }
+
+    #[test]
+    fn build_groups_members_out_of_chunk_order() {
+        // The second file's member comes first in the blob, and a member holds
+        // chunks that are not neighbours in the chunk table.
+        let layer = index(
+            vec![
+                member_chunk(0, 10, 100, 150, 0),
+                member_chunk(10, 5, 0, 100, 0),
+                member_chunk(15, 5, 100, 150, 10),
+                local_chunk(20, 5),
+            ],
+            25,
+        );
+        let table = build(&layer, Some(200)).expect("valid table");
+        assert_eq!(table.len(), 2);
+        assert_eq!(table.get(&layer, 0).expect("member 0").chunks, &[1]);
+        let second = table.get(&layer, 1).expect("member 1");
+        assert_eq!(second.chunks, &[0, 2]);
+        let inner: Vec<u64> = second
+            .slices(&layer)
+            .iter()
+            .map(|s| s.inner_offset)
+            .collect();
+        assert_eq!(inner, vec![0, 10]);
+        let members: Vec<_> = (0..4).map(|chunk| table.member_of(&layer, chunk)).collect();
+        assert_eq!(members, vec![Some(1), Some(0), Some(1), None]);
     }
 
     #[test]

@@ -12,13 +12,18 @@ use std::collections::BTreeMap;
 
 use tracing::{debug, warn};
 
-use super::{EntryKind, LayerEntry, Metadata, Node, NodeId, NodeKind, Tree, ROOT};
-use crate::estargz::name::display_path;
+use super::{
+    components_of, display_joined, Children, EntryKind, EntryPath, LayerEntry, Metadata, Node,
+    NodeId, NodeKind, Tree, ROOT,
+};
 
 /// Prefix of OCI whiteout file names.
 const WHITEOUT_PREFIX: &[u8] = b".wh.";
 /// Name of the OCI opaque-directory marker.
 const OPAQUE_MARKER: &[u8] = b".wh..wh..opq";
+/// Entries applied between two releases of the unused part of a layer's
+/// entry list.
+const RELEASE_STEP: usize = 1 << 16;
 /// Maximum length of a name component in the tree, in bytes.
 const MAX_NAME_LEN: usize = 255;
 
@@ -78,8 +83,11 @@ pub fn merge(layers: &[Vec<LayerEntry>]) -> Result<Tree, MergeError> {
 pub fn merge_owned(layers: Vec<Vec<LayerEntry>>) -> Result<Tree, MergeError> {
     let layer_count = layers.len();
     let mut builder = TreeBuilder {
-        nodes: vec![implied_dir()],
+        nodes: Vec::new(),
+        maps: Vec::new(),
+        dir_map: Vec::new(),
     };
+    builder.push_dir(implied_dir_meta())?;
     for (layer, entries) in layers.into_iter().enumerate() {
         for entry in &entries {
             check_names(layer, entry)?;
@@ -87,8 +95,17 @@ pub fn merge_owned(layers: Vec<Vec<LayerEntry>>) -> Result<Tree, MergeError> {
         for entry in &entries {
             builder.apply_whiteout(layer, entry);
         }
-        for entry in entries {
+        // Entries are taken from the end of the reversed list, so the list
+        // can hand its memory back while the tree grows.
+        let mut entries = entries;
+        entries.reverse();
+        let mut released = entries.len();
+        while let Some(entry) = entries.pop() {
             builder.apply_entry(layer, entry)?;
+            if released - entries.len() >= RELEASE_STEP {
+                entries.shrink_to_fit();
+                released = entries.len();
+            }
         }
     }
 
@@ -101,29 +118,24 @@ pub fn merge_owned(layers: Vec<Vec<LayerEntry>>) -> Result<Tree, MergeError> {
     Ok(tree)
 }
 
-fn implied_dir() -> Node {
-    Node {
-        kind: NodeKind::Dir {
-            children: BTreeMap::new(),
-        },
-        meta: Metadata {
-            mode: 0o755,
-            ..Metadata::default()
-        },
+fn implied_dir_meta() -> Metadata {
+    Metadata {
+        mode: 0o755,
+        ..Metadata::default()
     }
 }
 
 fn check_names(layer: usize, entry: &LayerEntry) -> Result<(), MergeError> {
-    for component in &entry.path {
+    for component in entry.path.components() {
         let invalid = component.is_empty()
             || component.len() > MAX_NAME_LEN
-            || component.as_slice() == b"."
-            || component.as_slice() == b".."
+            || component == b"."
+            || component == b".."
             || component.iter().any(|&byte| byte == b'/' || byte == 0);
         if invalid {
             return Err(MergeError::InvalidName {
                 layer,
-                path: display_path(&entry.path),
+                path: entry.path.display(),
                 component: String::from_utf8_lossy(component).into_owned(),
             });
         }
@@ -156,9 +168,8 @@ fn classify_whiteout(name: &[u8]) -> Option<Whiteout<'_>> {
 
 /// Returns whether an entry lies at or below a whiteout-named component.
 /// Such entries never appear in the tree.
-fn under_whiteout_name(path: &[Vec<u8>]) -> bool {
-    path.iter()
-        .any(|component| component.starts_with(WHITEOUT_PREFIX))
+fn under_whiteout_name(path: &[u8]) -> bool {
+    components_of(path).any(|component| component.starts_with(WHITEOUT_PREFIX))
 }
 
 fn entry_kind_name(kind: &EntryKind) -> &'static str {
@@ -173,31 +184,35 @@ fn entry_kind_name(kind: &EntryKind) -> &'static str {
     }
 }
 
+/// `TreeBuilder::dir_map` value of a node that is not a directory.
+const NO_MAP: u32 = u32::MAX;
+
 /// The tree under construction. Replaced nodes stay in `nodes` unreachable
 /// until [`TreeBuilder::compact`] drops them.
 struct TreeBuilder {
+    /// The nodes; a directory's [`Children`] stay empty until `compact`.
     nodes: Vec<Node>,
+    /// The children of the directories, which entries are added to and
+    /// removed from while the layers are applied.
+    maps: Vec<BTreeMap<Vec<u8>, NodeId>>,
+    /// For each node, the index of its children in `maps`, or [`NO_MAP`].
+    dir_map: Vec<u32>,
 }
 
 impl TreeBuilder {
     fn children(&self, id: NodeId) -> Option<&BTreeMap<Vec<u8>, NodeId>> {
-        match &self.nodes[id as usize].kind {
-            NodeKind::Dir { children } => Some(children),
-            _ => None,
-        }
+        self.maps.get(*self.dir_map.get(id as usize)? as usize)
     }
 
     fn children_mut(&mut self, id: NodeId) -> Option<&mut BTreeMap<Vec<u8>, NodeId>> {
-        match &mut self.nodes[id as usize].kind {
-            NodeKind::Dir { children } => Some(children),
-            _ => None,
-        }
+        self.maps.get_mut(*self.dir_map.get(id as usize)? as usize)
     }
 
-    /// Finds the node at `path` without creating anything.
-    fn lookup(&self, path: &[Vec<u8>]) -> Option<NodeId> {
+    /// Finds the node at `path` (components joined by `/`) without creating
+    /// anything.
+    fn lookup(&self, path: &[u8]) -> Option<NodeId> {
         let mut current = ROOT;
-        for component in path {
+        for component in components_of(path) {
             current = *self.children(current)?.get(component)?;
         }
         Some(current)
@@ -205,24 +220,44 @@ impl TreeBuilder {
 
     /// Finds the directory at `path`, or `None` when it is missing or not a
     /// directory.
-    fn lookup_dir(&self, path: &[Vec<u8>]) -> Option<NodeId> {
+    fn lookup_dir(&self, path: &[u8]) -> Option<NodeId> {
         let id = self.lookup(path)?;
         self.children(id).map(|_| id)
     }
 
-    fn push_node(&mut self, node: Node) -> Result<NodeId, MergeError> {
-        let id = NodeId::try_from(self.nodes.len()).map_err(|_| MergeError::TooManyNodes {
-            limit: u64::from(NodeId::MAX) + 1,
-        })?;
-        self.nodes.push(node);
+    /// Adds a node that is not a directory.
+    fn push_node(&mut self, kind: NodeKind, meta: Metadata) -> Result<NodeId, MergeError> {
+        // NO_MAP is u32::MAX, so ids (and map indexes) stay below it.
+        let id = NodeId::try_from(self.nodes.len())
+            .ok()
+            .filter(|&id| id < NO_MAP)
+            .ok_or(MergeError::TooManyNodes {
+                limit: u64::from(NO_MAP),
+            })?;
+        self.nodes.push(Node { kind, meta });
+        self.dir_map.push(NO_MAP);
         Ok(id)
     }
 
-    /// Returns the directory at `path`, creating missing directories and
-    /// replacing non-directories on the way.
-    fn ensure_dir(&mut self, path: &[Vec<u8>]) -> Result<NodeId, MergeError> {
+    /// Adds an empty directory.
+    fn push_dir(&mut self, meta: Metadata) -> Result<NodeId, MergeError> {
+        let kind = NodeKind::Dir {
+            children: Children::new(),
+        };
+        let id = self.push_node(kind, meta)?;
+        // There are no more maps than nodes, so the index fits like the id.
+        self.dir_map[id as usize] = self.maps.len() as u32;
+        self.maps.push(BTreeMap::new());
+        Ok(id)
+    }
+
+    /// Returns the directory at `path` (components joined by `/`), creating
+    /// missing directories and replacing non-directories on the way.
+    fn ensure_dir(&mut self, path: &[u8]) -> Result<NodeId, MergeError> {
         let mut current = ROOT;
-        for (depth, component) in path.iter().enumerate() {
+        let mut walked = 0;
+        for component in components_of(path) {
+            walked += component.len() + usize::from(walked > 0);
             let existing = self
                 .children(current)
                 .and_then(|children| children.get(component))
@@ -232,11 +267,11 @@ impl TreeBuilder {
                 other => {
                     if other.is_some() {
                         debug!(
-                            path = %display_path(&path[..=depth]),
+                            path = %display_joined(&path[..walked]),
                             "replacing a non-directory by an implied parent directory"
                         );
                     }
-                    let id = self.push_node(implied_dir())?;
+                    let id = self.push_dir(implied_dir_meta())?;
                     self.insert_child(current, component, id);
                     id
                 }
@@ -280,7 +315,7 @@ impl TreeBuilder {
             Whiteout::Ignored => {
                 warn!(
                     layer,
-                    path = %display_path(&entry.path),
+                    path = %entry.path.display(),
                     "ignoring a whiteout-prefixed name that names no removable entry"
                 );
             }
@@ -289,12 +324,11 @@ impl TreeBuilder {
 
     /// Second pass: adds one entry of the layer.
     fn apply_entry(&mut self, layer: usize, entry: LayerEntry) -> Result<(), MergeError> {
-        if entry.path.is_empty() {
+        let Some((name, parent_path)) = entry.path.split_last() else {
             return self.apply_root(layer, entry);
-        }
-        if under_whiteout_name(&entry.path) {
+        };
+        if under_whiteout_name(entry.path.as_bytes()) {
             // The marker implies its directory exists in this layer.
-            let parent_path = &entry.path[..entry.path.len() - 1];
             if !under_whiteout_name(parent_path) {
                 self.ensure_dir(parent_path)?;
             }
@@ -307,16 +341,9 @@ impl TreeBuilder {
             _ => None,
         };
 
-        let LayerEntry {
-            mut path,
-            kind,
-            meta,
-        } = entry;
-        let Some(name) = path.pop() else {
-            return Ok(());
-        };
-        let parent = self.ensure_dir(&path)?;
-        drop(path);
+        let name = name.to_vec();
+        let parent = self.ensure_dir(parent_path)?;
+        let LayerEntry { kind, meta, .. } = entry;
         let existing = self
             .children(parent)
             .and_then(|children| children.get(&name))
@@ -329,12 +356,7 @@ impl TreeBuilder {
                     self.nodes[id as usize].meta = meta;
                     return Ok(());
                 }
-                _ => self.push_node(Node {
-                    kind: NodeKind::Dir {
-                        children: BTreeMap::new(),
-                    },
-                    meta,
-                })?,
+                _ => self.push_dir(meta)?,
             },
             (kind, None) => {
                 let kind = match kind {
@@ -346,7 +368,7 @@ impl TreeBuilder {
                     // Handled above: directories, and hard links through `link_target`.
                     EntryKind::Dir | EntryKind::Hardlink { .. } => return Ok(()),
                 };
-                self.push_node(Node { kind, meta })?
+                self.push_node(kind, meta)?
             }
         };
         if let Some(children) = self.children_mut(parent) {
@@ -372,76 +394,91 @@ impl TreeBuilder {
         &self,
         layer: usize,
         entry: &LayerEntry,
-        target: &[Vec<u8>],
+        target: &EntryPath,
     ) -> Result<NodeId, MergeError> {
-        let id = self
-            .lookup(target)
-            .ok_or_else(|| MergeError::MissingHardlinkTarget {
-                layer,
-                path: display_path(&entry.path),
-                target: display_path(target),
-            })?;
+        let id =
+            self.lookup(target.as_bytes())
+                .ok_or_else(|| MergeError::MissingHardlinkTarget {
+                    layer,
+                    path: entry.path.display(),
+                    target: target.display(),
+                })?;
         if self.children(id).is_some() {
             return Err(MergeError::HardlinkToDirectory {
                 layer,
-                path: display_path(&entry.path),
-                target: display_path(target),
+                path: entry.path.display(),
+                target: target.display(),
             });
         }
         Ok(id)
     }
 
-    /// Keeps only the nodes reachable from the root and numbers them in
-    /// depth-first preorder, children by name.
+    /// Keeps only the nodes reachable from the root, numbers them in
+    /// depth-first preorder, children by name, and packs each directory's
+    /// children (see [`Children`]).
     fn compact(self) -> Tree {
-        let mut new_id: Vec<Option<NodeId>> = vec![None; self.nodes.len()];
-        let mut reachable = 0usize;
+        let TreeBuilder {
+            mut nodes,
+            mut maps,
+            mut dir_map,
+        } = self;
+
+        // New ids in preorder; NO_MAP marks an unreachable node.
+        let mut new_id: Vec<NodeId> = vec![NO_MAP; nodes.len()];
+        let mut reachable: NodeId = 0;
         let mut stack = vec![ROOT];
         while let Some(id) = stack.pop() {
-            if new_id[id as usize].is_some() {
+            if new_id[id as usize] != NO_MAP {
                 continue;
             }
-            // `reachable` never outgrows `nodes`, whose length fits a NodeId.
-            new_id[id as usize] = Some(reachable as NodeId);
+            // `reachable` never outgrows `nodes`, whose ids stay below NO_MAP.
+            new_id[id as usize] = reachable;
             reachable += 1;
-            if let Some(children) = self.children(id) {
+            if let Some(children) = maps.get(dir_map[id as usize] as usize) {
                 stack.extend(children.values().rev().copied());
             }
         }
 
         // Unreachable nodes go after the reachable ones, to be cut off.
         let mut next_unreachable = reachable;
-        let mut target: Vec<usize> = new_id
+        let mut target: Vec<NodeId> = new_id
             .iter()
-            .map(|id| match id {
-                Some(id) => *id as usize,
-                None => {
+            .map(|&id| match id {
+                NO_MAP => {
                     next_unreachable += 1;
                     next_unreachable - 1
                 }
+                id => id,
             })
             .collect();
 
         // Move every node to its new position in place; each swap puts one
         // node where it belongs, so no second node vector is needed.
-        let mut nodes = self.nodes;
         for position in 0..nodes.len() {
-            while target[position] != position {
-                let destination = target[position];
+            while target[position] as usize != position {
+                let destination = target[position] as usize;
                 nodes.swap(position, destination);
+                dir_map.swap(position, destination);
                 target.swap(position, destination);
             }
         }
-        nodes.truncate(reachable);
+        drop(target);
+        nodes.truncate(reachable as usize);
         nodes.shrink_to_fit();
-        for node in &mut nodes {
-            if let NodeKind::Dir { children } = &mut node.kind {
-                for child in children.values_mut() {
-                    if let Some(id) = new_id[*child as usize] {
-                        *child = id;
-                    }
-                }
-            }
+
+        // Pack each directory's children, freeing its map.
+        for (node, &map) in nodes.iter_mut().zip(&dir_map) {
+            let Some(children) = maps.get_mut(map as usize).map(std::mem::take) else {
+                continue;
+            };
+            let pairs = children.iter().filter_map(|(name, child)| {
+                let id = new_id[*child as usize];
+                (id != NO_MAP).then_some((name.as_slice(), id))
+            });
+            // A map yields its names in increasing order.
+            node.kind = NodeKind::Dir {
+                children: Children::from_sorted(pairs).unwrap_or_default(),
+            };
         }
         Tree { nodes }
     }
@@ -452,11 +489,8 @@ mod tests {
     use super::*;
     use crate::tree::FileData;
 
-    fn path(text: &str) -> Vec<Vec<u8>> {
-        text.split('/')
-            .filter(|part| !part.is_empty())
-            .map(|part| part.as_bytes().to_vec())
-            .collect()
+    fn path(text: &str) -> EntryPath {
+        EntryPath::from_components(text.split('/').filter(|part| !part.is_empty()))
     }
 
     fn meta(mode: u16) -> Metadata {
@@ -525,10 +559,7 @@ mod tests {
                 NodeKind::Dir { children } => {
                     lines.push(format!("{shown} dir {:o}", node.meta.mode));
                     for (name, child) in children.iter().rev() {
-                        stack.push((
-                            format!("{prefix}/{}", String::from_utf8_lossy(name)),
-                            *child,
-                        ));
+                        stack.push((format!("{prefix}/{}", String::from_utf8_lossy(name)), child));
                     }
                 }
                 NodeKind::Reg { data } => {
@@ -554,9 +585,9 @@ mod tests {
                     assert!(name.len() <= 255);
                     assert!(!name.contains(&b'/'));
                     assert!(!name.contains(&0));
-                    assert!(name.as_slice() != b".");
-                    assert!(name.as_slice() != b"..");
-                    seen[*child as usize] += 1;
+                    assert!(name != b".");
+                    assert!(name != b"..");
+                    seen[child as usize] += 1;
                 }
             }
         }
@@ -764,7 +795,7 @@ mod tests {
             (
                 "root not dir",
                 vec![vec![LayerEntry {
-                    path: Vec::new(),
+                    path: EntryPath::default(),
                     kind: EntryKind::Fifo,
                     meta: meta(0),
                 }]],
@@ -773,7 +804,7 @@ mod tests {
             (
                 "dot dot component",
                 vec![vec![LayerEntry {
-                    path: vec![b"..".to_vec()],
+                    path: EntryPath::from_components([b".."]),
                     kind: EntryKind::Dir,
                     meta: meta(0),
                 }]],

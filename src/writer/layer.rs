@@ -444,7 +444,7 @@ mod tests {
             let names: Vec<String> = index
                 .entries
                 .iter()
-                .map(|entry| String::from_utf8_lossy(&entry.path.join(&b'/')).into_owned())
+                .map(|entry| String::from_utf8_lossy(entry.path.as_bytes()).into_owned())
                 .collect();
             assert_eq!(
                 names,
