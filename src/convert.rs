@@ -767,6 +767,32 @@ pub async fn build(
     options: &BuildOptions,
 ) -> anyhow::Result<String> {
     options.writer.validate()?;
+    std::fs::metadata(input).with_context(|| {
+        format!(
+            "failed to read the build input {}; give a root filesystem directory or a tar archive",
+            input.display()
+        )
+    })?;
+    // A layout that this build creates is removed again if the build fails, so a
+    // failed build leaves nothing behind.
+    let new_layout = match parse_image_arg(destination) {
+        Ok(ImageArg::Oci { dir, .. }) if !dir.exists() => Some(dir),
+        _ => None,
+    };
+    let result = build_into(input, destination, options).await;
+    if let (Err(_), Some(dir)) = (&result, &new_layout) {
+        if let Err(error) = std::fs::remove_dir_all(dir) {
+            warn!(layout = %dir.display(), %error, "failed to remove the layout of the failed build");
+        }
+    }
+    result
+}
+
+async fn build_into(
+    input: &Path,
+    destination: &str,
+    options: &BuildOptions,
+) -> anyhow::Result<String> {
     let store = Store::open_destination(destination, &options.registry)?;
     let temp = store.temp_dir()?;
     let input = input.to_path_buf();
@@ -859,7 +885,13 @@ fn build_blob(
     } else {
         let tar_path = temp.join("input.tar");
         decompress_layer(input, "input tar", &tar_path)?;
-        let entries = read_tar_entries(&tar_path)?;
+        // The spooled copy is an implementation detail: errors name the user's file.
+        let entries = read_tar_entries(&tar_path).with_context(|| {
+            format!(
+                "{} is not a valid tar or tar.gz; give a root filesystem directory or a tar archive",
+                input.display()
+            )
+        })?;
         let total = std::fs::metadata(&tar_path)?.len();
         let progress = Progress::new("build", total, show_progress);
         let summary = write_layer(entries, Some(&tar_path), sink, options, &|bytes| {

@@ -215,3 +215,47 @@ fn push_with_basic_auth() {
         );
     }
 }
+
+/// A build that fails names the user's input first (before the spooled copy that
+/// the cause names), and leaves no layout behind where it created one.
+#[test]
+fn failed_build_leaves_no_layout() {
+    let work = tempfile::tempdir().expect("temp dir");
+    let not_tar = work.path().join("notes.json");
+    fs::write(&not_tar, b"{\"this\": \"is not a tar\"}\n").expect("writing the input");
+
+    for (input, expected) in [
+        (not_tar.clone(), "is not a valid tar or tar.gz"),
+        (
+            work.path().join("missing"),
+            "failed to read the build input",
+        ),
+    ] {
+        let layout = work.path().join("out");
+        let output = Command::new(esgz_bin())
+            .arg("build")
+            .arg(&input)
+            .arg(format!("oci:{}", layout.display()))
+            .output()
+            .expect("running esgz-nbd build");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(
+            !output.status.success(),
+            "build of {} succeeded",
+            input.display()
+        );
+        assert!(stderr.contains(expected), "{stderr}");
+        assert!(
+            stderr.contains(&input.display().to_string()),
+            "the error does not name {}: {stderr}",
+            input.display()
+        );
+        let named_at = stderr.find(&input.display().to_string());
+        let spooled_at = stderr.find("input.tar").unwrap_or(usize::MAX);
+        assert!(
+            named_at.is_some_and(|at| at < spooled_at),
+            "the error names the spooled copy first: {stderr}"
+        );
+        assert!(!layout.exists(), "a failed build left {}", layout.display());
+    }
+}
