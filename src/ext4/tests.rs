@@ -1,5 +1,6 @@
 //! End-to-end tests of the ext4 synthesizer against real readers: e2fsck, debugfs and the kernel's ext4 driver.
 
+use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::ErrorKind;
 use std::os::unix::fs::{FileExt, MetadataExt};
@@ -32,6 +33,9 @@ fn meta(mode: u16) -> Metadata {
 /// Builds trees by hand; each layer's data offsets grow as files are added.
 struct Builder {
     nodes: Vec<Node>,
+    /// Children by directory, turned into each directory's [`Children`] in `build`,
+    /// because `Children::insert` rebuilds the whole list.
+    links: BTreeMap<NodeId, Vec<(Vec<u8>, NodeId)>>,
     layer_ends: [u64; 2],
 }
 
@@ -45,17 +49,20 @@ impl Builder {
         };
         Builder {
             nodes: vec![root],
+            links: BTreeMap::new(),
             layer_ends: [0; 2],
         }
     }
 
     fn link(&mut self, parent: NodeId, name: &str, node: NodeId) {
-        match &mut self.nodes[parent as usize].kind {
-            NodeKind::Dir { children } => {
-                children.insert(name.as_bytes(), node);
-            }
-            _ => panic!("parent {parent} is not a directory"),
-        }
+        assert!(
+            matches!(self.nodes[parent as usize].kind, NodeKind::Dir { .. }),
+            "parent {parent} is not a directory"
+        );
+        self.links
+            .entry(parent)
+            .or_default()
+            .push((name.as_bytes().to_vec(), node));
     }
 
     fn add(&mut self, parent: NodeId, name: &str, kind: NodeKind, meta: Metadata) -> NodeId {
@@ -100,7 +107,18 @@ impl Builder {
         )
     }
 
-    fn build(self) -> Arc<Tree> {
+    fn build(mut self) -> Arc<Tree> {
+        for (dir, pairs) in std::mem::take(&mut self.links) {
+            if let NodeKind::Dir { children } = &mut self.nodes[dir as usize].kind {
+                // Later links of a name replace earlier ones, as `insert` does.
+                let mut all: Vec<(Vec<u8>, NodeId)> = children
+                    .iter()
+                    .map(|(name, node)| (name.to_vec(), node))
+                    .collect();
+                all.extend(pairs);
+                *children = all.into_iter().collect();
+            }
+        }
         Arc::new(Tree { nodes: self.nodes })
     }
 }
