@@ -266,8 +266,8 @@ old_pid=$(state_field 4 pid)
 mount -t ext4 -o ro /dev/nbd4 /mnt/image
 check "metrics: mount" test $? -eq 0
 read_all
-# The server rewrites the stats file that `list` reads within 0.2 s of a change, and a
-# loaded host can delay that; wait until the file caught up with the counters.
+# The server rewrites the stats file that `list` reads within 0.2 s of a change.
+# A loaded host can delay that, so wait until the file caught up with the counters.
 metrics_agree() {
     scrape "$port" > /tmp/metrics.txt || return 1
     for pair in FETCHED:bytes_fetched SERVED:bytes_served REQUESTS:range_requests HITS:cache_hits MISSES:cache_misses; do

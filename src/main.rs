@@ -724,7 +724,7 @@ async fn inspect(args: InspectArgs, settings: &Settings) -> anyhow::Result<()> {
     } else {
         print!("{}", render_text(&report));
     }
-    // The report is printed either way; the exit status tells scripts whether the
+    // The report is printed either way. The exit status shows scripts whether the
     // image can be served.
     let rejected: Vec<String> = report
         .layers

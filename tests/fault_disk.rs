@@ -105,8 +105,8 @@ impl ScratchMount {
 impl Drop for ScratchMount {
     fn drop(&mut self) {
         let _ = Command::new("umount").arg(&self.path).status();
-        // The server's folder holds the mount point, so removing that folder
-        // failed while the mount was there; the server was dropped first.
+        // The server's folder contains the mount point, and the server was dropped
+        // first, so its removal of that folder failed while the mount was there.
         if let Some(parent) = self.path.parent() {
             let _ = fs::remove_dir_all(parent);
         }

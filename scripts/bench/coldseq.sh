@@ -2,9 +2,9 @@
 # Cold sequential read of the whole Debian export (fresh cache, over the
 # emulated WAN) against the two limits: the link (curl of the blob through the
 # same proxy and veth) and gunzip of the blob on both cores. Each esgz-nbd run
-# also records the server's CPU time (user + system) during the copy, and a
-# run from the OCI layout on local disk, with no network, shows how many cores
-# the decompression keeps busy when nothing else bounds it.
+# also records the server's CPU time (user + system) during the copy. A run
+# from the OCI layout on local disk, with no network, shows how many cores the
+# decompression keeps busy when nothing else bounds it.
 #
 #   coldseq.sh [REPS]          (env: RATES="200mbit 1gbit", DELAY_MS=10)
 #

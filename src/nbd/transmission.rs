@@ -242,7 +242,7 @@ where
         });
     };
 
-    // Answer what was already read, then close the write half.
+    // Reply to what was already read, then close the write half.
     if result.is_ok() {
         while tasks.join_next().await.is_some() {}
     } else {

@@ -145,7 +145,7 @@ pub struct ChunkStore {
 pub(crate) struct Inner {
     layers: Vec<LayerState>,
     io: CacheIo,
-    /// Cache files for reads the page cache answers on the calling thread.
+    /// Cache files for reads that the page cache serves on the calling thread.
     hot: hot::HotFiles,
     verify: bool,
     max_coalesce_gap: u64,

@@ -13,9 +13,9 @@ pub fn parse_summary(line: &str) -> Option<(u32, u32)> {
 
 /// Runs `kernel-tests/SCRIPT` with the esgz-nbd binary under test and asserts that
 /// at least one check passed, none failed and the script succeeded. A failure names
-/// each failed check (`FAIL: ` lines) and shows the end of the log. Returns the
-/// script's standard output.
-pub fn run_vm_script(script: &str, what: &str) -> String {
+/// each failed check (`FAIL: ` lines) and shows the end of the log; `check_name`
+/// is what the messages call one check. Returns the script's standard output.
+pub fn run_vm_script(script: &str, check_name: &str) -> String {
     let script = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("kernel-tests")
         .join(script);
@@ -37,7 +37,7 @@ pub fn run_vm_script(script: &str, what: &str) -> String {
             output.status
         );
     };
-    assert!(passed > 0, "no {what} passed; log tail:\n{tail}");
+    assert!(passed > 0, "no {check_name} passed; log tail:\n{tail}");
     let failures: Vec<&str> = stdout
         .lines()
         .chain(stderr.lines())
@@ -46,7 +46,7 @@ pub fn run_vm_script(script: &str, what: &str) -> String {
     assert_eq!(
         failed,
         0,
-        "{failed} {what}s failed:\n{}\nlog tail:\n{tail}",
+        "{failed} {check_name}s failed:\n{}\nlog tail:\n{tail}",
         failures.join("\n")
     );
     assert!(
