@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use futures::future::BoxFuture;
+use tokio::sync::mpsc;
 
 /// Random access to one blob.
 pub trait BlobSource: Send + Sync {
@@ -16,6 +17,27 @@ pub trait BlobSource: Send + Sync {
     /// Reads exactly `len` bytes at `offset`, or fails; the caller keeps the
     /// range within `size()`. Implementations retry transient errors.
     fn read_range(&self, offset: u64, len: u64) -> BoxFuture<'_, anyhow::Result<Bytes>>;
+
+    /// Reads exactly `len` bytes at `offset` and sends them to `sink` in order, in
+    /// pieces as they arrive, so the caller can work on the start of a range while
+    /// the rest downloads. A retry continues after the bytes already sent, so no
+    /// byte is sent twice. Fails when the range cannot be read or `sink` is closed.
+    ///
+    /// The default reads the whole range with [`BlobSource::read_range`] and sends it
+    /// as one piece.
+    fn stream_range<'a>(
+        &'a self,
+        offset: u64,
+        len: u64,
+        sink: &'a mpsc::Sender<Bytes>,
+    ) -> BoxFuture<'a, anyhow::Result<()>> {
+        Box::pin(async move {
+            let bytes = self.read_range(offset, len).await?;
+            sink.send(bytes)
+                .await
+                .map_err(|_| anyhow::anyhow!("the reader of the blob range went away"))
+        })
+    }
 }
 
 /// An OS/architecture pair, as in an image index's `platform`.

@@ -12,7 +12,8 @@ use esgz_nbd::store::{
     ChunkStore, IoBackendChoice, ReadError, StoreError, StoreLayer, StoreOptions, WholeLayerWriter,
 };
 use store_support::{
-    build_blob, content, layer_digest, sha256, CountingRegistryDouble, MemberSpec, TestBlob,
+    build_blob, content, layer_digest, sha256, CountingRegistryDouble, GatedRegistryDouble,
+    MemberSpec, TestBlob,
 };
 
 const BACKENDS: [IoBackendChoice; 2] = [IoBackendChoice::Std, IoBackendChoice::Uring];
@@ -205,6 +206,48 @@ async fn coalescing_merges_neighbour_members() {
     assert_eq!(ranges[0].0, 0);
     assert!(ranges[0].0 + ranges[0].1 > last_end);
     assert_eq!(sample.store.stats().members_decompressed, 5);
+}
+
+/// A reader of the first member of a coalesced range gets its bytes once that member
+/// has arrived, while the rest of the range is still on the way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn member_served_before_its_range_ends() {
+    let test_blob = sample_blob();
+    // The gate stops the stream after member 1, so members 0 and 1 arrive first.
+    let gate_at = test_blob.member_offsets[2];
+    let registry = GatedRegistryDouble::new(test_blob.blob.clone(), gate_at);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let layer = StoreLayer {
+        index: Arc::new(test_blob.index.clone()),
+        blob: Some(registry.clone()),
+    };
+    let store = ChunkStore::open(vec![layer], options(dir.path(), IoBackendChoice::Std))
+        .expect("open store");
+    let size = test_blob.data.len() as u64;
+
+    let whole = store.prefetch(0, 0, size);
+    tokio::pin!(whole);
+    let first_len = test_blob.index.chunks[0].size;
+    let early =
+        async { tokio::time::timeout(Duration::from_secs(20), store.read(0, 0, first_len)).await };
+    let bytes = tokio::select! {
+        biased;
+        outcome = &mut whole => panic!("the whole range finished with the gate closed: {outcome:?}"),
+        read = early => read
+            .expect("the first member was not served while the range stalled")
+            .expect("read of the first member"),
+    };
+    assert_eq!(bytes.as_ref(), &test_blob.data[..first_len as usize]);
+
+    registry.open_gate();
+    whole.await.expect("the rest of the range");
+    assert_eq!(
+        registry.requests.load(std::sync::atomic::Ordering::SeqCst),
+        1
+    );
+    let all = store.read(0, 0, size).await.expect("read all");
+    assert!(all.as_ref() == test_blob.data.as_slice(), "whole data");
+    assert_eq!(store.stats().members_decompressed, 5);
 }
 
 #[tokio::test]

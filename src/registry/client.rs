@@ -3,6 +3,7 @@
 
 use std::collections::HashMap;
 use std::hash::{BuildHasher as _, Hasher as _};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -12,6 +13,7 @@ use reqwest::header::{
     WWW_AUTHENTICATE,
 };
 use reqwest::{Response, StatusCode};
+use tokio::sync::mpsc;
 use url::Url;
 
 use super::auth::{parse_challenges, BearerToken, Credentials, TokenResponse};
@@ -614,6 +616,23 @@ impl Client {
         }
     }
 
+    /// Fails when the response announces a Content-Length other than `expected`.
+    fn check_length(
+        &self,
+        response: &Response,
+        expected: u64,
+        target: &str,
+    ) -> Result<(), RegistryError> {
+        match content_length(response.headers()) {
+            Some(length) if length != expected => Err(RegistryError::LengthMismatch {
+                target: target.to_string(),
+                expected,
+                actual: length,
+            }),
+            _ => Ok(()),
+        }
+    }
+
     /// Reads a response body of exactly `expected` bytes.
     pub async fn read_exact(
         &self,
@@ -621,15 +640,7 @@ impl Client {
         expected: u64,
         target: &str,
     ) -> Result<Bytes, RegistryError> {
-        if let Some(length) = content_length(response.headers()) {
-            if length != expected {
-                return Err(RegistryError::LengthMismatch {
-                    target: target.to_string(),
-                    expected,
-                    actual: length,
-                });
-            }
-        }
+        self.check_length(&response, expected, target)?;
 
         let mut body =
             BytesMut::with_capacity(usize::try_from(expected.min(64 << 20)).unwrap_or(0));
@@ -731,46 +742,126 @@ impl Client {
     ) -> Result<Bytes, RegistryError> {
         let last = offset + len - 1;
         let target = self.target(&format!("blob {digest} bytes {offset}-{last}"));
+        let target = target.as_str();
+        self.with_retries(target, move || async move {
+            let response = self
+                .open_blob_range(digest, offset, len, size, target)
+                .await?;
+            self.read_exact(response, len, target).await
+        })
+        .await
+    }
+
+    /// Streams `len` bytes at `offset` of a blob of `size` bytes to `sink` as they
+    /// arrive, with the checks and retries of [`Client::get_blob_range`]. Each retry
+    /// requests the same range, so a fault tied to one request is not met again,
+    /// and skips the bytes a failed attempt already sent, as counted in
+    /// `delivered`: no byte reaches `sink` twice.
+    pub async fn stream_blob_range(
+        &self,
+        digest: &str,
+        offset: u64,
+        len: u64,
+        size: u64,
+        delivered: &AtomicU64,
+        sink: &mpsc::Sender<Bytes>,
+    ) -> Result<(), RegistryError> {
+        let last = offset + len - 1;
+        let target = self.target(&format!("blob {digest} bytes {offset}-{last}"));
+        let target = target.as_str();
+        self.with_retries(target, move || async move {
+            let mut response = self
+                .open_blob_range(digest, offset, len, size, target)
+                .await?;
+            self.check_length(&response, len, target)?;
+            let mut received = 0u64;
+            loop {
+                let chunk = response
+                    .chunk()
+                    .await
+                    .map_err(|source| self.transport_error(target, &self.base, source))?;
+                let Some(mut chunk) = chunk else { break };
+                if received + chunk.len() as u64 > len {
+                    return Err(RegistryError::LengthMismatch {
+                        target: target.to_string(),
+                        expected: len,
+                        actual: received + chunk.len() as u64,
+                    });
+                }
+                let chunk_start = received;
+                received += chunk.len() as u64;
+                // Bytes an earlier attempt sent are skipped.
+                let sent = delivered.load(Ordering::SeqCst);
+                if received <= sent {
+                    continue;
+                }
+                if chunk_start < sent {
+                    let _ = chunk.split_to((sent - chunk_start) as usize);
+                }
+                let piece = chunk.len() as u64;
+                if sink.send(chunk).await.is_err() {
+                    return Err(RegistryError::ReaderGone {
+                        target: target.to_string(),
+                    });
+                }
+                delivered.fetch_add(piece, Ordering::SeqCst);
+            }
+            if received < len {
+                return Err(RegistryError::Truncated {
+                    target: target.to_string(),
+                    received,
+                    expected: len,
+                });
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    /// Sends a Range request for `len` bytes at `offset` and checks the status and
+    /// Content-Range of the response. The caller reads the body.
+    async fn open_blob_range(
+        &self,
+        digest: &str,
+        offset: u64,
+        len: u64,
+        size: u64,
+        target: &str,
+    ) -> Result<Response, RegistryError> {
+        let last = offset + len - 1;
         let spec = RequestSpec {
             path: format!("{}/blobs/{digest}", self.repository),
             accept: None,
             range: Some((offset, last)),
-            target: &target,
+            target,
         };
-        let spec = &spec;
-        let target = target.as_str();
-        self.with_retries(target, move || async move {
-            let response = self.send(spec).await?;
-            match response.status() {
-                StatusCode::PARTIAL_CONTENT => {
-                    let content_range = response
-                        .headers()
-                        .get(CONTENT_RANGE)
-                        .and_then(|value| value.to_str().ok())
-                        .unwrap_or("")
-                        .to_string();
-                    if !content_range_matches(&content_range, offset, last, size) {
-                        return Err(RegistryError::ContentRangeMismatch {
-                            target: target.to_string(),
-                            content_range,
-                            start: offset,
-                            end: last,
-                            size,
-                        });
-                    }
-                    self.read_exact(response, len, target).await
+        let response = self.send(&spec).await?;
+        match response.status() {
+            StatusCode::PARTIAL_CONTENT => {
+                let content_range = response
+                    .headers()
+                    .get(CONTENT_RANGE)
+                    .and_then(|value| value.to_str().ok())
+                    .unwrap_or("")
+                    .to_string();
+                if !content_range_matches(&content_range, offset, last, size) {
+                    return Err(RegistryError::ContentRangeMismatch {
+                        target: target.to_string(),
+                        content_range,
+                        start: offset,
+                        end: last,
+                        size,
+                    });
                 }
-                StatusCode::OK if offset == 0 && len == size => {
-                    self.read_exact(response, len, target).await
-                }
-                StatusCode::OK => Err(RegistryError::RangeIgnored {
-                    target: target.to_string(),
-                    url: redact_url(response.url()),
-                }),
-                _ => Err(self.status_error(target, response).await),
+                Ok(response)
             }
-        })
-        .await
+            StatusCode::OK if offset == 0 && len == size => Ok(response),
+            StatusCode::OK => Err(RegistryError::RangeIgnored {
+                target: target.to_string(),
+                url: redact_url(response.url()),
+            }),
+            _ => Err(self.status_error(target, response).await),
+        }
     }
 }
 

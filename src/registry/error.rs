@@ -63,6 +63,8 @@ pub enum RegistryError {
         received: u64,
         expected: u64,
     },
+    #[error("{target}: the reader of the range stopped before the body ended")]
+    ReaderGone { target: String },
     #[error("{target}: the response has {actual} bytes, but {expected} were requested")]
     LengthMismatch {
         target: String,

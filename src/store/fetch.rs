@@ -8,7 +8,8 @@ use std::sync::{Arc, PoisonError};
 
 use bytes::{Bytes, BytesMut};
 use futures::future::{self, BoxFuture, FutureExt, Shared};
-use tokio::sync::oneshot;
+use futures::stream::{FuturesUnordered, StreamExt};
+use tokio::sync::{mpsc, oneshot};
 
 use super::chunk::{self, ChunkOutcome};
 use super::error::ReadError;
@@ -22,6 +23,14 @@ pub(crate) type Decoded = Arc<Vec<(usize, Bytes)>>;
 pub(crate) type Flight = Shared<BoxFuture<'static, Result<Decoded, ReadError>>>;
 
 type FlightSender = oneshot::Sender<Result<Decoded, ReadError>>;
+
+/// Compressed bytes of complete members decoded in one blocking task while the rest of
+/// a range downloads. Smaller batches wake readers sooner but cost more task switches.
+const DECODE_BATCH: u64 = 256 << 10;
+
+/// Pieces of a streamed range waiting to be buffered; the download pauses when the
+/// reader falls this far behind.
+const STREAM_PIECES: usize = 64;
 
 /// Rounds of joining or starting member fetches in one [`Inner::ensure_present`] call.
 const FETCH_ROUNDS: u32 = 3;
@@ -246,73 +255,220 @@ impl Inner {
     }
 
     /// Fetches one group's compressed range, loads each member into the cache, and
-    /// reports each member's result to its waiters.
+    /// reports each member's result to its waiters as soon as the member is stored,
+    /// while the rest of the range still downloads.
     async fn fetch_group(self: Arc<Self>, layer: usize, group: Group) {
         let state = &self.layers[layer];
         let member_ids: Vec<usize> = group.members.iter().map(|(member, _)| *member).collect();
+        let mut senders: Vec<Option<FlightSender>> = group
+            .members
+            .into_iter()
+            .map(|(_, sender)| Some(sender))
+            .collect();
         let guard = FlightGuard {
             state,
-            members: member_ids.clone(),
+            members: std::sync::Mutex::new(member_ids.clone()),
+        };
+        let mut finish = |position: usize, result: Result<Decoded, ReadError>| {
+            // Waiters re-check presence when woken, so the flight goes before the result.
+            guard.finish(member_ids[position]);
+            if let Some(sender) = senders[position].take() {
+                let _ = sender.send(result);
+            }
         };
 
+        // A body corrupted on the way (a broken proxy or cache) fails decoding or
+        // verification. One more fetch of those members tells that apart from a
+        // corrupt blob, and `decode_members` skips the chunks already stored.
         let start = state.member(member_ids[0]).compressed_offset;
         let end = state
             .member(member_ids[member_ids.len() - 1])
             .compressed_end;
-        let mut results = self.fetch_and_load(layer, &member_ids, start, end).await;
-        // A body corrupted on the way (a broken proxy or cache) fails decoding or
-        // verification; one more fetch distinguishes that from a corrupt blob. Chunks
-        // loaded by the first fetch are skipped by `decode_member`.
-        if results.iter().any(|result| {
-            matches!(
-                result,
-                Err(ReadError::Decompress { .. } | ReadError::DigestMismatch { .. })
-            )
-        }) {
-            tracing::warn!(layer = %state.index.digest, compressed_offset = start, compressed_end = end, "fetched bytes failed decoding or verification; fetching them once more");
-            results = self.fetch_and_load(layer, &member_ids, start, end).await;
-        }
-
-        // Waiters re-check presence when woken, so the entries go before the results.
-        drop(guard);
-        for ((_, sender), result) in group.members.into_iter().zip(results) {
-            let _ = sender.send(result);
+        let mut retry = Vec::new();
+        self.stream_and_load(
+            layer,
+            &member_ids,
+            start..end,
+            |position, result| match result {
+                Err(ReadError::Decompress { .. } | ReadError::DigestMismatch { .. }) => {
+                    retry.push(position);
+                }
+                result => finish(position, result),
+            },
+        )
+        .await;
+        if !retry.is_empty() {
+            retry.sort_unstable();
+            let retry_ids: Vec<usize> =
+                retry.iter().map(|&position| member_ids[position]).collect();
+            tracing::warn!(layer = %state.index.digest, members = retry_ids.len(), compressed_offset = state.member(retry_ids[0]).compressed_offset, "fetched bytes failed decoding or verification; fetching them once more");
+            // The same range again: a fault that hit one request is not repeated.
+            self.stream_and_load(layer, &retry_ids, start..end, |index, result| {
+                finish(retry[index], result);
+            })
+            .await;
         }
     }
 
-    /// Downloads `start..end`, decodes each member of it and writes the good chunks to
-    /// the cache; returns each member's result.
-    async fn fetch_and_load(
+    /// Downloads the compressed range `span`, which holds `member_ids` (sorted by
+    /// compressed offset), and decodes and stores the members as their bytes arrive, in batches of about [`DECODE_BATCH`] compressed bytes on the
+    /// blocking pool. Calls `done` once for each member with its position in
+    /// `member_ids` and its result, in the order the members are stored.
+    pub(crate) async fn stream_and_load(
         &self,
         layer: usize,
         member_ids: &[usize],
-        start: u64,
-        end: u64,
-    ) -> Vec<Result<Decoded, ReadError>> {
+        span: std::ops::Range<u64>,
+        mut done: impl FnMut(usize, Result<Decoded, ReadError>),
+    ) {
         let state = &self.layers[layer];
-        match self.fetch_range(state, start, end).await {
-            Ok(bytes) => {
-                let decodes = member_ids.iter().map(|&member| {
-                    let info = state.member(member);
-                    let range = (info.compressed_offset - start) as usize
-                        ..(info.compressed_end - start) as usize;
-                    self.decode_member(layer, member, bytes.slice(range))
-                });
-                let decoded = future::join_all(decodes).await;
-                self.store_members(layer, member_ids, decoded).await
+        if member_ids.is_empty() {
+            return;
+        }
+        let (start, end) = (span.start, span.end);
+
+        let (sink, mut pieces) = mpsc::channel::<Bytes>(STREAM_PIECES);
+        let download = self.stream_range(state, start, end, sink);
+        tokio::pin!(download);
+        let mut download_result = None;
+
+        // `buffer` contains the bytes from `buffered_from` on. Members before
+        // `complete` have all their bytes, and those before `dispatched` are decoding.
+        let mut buffer = BytesMut::new();
+        let mut buffered_from = start;
+        let mut complete = 0;
+        let mut dispatched = 0;
+        let mut loading = FuturesUnordered::new();
+        loop {
+            tokio::select! {
+                biased;
+                Some(stored) = loading.next(), if !loading.is_empty() => {
+                    let (positions, results): (std::ops::Range<usize>, Vec<_>) = stored;
+                    for (position, result) in positions.zip(results) {
+                        done(position, result);
+                    }
+                }
+                piece = pieces.recv() => {
+                    let Some(piece) = piece else { break };
+                    buffer.extend_from_slice(&piece);
+                    let received_end = buffered_from + buffer.len() as u64;
+                    while complete < member_ids.len()
+                        && state.member(member_ids[complete]).compressed_end <= received_end
+                    {
+                        complete += 1;
+                    }
+                    let ready = complete > dispatched && {
+                        let batch_start = state.member(member_ids[dispatched]).compressed_offset;
+                        let batch_end = state.member(member_ids[complete - 1]).compressed_end;
+                        // Decode a small batch only while the link is idle.
+                        batch_end - batch_start >= DECODE_BATCH || pieces.is_empty()
+                    };
+                    if ready {
+                        for batch in self.split_batches(state, member_ids, dispatched..complete, &mut buffer, &mut buffered_from) {
+                            loading.push(self.load_batch(layer, member_ids, batch));
+                        }
+                        dispatched = complete;
+                    }
+                }
+                result = &mut download, if download_result.is_none() => {
+                    download_result = Some(result);
+                }
             }
-            Err(error) => vec![Err(error); member_ids.len()],
+        }
+        if complete > dispatched {
+            for batch in self.split_batches(
+                state,
+                member_ids,
+                dispatched..complete,
+                &mut buffer,
+                &mut buffered_from,
+            ) {
+                loading.push(self.load_batch(layer, member_ids, batch));
+            }
+        }
+        while let Some((positions, results)) = loading.next().await {
+            for (position, result) in positions.zip(results) {
+                done(position, result);
+            }
+        }
+        if complete < member_ids.len() {
+            let outcome = match download_result {
+                Some(outcome) => outcome,
+                None => download.await,
+            };
+            let error = outcome.err().unwrap_or_else(|| ReadError::Fetch {
+                layer: state.index.digest.clone(),
+                compressed_offset: start,
+                compressed_end: end,
+                chain: "the range ended before its last gzip member".into(),
+            });
+            for position in complete..member_ids.len() {
+                done(position, Err(error.clone()));
+            }
         }
     }
 
-    /// Downloads `start..end` of the layer's blob in requests of at most
-    /// `max_request_size` bytes, each holding a permit of the fetch semaphore.
-    pub(crate) async fn fetch_range(
+    /// Takes the bytes of the complete members `positions` off the front of `buffer`
+    /// and splits them into batches of about [`DECODE_BATCH`] compressed bytes, so a
+    /// range that arrives at once still decodes on every core.
+    fn split_batches(
+        &self,
+        state: &LayerState,
+        member_ids: &[usize],
+        positions: std::ops::Range<usize>,
+        buffer: &mut BytesMut,
+        buffered_from: &mut u64,
+    ) -> Vec<Batch> {
+        let mut batches = Vec::new();
+        let mut batch_start = positions.start;
+        for position in positions.clone() {
+            let member = state.member(member_ids[position]);
+            let first = state.member(member_ids[batch_start]);
+            let last_of_all = position + 1 == positions.end;
+            if member.compressed_end - first.compressed_offset < DECODE_BATCH && !last_of_all {
+                continue;
+            }
+            // The batch's bytes start at its first member; gap bytes before it go.
+            let skip = (first.compressed_offset - *buffered_from) as usize;
+            let take = (member.compressed_end - first.compressed_offset) as usize;
+            let _ = buffer.split_to(skip);
+            let bytes = buffer.split_to(take).freeze();
+            *buffered_from = member.compressed_end;
+            batches.push(Batch {
+                positions: batch_start..position + 1,
+                base: first.compressed_offset,
+                bytes,
+            });
+            batch_start = position + 1;
+        }
+        batches
+    }
+
+    /// Decodes one batch of members on the blocking pool and stores them.
+    async fn load_batch(
+        &self,
+        layer: usize,
+        member_ids: &[usize],
+        batch: Batch,
+    ) -> (std::ops::Range<usize>, Vec<Result<Decoded, ReadError>>) {
+        let ids = &member_ids[batch.positions.clone()];
+        let decoded = self
+            .decode_members(layer, ids, batch.base, batch.bytes)
+            .await;
+        let stored = self.store_members(layer, ids, decoded).await;
+        (batch.positions, stored)
+    }
+
+    /// Streams `start..end` of the layer's blob into `sink` in requests of at most
+    /// `max_request_size` bytes, one after the other, each holding a permit of the
+    /// fetch semaphore while it runs.
+    async fn stream_range(
         &self,
         state: &LayerState,
         start: u64,
         end: u64,
-    ) -> Result<Bytes, ReadError> {
+        sink: mpsc::Sender<Bytes>,
+    ) -> Result<(), ReadError> {
         let fetch_error = |chain: String| ReadError::Fetch {
             layer: state.index.digest.clone(),
             compressed_offset: start,
@@ -322,111 +478,189 @@ impl Inner {
         let Some(blob) = state.blob.as_ref() else {
             return Err(fetch_error("the layer has no blob source".into()));
         };
-
-        let mut pieces = Vec::new();
         let mut offset = start;
         while offset < end {
             let len = (end - offset).min(self.max_request_size);
-            pieces.push((offset, len));
+            let _permit = self
+                .fetch_permits
+                .acquire()
+                .await
+                .map_err(|error| fetch_error(error.to_string()))?;
+            tracing::debug!(layer = %state.index.digest, offset, len, "streaming blob range");
+            Stats::add(&self.stats.range_requests, 1);
+            let started = std::time::Instant::now();
+            let result = blob.stream_range(offset, len, &sink).await;
+            self.stats.record_fetch_latency(started.elapsed());
+            if let Err(error) = result {
+                let chain = format!("{error:#}");
+                Stats::add(&self.stats.fetch_errors, 1);
+                tracing::warn!(layer = %state.index.digest, offset, len, error = %chain, "blob range fetch failed");
+                return Err(fetch_error(chain));
+            }
+            Stats::add(&self.stats.bytes_fetched, len);
             offset += len;
         }
-
-        let requests = pieces.into_iter().map(|(offset, len)| async move {
-            let _permit = self.fetch_permits.acquire().await.map_err(|error| fetch_error(error.to_string()))?;
-            tracing::debug!(layer = %state.index.digest, offset, len, "fetching blob range");
-            Stats::add(&self.stats.range_requests, 1);
-
-            let started = std::time::Instant::now();
-            let result = blob.read_range(offset, len).await;
-            self.stats.record_fetch_latency(started.elapsed());
-            let result = match result {
-                Ok(bytes) if bytes.len() as u64 == len => Ok(bytes),
-                Ok(bytes) => Err(format!("the source returned {} bytes for a {len}-byte range at {offset:#x}", bytes.len())),
-                Err(error) => Err(format!("{error:#}")),
-            };
-            match result {
-                Ok(bytes) => {
-                    Stats::add(&self.stats.bytes_fetched, len);
-                    Ok(bytes)
-                }
-                Err(chain) => {
-                    Stats::add(&self.stats.fetch_errors, 1);
-                    tracing::warn!(layer = %state.index.digest, offset, len, error = %chain, "blob range fetch failed");
-                    Err(fetch_error(chain))
-                }
-            }
-        });
-        let mut parts = future::try_join_all(requests).await?;
-
-        if parts.len() == 1 {
-            return Ok(parts.remove(0));
-        }
-        let mut joined = BytesMut::with_capacity((end - start) as usize);
-        for part in parts {
-            joined.extend_from_slice(&part);
-        }
-        Ok(joined.freeze())
+        Ok(())
     }
 
-    /// Decodes one member's still-missing chunks and checks them against their digests.
-    async fn decode_member(
+    /// Downloads `start..end` of the layer's blob into one buffer, with the requests
+    /// of [`Inner::stream_range`].
+    pub(crate) async fn fetch_range(
+        &self,
+        state: &LayerState,
+        start: u64,
+        end: u64,
+    ) -> Result<Bytes, ReadError> {
+        let (sink, mut pieces) = mpsc::channel::<Bytes>(STREAM_PIECES);
+        let collect = async {
+            let mut first = None;
+            let mut joined: Option<BytesMut> = None;
+            while let Some(piece) = pieces.recv().await {
+                match (&mut joined, first.take()) {
+                    (Some(joined), _) => joined.extend_from_slice(&piece),
+                    (None, None) => first = Some(piece),
+                    (None, Some(earlier)) => {
+                        let capacity = usize::try_from(end - start).unwrap_or(0);
+                        let mut buffer = BytesMut::with_capacity(capacity);
+                        buffer.extend_from_slice(&earlier);
+                        buffer.extend_from_slice(&piece);
+                        joined = Some(buffer);
+                    }
+                }
+            }
+            // A source that sends the range in one piece needs no copy.
+            match joined {
+                Some(joined) => joined.freeze(),
+                None => first.unwrap_or_default(),
+            }
+        };
+        let (outcome, bytes) = tokio::join!(self.stream_range(state, start, end, sink), collect);
+        outcome.map(|()| bytes)
+    }
+
+    /// Decodes the still-missing chunks of each of `member_ids`, whose compressed
+    /// bytes are in `bytes` from compressed offset `base` on, in one blocking task,
+    /// and checks them against their digests.
+    async fn decode_members(
         &self,
         layer: usize,
-        member: usize,
+        member_ids: &[usize],
+        base: u64,
         bytes: Bytes,
-    ) -> Result<Vec<ChunkOutcome>, ReadError> {
+    ) -> Vec<Result<Vec<ChunkOutcome>, ReadError>> {
         let state = &self.layers[layer];
-        let info = state.member(member);
-        let mut slices = info.slices(&state.index);
-        slices.retain(|slice| !state.presence.contains(slice.chunk));
-        let Some(first) = slices.first() else {
-            return Ok(Vec::new());
-        };
-        let first_record = &state.index.chunks[first.chunk];
+        let work: Vec<(std::ops::Range<usize>, Vec<chunk::ChunkSlice>)> = member_ids
+            .iter()
+            .map(|&member| {
+                let info = state.member(member);
+                let mut slices = info.slices(&state.index);
+                slices.retain(|slice| !state.presence.contains(slice.chunk));
+                let range =
+                    (info.compressed_offset - base) as usize..(info.compressed_end - base) as usize;
+                (range, slices)
+            })
+            .collect();
 
         let verify = self.verify;
-        let decoded =
-            tokio::task::spawn_blocking(move || chunk::decode_chunks(&bytes, &slices, verify))
-                .await;
+        let decoded = tokio::task::spawn_blocking(move || {
+            work.into_iter()
+                .map(|(range, slices)| {
+                    if slices.is_empty() {
+                        return Ok(Vec::new());
+                    }
+                    chunk::decode_chunks(&bytes[range], &slices, verify)
+                        .map_err(|error| error.to_string())
+                })
+                .collect::<Vec<_>>()
+        })
+        .await;
         let outcomes = match decoded {
-            Ok(Ok(outcomes)) => outcomes,
-            Ok(Err(error)) => {
-                tracing::warn!(layer = %state.index.digest, compressed_offset = info.compressed_offset, %error, "gzip member decode failed");
-                return Err(ReadError::Decompress {
-                    layer: state.index.digest.clone(),
-                    name: first_record.name.to_string(),
-                    compressed_offset: info.compressed_offset,
-                    data_offset: first_record.data_offset,
-                    chain: error.to_string(),
-                });
-            }
+            Ok(outcomes) => outcomes,
             Err(error) => {
-                return Err(ReadError::TaskFailed {
+                let error = ReadError::TaskFailed {
                     layer: state.index.digest.clone(),
                     detail: error.to_string(),
-                });
+                };
+                return member_ids.iter().map(|_| Err(error.clone())).collect();
             }
         };
-        Stats::add(&self.stats.members_decompressed, 1);
-        Ok(outcomes)
+        member_ids
+            .iter()
+            .zip(outcomes)
+            .map(|(&member, outcome)| {
+                let info = state.member(member);
+                match outcome {
+                    Ok(outcomes) => {
+                        if !outcomes.is_empty() {
+                            Stats::add(&self.stats.members_decompressed, 1);
+                        }
+                        Ok(outcomes)
+                    }
+                    Err(chain) => {
+                        let first_record = info
+                            .slices(&state.index)
+                            .first()
+                            .map(|slice| &state.index.chunks[slice.chunk]);
+                        tracing::warn!(layer = %state.index.digest, compressed_offset = info.compressed_offset, error = %chain, "gzip member decode failed");
+                        Err(ReadError::Decompress {
+                            layer: state.index.digest.clone(),
+                            name: first_record.map(|record| record.name.to_string()).unwrap_or_default(),
+                            compressed_offset: info.compressed_offset,
+                            data_offset: first_record.map(|record| record.data_offset).unwrap_or_default(),
+                            chain,
+                        })
+                    }
+                }
+            })
+            .collect()
     }
 }
 
-/// Removes a group's flights from the layer's map when the fetch ends, also when the
-/// task panics (then the dropped senders wake the waiters with an error).
+/// Complete members whose bytes are decoded together: their positions in the
+/// group and their compressed bytes from offset `base` on.
+struct Batch {
+    positions: std::ops::Range<usize>,
+    base: u64,
+    bytes: Bytes,
+}
+
+/// Removes a group's flights from the layer's map: each as its member finishes,
+/// and the rest when the fetch ends, also when the task panics (then the dropped
+/// senders wake the waiters with an error).
 struct FlightGuard<'a> {
     state: &'a LayerState,
-    members: Vec<usize>,
+    /// Members whose flights are still in the map.
+    members: std::sync::Mutex<Vec<usize>>,
+}
+
+impl FlightGuard<'_> {
+    /// Removes `member`'s flight, once: a later flight of the same member started by
+    /// another reader stays.
+    fn finish(&self, member: usize) {
+        let mut members = self.members.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(position) = members.iter().position(|&own| own == member) {
+            members.swap_remove(position);
+            self.state
+                .flights
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .remove(&member);
+        }
+    }
 }
 
 impl Drop for FlightGuard<'_> {
     fn drop(&mut self) {
+        let members = self
+            .members
+            .get_mut()
+            .unwrap_or_else(PoisonError::into_inner);
         let mut flights = self
             .state
             .flights
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        for member in &self.members {
+        for member in members.iter() {
             flights.remove(member);
         }
     }

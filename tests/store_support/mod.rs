@@ -104,6 +104,77 @@ impl BlobSource for CountingRegistryDouble {
     }
 }
 
+/// Stand-in for a registry link that stalls: a streamed range sends its bytes up to
+/// `gate_at`, then waits until [`GatedRegistryDouble::open_gate`] before sending the
+/// rest. A real link cannot hold a body at a chosen byte on demand, so this is a fake.
+pub struct GatedRegistryDouble {
+    data: Vec<u8>,
+    gate_at: u64,
+    gate: tokio::sync::Semaphore,
+    pub requests: AtomicU64,
+}
+
+impl GatedRegistryDouble {
+    pub fn new(data: Vec<u8>, gate_at: u64) -> Arc<Self> {
+        Arc::new(GatedRegistryDouble {
+            data,
+            gate_at,
+            gate: tokio::sync::Semaphore::new(0),
+            requests: AtomicU64::new(0),
+        })
+    }
+
+    /// Lets every stalled and later range send its remaining bytes.
+    pub fn open_gate(&self) {
+        self.gate.add_permits(1 << 20);
+    }
+
+    fn slice(&self, start: u64, end: u64) -> anyhow::Result<Bytes> {
+        let (start, end) = (usize::try_from(start)?, usize::try_from(end)?);
+        anyhow::ensure!(
+            end <= self.data.len(),
+            "range {start}..{end} past the blob end"
+        );
+        Ok(Bytes::copy_from_slice(&self.data[start..end]))
+    }
+}
+
+impl BlobSource for GatedRegistryDouble {
+    fn size(&self) -> u64 {
+        self.data.len() as u64
+    }
+
+    fn read_range(&self, offset: u64, len: u64) -> BoxFuture<'_, anyhow::Result<Bytes>> {
+        async move {
+            self.requests.fetch_add(1, Ordering::SeqCst);
+            self.slice(offset, offset + len)
+        }
+        .boxed()
+    }
+
+    fn stream_range<'a>(
+        &'a self,
+        offset: u64,
+        len: u64,
+        sink: &'a tokio::sync::mpsc::Sender<Bytes>,
+    ) -> BoxFuture<'a, anyhow::Result<()>> {
+        async move {
+            self.requests.fetch_add(1, Ordering::SeqCst);
+            let end = offset + len;
+            let split = self.gate_at.clamp(offset, end);
+            if split > offset {
+                sink.send(self.slice(offset, split)?).await?;
+            }
+            if end > split {
+                let _permit = self.gate.acquire().await?;
+                sink.send(self.slice(split, end)?).await?;
+            }
+            Ok(())
+        }
+        .boxed()
+    }
+}
+
 /// Stand-in for a registry that serves a blob file from disk and counts requests.
 pub struct FileRegistryDouble {
     file: File,
