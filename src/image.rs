@@ -236,6 +236,12 @@ async fn open_layer(
         _ => match read_lazy_index(&counted, layer, descriptor, annotation, options).await? {
             LazyOutcome::Index(index) => {
                 info!(layer = %descriptor.digest, chunks = index.chunks.len(), "layer is eStargz, read lazily");
+                if !is_gzip_layer_type(&descriptor.media_type) {
+                    warn!(layer = %descriptor.digest, media_type = %descriptor.media_type, "the layer's media type is not a gzip tar type, but its blob is eStargz (gzip): serving the blob as eStargz; other runtimes that follow the media type fail on this layer, so fix the manifest");
+                }
+                if index.entries.is_empty() {
+                    warn!(layer = %descriptor.digest, "the layer's TOC lists no entries, so the layer adds nothing to the filesystem; check that the TOC was written by an eStargz tool");
+                }
                 return Ok((index, Some(blob), None));
             }
             LazyOutcome::NotEstargz(reason) => Some(reason),
@@ -268,6 +274,12 @@ async fn open_layer(
         }
         Err(error) => Err(error),
     }
+}
+
+/// Returns whether `media_type` names a gzip-compressed tar layer (OCI or Docker),
+/// or is empty, as in a descriptor that did not state one.
+fn is_gzip_layer_type(media_type: &str) -> bool {
+    media_type.is_empty() || media_type.ends_with("tar+gzip") || media_type.ends_with("tar.gzip")
 }
 
 enum LazyOutcome {

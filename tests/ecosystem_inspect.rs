@@ -206,3 +206,67 @@ fn export_warns_on_other_platform() {
         "warning for the image's own platform:\n{own}"
     );
 }
+
+/// A layer whose media type names zstd but whose blob is eStargz is served from its
+/// bytes, with a warning that names the media type.
+#[test]
+fn export_warns_on_wrong_media_type() {
+    let layout = support::copy_layout(&fixture_dir("basic").join("oci"));
+    let zstd = "application/vnd.oci.image.layer.v1.tar+zstd";
+    support::edit_manifest(layout.path(), |manifest| {
+        manifest["layers"][0]["mediaType"] = zstd.into();
+    });
+    let work = tempfile::tempdir().expect("temp dir");
+    let export = |image: String| {
+        let output = run(Command::new(esgz_bin())
+            .arg("export")
+            .arg(&image)
+            .arg("-o")
+            .arg(work.path().join("disk.img"))
+            .args(["--cache-dir"])
+            .arg(work.path().join("cache"))
+            .env("RUST_LOG", "warn"));
+        String::from_utf8_lossy(&output.stderr).into_owned()
+    };
+
+    let edited = export(format!("oci:{}:latest", layout.path().display()));
+    assert!(
+        edited.contains("media type is not a gzip tar type"),
+        "no media type warning:\n{edited}"
+    );
+    assert!(
+        edited.contains(zstd),
+        "the warning does not name the type:\n{edited}"
+    );
+    let original = export(format!(
+        "oci:{}:latest",
+        fixture_dir("basic").join("oci").display()
+    ));
+    assert!(
+        !original.contains("media type is not a gzip tar type"),
+        "warning for a tar+gzip layer:\n{original}"
+    );
+}
+
+/// A TOC without entries gives an empty layer and a warning, not a silent empty disk.
+#[test]
+fn export_warns_on_empty_toc() {
+    let layout = support::copy_layout(&fixture_dir("basic").join("oci"));
+    support::rewrite_toc(layout.path(), 0, |toc| {
+        toc["entries"] = Value::Array(Vec::new());
+    });
+    let work = tempfile::tempdir().expect("temp dir");
+    let output = run(Command::new(esgz_bin())
+        .arg("export")
+        .arg(format!("oci:{}:latest", layout.path().display()))
+        .arg("-o")
+        .arg(work.path().join("disk.img"))
+        .args(["--cache-dir"])
+        .arg(work.path().join("cache"))
+        .env("RUST_LOG", "warn"));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("TOC lists no entries"),
+        "no empty TOC warning:\n{stderr}"
+    );
+}
