@@ -64,8 +64,9 @@ pub enum Command {
     Inspect(InspectArgs),
     /// Print a shell completion script to standard output.
     Completions(CompletionsArgs),
-    /// Print the manual page (roff) to standard output.
-    Man,
+    /// Print the manual page (roff) of esgz-nbd or of one of its commands to
+    /// standard output, or write every page to a folder.
+    Man(ManArgs),
     /// Convert every layer of an image to eStargz and store the result in a
     /// registry or an OCI image layout.
     Convert(ConvertArgs),
@@ -332,6 +333,17 @@ pub struct InspectArgs {
     /// registry mirrors [default: /etc/containerd/certs.d].
     #[arg(long, value_name = "DIR")]
     pub hosts_dir: Option<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+pub struct ManArgs {
+    /// Command whose page to print, such as `serve` or `cache prune`; the top-level
+    /// page when empty.
+    pub command: Vec<String>,
+    /// Write the pages of esgz-nbd and of every command (esgz-nbd.1,
+    /// esgz-nbd-serve.1, ...) to this folder instead of printing one.
+    #[arg(long, value_name = "DIR", conflicts_with = "command")]
+    pub out_dir: Option<std::path::PathBuf>,
 }
 
 #[derive(Args, Debug)]

@@ -16,6 +16,7 @@ pub mod heap;
 pub mod image;
 pub mod inspect;
 pub mod layer;
+pub mod man;
 pub mod metrics;
 pub mod nbd;
 pub mod oci_dir;

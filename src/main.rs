@@ -65,7 +65,7 @@ fn main() -> ExitCode {
             clap_complete::generate(args.shell, &mut Cli::command(), "esgz-nbd", &mut script);
             return write_stdout(&script, "the completion script");
         }
-        Command::Man => return print_man_page(),
+        Command::Man(args) => return man_command(args),
         _ => {}
     }
     let settings = match config::load(cli.config.as_deref()) {
@@ -99,7 +99,7 @@ fn main() -> ExitCode {
             Command::Serve(args) => serve(args, &settings).await,
             Command::Export(args) => export(args, &settings).await,
             Command::Inspect(args) => inspect(args, &settings).await,
-            Command::Completions(_) | Command::Man => Ok(()),
+            Command::Completions(_) | Command::Man(_) => Ok(()),
             Command::Attach(args) => attach_command(args, &settings).await,
             Command::Detach(args) => detach_command(args).await,
             Command::List(args) => list_command(args),
@@ -143,13 +143,26 @@ fn io_given(matches: &ArgMatches) -> bool {
     })
 }
 
-fn print_man_page() -> ExitCode {
-    let mut page = Vec::new();
-    if let Err(error) = clap_mangen::Man::new(Cli::command()).render(&mut page) {
-        eprintln!("error: failed to render the manual page: {error}");
-        return ExitCode::FAILURE;
+fn man_command(args: &esgz_nbd::cli::ManArgs) -> ExitCode {
+    match &args.out_dir {
+        Some(dir) => match esgz_nbd::man::write_pages(Cli::command(), dir) {
+            Ok(count) => {
+                eprintln!("wrote {count} manual pages to {}", dir.display());
+                ExitCode::SUCCESS
+            }
+            Err(error) => {
+                eprintln!("error: {error:#}");
+                ExitCode::FAILURE
+            }
+        },
+        None => match esgz_nbd::man::render_page(Cli::command(), &args.command) {
+            Ok(page) => write_stdout(&page, "the manual page"),
+            Err(error) => {
+                eprintln!("error: {error:#}");
+                ExitCode::FAILURE
+            }
+        },
     }
-    write_stdout(&page, "the manual page")
 }
 
 fn write_stdout(bytes: &[u8], what: &str) -> ExitCode {

@@ -170,3 +170,42 @@ fn man_page_is_roff() {
         assert!(page.contains(word), "no {word} in the page");
     }
 }
+
+#[test]
+fn man_pages_per_command() {
+    let output = Command::new(esgz_bin())
+        .args(["man", "serve"])
+        .output()
+        .expect("running man serve");
+    assert!(output.status.success());
+    let page = String::from_utf8(output.stdout).expect("UTF-8 page");
+    assert!(page.contains(".TH esgz-nbd-serve 1"), "{page}");
+    assert!(
+        page.contains("\\-\\-record\\-access"),
+        "serve options missing: {page}"
+    );
+
+    let unknown = Command::new(esgz_bin())
+        .args(["man", "cache", "nope"])
+        .output()
+        .expect("running man cache nope");
+    assert!(!unknown.status.success());
+    let message = String::from_utf8_lossy(&unknown.stderr);
+    assert!(
+        message.contains("prune"),
+        "the error lists no commands: {message}"
+    );
+
+    let dir = tempfile::tempdir().expect("temp dir");
+    let status = Command::new(esgz_bin())
+        .args(["man", "--out-dir"])
+        .arg(dir.path())
+        .status()
+        .expect("running man --out-dir");
+    assert!(status.success());
+    for name in ["esgz-nbd.1", "esgz-nbd-serve.1", "esgz-nbd-cache-prune.1"] {
+        let page = std::fs::read_to_string(dir.path().join(name))
+            .unwrap_or_else(|error| panic!("{name}: {error}"));
+        assert!(page.starts_with(".ie"), "{name} is not roff");
+    }
+}
