@@ -723,6 +723,56 @@ pub(super) fn directory_entries(
     (entries, subdirs)
 }
 
+/// Returns the entries at `positions` of the list [`directory_entries`]
+/// returns, without building the whole list.
+pub(super) fn directory_entries_at(
+    tree: &Tree,
+    node_inodes: &[u32],
+    synthetic_lost_found: bool,
+    id: NodeId,
+    children: &Children,
+    positions: &[u32],
+) -> Vec<DirEntry> {
+    // Where the root's added lost+found sits among the children in name order.
+    let lost_found = (id == ROOT && synthetic_lost_found).then(|| {
+        let (mut low, mut high) = (0, children.len());
+        while low < high {
+            let middle = low + (high - low) / 2;
+            match children.at(middle) {
+                Some((name, _)) if name < LOST_FOUND => low = middle + 1,
+                _ => high = middle,
+            }
+        }
+        low
+    });
+
+    let mut entries = Vec::with_capacity(positions.len());
+    for &position in positions {
+        let position = position as usize;
+        let child = match lost_found {
+            Some(at) if position == at => {
+                entries.push(DirEntry {
+                    name: LOST_FOUND.into(),
+                    inode: FIRST_INO,
+                    file_type: FT_DIR,
+                });
+                continue;
+            }
+            Some(at) if position > at => position - 1,
+            _ => position,
+        };
+        let Some((name, node)) = children.at(child) else {
+            continue;
+        };
+        entries.push(DirEntry {
+            name: name.into(),
+            inode: node_inodes.get(node as usize).copied().unwrap_or(0),
+            file_type: file_type(&tree.node(node).kind),
+        });
+    }
+    entries
+}
+
 /// Plans the inode of directory node `id` and its blocks.
 fn plan_directory(
     tree: &Tree,
@@ -755,12 +805,10 @@ fn plan_directory(
             max: too_many.max,
         }
     })?;
-    if matches!(dir.format, DirFormat::Linear { .. }) {
-        // A one-block directory is rendered from the tree, which holds the
-        // same names, instead of from a copy of every name.
-        dir.entries = Vec::new();
-        dir.tree_node = Some(id);
-    }
+    // The directory is rendered from the tree, which holds the same names,
+    // instead of from a copy of every name.
+    dir.entries = Vec::new();
+    dir.tree_node = Some(id);
     let htree = matches!(dir.format, DirFormat::Htree(_));
     let record = directory_record(
         InodeSource::Node(id),
