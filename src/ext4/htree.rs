@@ -143,7 +143,7 @@ pub(super) fn half_md4_hash(name: &[u8], seed: [u32; 4]) -> (u32, u32) {
 pub(super) fn plan(entries: &[DirEntry], seed: [u32; 4]) -> Result<HtreeIndex, TooManyLeaves> {
     let mut keyed: Vec<((u32, u32), u32)> = Vec::with_capacity(entries.len());
     for (position, entry) in entries.iter().enumerate() {
-        // A leaf holds at least one entry, so past u32::MAX entries the leaf
+        // A leaf contains at least one entry, so past u32::MAX entries the leaf
         // count is far over the two-level maximum.
         let position = u32::try_from(position).map_err(|_| TooManyLeaves {
             leaves: entries.len(),

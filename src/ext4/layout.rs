@@ -805,7 +805,7 @@ fn plan_directory(
             max: too_many.max,
         }
     })?;
-    // The directory is rendered from the tree, which holds the same names,
+    // The directory is rendered from the tree, which contains the same names,
     // instead of from a copy of every name.
     dir.entries = Vec::new();
     dir.tree_node = Some(id);

@@ -50,7 +50,7 @@ use bytes::BytesMut;
 use bytes::Bytes;
 use tokio::sync::Semaphore;
 
-use crate::layer::{ChunkSource, LayerIndex};
+use crate::layer::LayerIndex;
 use crate::source::BlobSource;
 
 pub use cache::WholeLayerWriter;
@@ -131,7 +131,7 @@ impl StoreOptions {
 pub struct StoreLayer {
     pub index: Arc<LayerIndex>,
     /// The layer blob. A layer written whole at start-up has only
-    /// [`ChunkSource::Local`] chunks and reads its blob only to repair its cache file
+    /// [`ChunkSource::Local`](crate::layer::ChunkSource::Local) chunks and reads its blob only to repair its cache file
     /// after a block failed its checksum. Without a blob, such a block fails its reads
     /// with EIO.
     pub blob: Option<Arc<dyn BlobSource>>,
@@ -172,7 +172,7 @@ pub(crate) struct LayerState {
     /// crc32 of each chunk recorded in the index file (0 where none is).
     persisted_crc: Vec<u32>,
     /// crc32 of each 4 KiB block of the fetched chunks and of the chunks of a whole layer
-    /// ([`ChunkSource::Local`], see `whole`), checked on every cache read.
+    /// ([`ChunkSource::Local`](crate::layer::ChunkSource::Local), see `whole`), checked on every cache read.
     blocks: BlockSums,
     /// Local chunks whose failed block checksum was logged, so each is logged once until
     /// a repair rewrites it.
@@ -233,7 +233,7 @@ impl ChunkStore {
             let presence = Presence::new(index.chunks.len());
             let mut has_local = false;
             for (position, chunk) in index.chunks.iter().enumerate() {
-                if chunk.source == ChunkSource::Local {
+                if chunk.is_local() {
                     presence.insert(position);
                     has_local = true;
                 }

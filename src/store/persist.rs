@@ -332,20 +332,14 @@ pub(crate) fn lock(file: &File, operation: libc::c_int) -> io::Result<()> {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::layer::{ChunkRecord, ChunkSource};
+    use crate::layer::ChunkRecord;
 
     /// A layer of whole-layer chunks with the given sizes, back to back.
     pub(crate) fn layer(sizes: &[u64]) -> LayerIndex {
         let mut chunks = Vec::new();
         let mut offset = 0;
         for &size in sizes {
-            chunks.push(ChunkRecord {
-                data_offset: offset,
-                size,
-                source: ChunkSource::Local,
-                digest: None,
-                name: "f".into(),
-            });
+            chunks.push(ChunkRecord::local(offset, size, None, "f".into()));
             offset += size;
         }
         LayerIndex {

@@ -32,14 +32,14 @@ impl Member<'_> {
 /// not in a member.
 pub(crate) fn slice(index: &LayerIndex, position: usize) -> Option<ChunkSlice> {
     let record = index.chunks.get(position)?;
-    let ChunkSource::Member { inner_offset, .. } = record.source else {
+    let ChunkSource::Member { inner_offset, .. } = record.source() else {
         return None;
     };
     Some(ChunkSlice {
         chunk: position,
         inner_offset,
         size: record.size,
-        digest: record.digest,
+        digest: record.digest(),
     })
 }
 
@@ -60,7 +60,7 @@ pub(crate) struct MemberTable {
 
 /// Compressed range of a chunk's member; `None` for a chunk that is not in one.
 fn member_range(index: &LayerIndex, position: usize) -> Option<(u64, u64)> {
-    match index.chunks.get(position)?.source {
+    match index.chunks.get(position)?.source() {
         ChunkSource::Member {
             compressed_offset,
             compressed_end,
@@ -242,27 +242,23 @@ mod tests {
     use crate::layer::ChunkRecord;
 
     fn member_chunk(data_offset: u64, size: u64, offset: u64, end: u64, inner: u64) -> ChunkRecord {
-        ChunkRecord {
+        let source = ChunkSource::Member {
+            compressed_offset: offset,
+            compressed_end: end,
+            inner_offset: inner,
+        };
+        ChunkRecord::new(
             data_offset,
             size,
-            source: ChunkSource::Member {
-                compressed_offset: offset,
-                compressed_end: end,
-                inner_offset: inner,
-            },
-            digest: None,
-            name: format!("file{data_offset}").into(),
-        }
+            source,
+            None,
+            format!("file{data_offset}").into(),
+        )
+        .unwrap()
     }
 
     fn local_chunk(data_offset: u64, size: u64) -> ChunkRecord {
-        ChunkRecord {
-            data_offset,
-            size,
-            source: ChunkSource::Local,
-            digest: None,
-            name: format!("file{data_offset}").into(),
-        }
+        ChunkRecord::local(data_offset, size, None, format!("file{data_offset}").into())
     }
 
     fn index(chunks: Vec<ChunkRecord>, data_size: u64) -> LayerIndex {
