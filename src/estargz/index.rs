@@ -556,7 +556,11 @@ impl IndexBuilder {
         if !chunks.is_sorted_by_key(key) {
             chunks.sort_by_key(key);
         }
-        let names = Arc::new(std::mem::take(&mut self.names));
+        let mut names = std::mem::take(&mut self.names);
+        // Grown by doubling: up to half of a small layer's buffer is unused,
+        // and a buffer under glibc's mmap threshold is resident in full.
+        names.shrink_to_fit();
+        let names = Arc::new(names);
         let mut files = std::mem::take(&mut self.files);
 
         // Check every file first, so the first invalid file in TOC order is

@@ -169,7 +169,10 @@ pub(super) fn plan(entries: &[DirEntry], seed: [u32; 4]) -> Result<HtreeIndex, T
         }
         used += rec_len;
     }
-    let order = keyed.into_iter().map(|(_, entry)| entry).collect();
+    // Collected into a new vector: `collect` would keep the sort keys'
+    // allocation, three times the size.
+    let mut order = Vec::with_capacity(keyed.len());
+    order.extend(keyed.iter().map(|&(_, entry)| entry));
 
     let nodes = if leaves.len() <= ROOT_LIMIT {
         0

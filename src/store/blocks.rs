@@ -26,10 +26,48 @@ pub(crate) struct BlockMismatch {
 
 /// The block checksums of one layer's chunks, in chunk order.
 pub(crate) struct BlockSums {
-    /// Index in `sums` of each chunk's first block; one more entry holds the total.
-    first: Vec<u64>,
+    /// Index in `sums` of each chunk's first block; one more entry is the total.
+    first: BlockStarts,
     /// Valid for a chunk once the chunk is present; written before its presence bit.
     sums: Vec<AtomicU32>,
+}
+
+/// Block numbers, 4 bytes each while they fit, which saves 4 bytes per chunk
+/// for layers of fewer than 2^32 blocks (16 TiB).
+enum BlockStarts {
+    Narrow(Vec<u32>),
+    Wide(Vec<u64>),
+}
+
+impl BlockStarts {
+    /// Stores `starts`, which are in increasing order.
+    fn new(starts: Vec<u64>) -> BlockStarts {
+        let fits = starts
+            .last()
+            .is_none_or(|&last| u32::try_from(last).is_ok());
+        if !fits {
+            return BlockStarts::Wide(starts);
+        }
+        // The last start is the largest and fits, so every start fits.
+        BlockStarts::Narrow(starts.into_iter().map(|start| start as u32).collect())
+    }
+
+    fn get(&self, position: usize) -> Option<u64> {
+        match self {
+            BlockStarts::Narrow(starts) => starts.get(position).map(|&start| u64::from(start)),
+            BlockStarts::Wide(starts) => starts.get(position).copied(),
+        }
+    }
+
+    fn last(&self) -> u64 {
+        let len = match self {
+            BlockStarts::Narrow(starts) => starts.len(),
+            BlockStarts::Wide(starts) => starts.len(),
+        };
+        len.checked_sub(1)
+            .and_then(|last| self.get(last))
+            .unwrap_or(0)
+    }
 }
 
 /// Number of check blocks in a chunk of `size` bytes.
@@ -56,22 +94,25 @@ impl BlockSums {
         }
         first.push(total);
         let sums = (0..total).map(|_| AtomicU32::new(0)).collect();
-        BlockSums { first, sums }
+        BlockSums {
+            first: BlockStarts::new(first),
+            sums,
+        }
     }
 
     /// Number of blocks in all chunks.
     pub(crate) fn total(&self) -> u64 {
-        self.first.last().copied().unwrap_or(0)
+        self.first.last()
     }
 
     /// Index of the chunk's first block among all blocks of the layer.
     pub(crate) fn first_block(&self, chunk: usize) -> u64 {
-        self.first.get(chunk).copied().unwrap_or(0)
+        self.first.get(chunk).unwrap_or(0)
     }
 
     fn range(&self, chunk: usize) -> Range<usize> {
-        let start = self.first.get(chunk).copied().unwrap_or(0) as usize;
-        let end = self.first.get(chunk + 1).copied().unwrap_or(0) as usize;
+        let start = self.first.get(chunk).unwrap_or(0) as usize;
+        let end = self.first.get(chunk + 1).unwrap_or(0) as usize;
         start..end.max(start)
     }
 
@@ -154,6 +195,21 @@ mod tests {
         assert_eq!(sums.first_block(2), 2);
         assert_eq!(sums.first_block(3), 4);
         assert_eq!(compute(&[7u8; 10_000]).len(), 3);
+    }
+
+    #[test]
+    fn block_starts_widen_past_u32() {
+        let narrow = BlockStarts::new(vec![0, 7, u64::from(u32::MAX)]);
+        assert!(matches!(narrow, BlockStarts::Narrow(_)));
+        assert_eq!(narrow.get(2), Some(u64::from(u32::MAX)));
+        assert_eq!(narrow.last(), u64::from(u32::MAX));
+
+        let wide = BlockStarts::new(vec![0, 7, 1 << 32]);
+        assert!(matches!(wide, BlockStarts::Wide(_)));
+        assert_eq!(wide.get(1), Some(7));
+        assert_eq!(wide.last(), 1 << 32);
+        assert_eq!(wide.get(3), None);
+        assert_eq!(BlockStarts::new(Vec::new()).last(), 0);
     }
 
     #[test]

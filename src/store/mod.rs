@@ -265,11 +265,7 @@ impl ChunkStore {
                             path: "/dev/null".into(),
                             source,
                         })?;
-                    let loaded = persist::Loaded {
-                        records: vec![None; index.chunks.len()],
-                        block_sums: Vec::new(),
-                    };
-                    (placeholder, None, loaded)
+                    (placeholder, None, persist::Loaded::empty())
                 }
             };
             let uncached = index_file.is_none();
@@ -487,7 +483,7 @@ impl ChunkStore {
             return true;
         }
         state.table.get(&state.index, member).is_none_or(|info| {
-            info.chunks.iter().all(|&chunk| {
+            info.chunks.iter().all(|chunk| {
                 state.presence.contains(chunk as usize) || state.persisted.contains(chunk as usize)
             })
         })
@@ -513,7 +509,13 @@ impl ChunkStore {
         let end = members.end.min(state.table.len());
         let chunks: Vec<usize> = (members.start.min(end)..end)
             .filter_map(|member| state.table.get(&state.index, member))
-            .flat_map(|member| member.chunks.iter().map(|&chunk| chunk as usize))
+            .flat_map(|member| {
+                member
+                    .chunks
+                    .iter()
+                    .map(|chunk| chunk as usize)
+                    .collect::<Vec<_>>()
+            })
             .collect();
         self.inner
             .ensure_present(layer as usize, chunks.iter().copied(), priority)

@@ -15,7 +15,92 @@ pub(crate) struct Member<'a> {
     pub(crate) compressed_offset: u64,
     pub(crate) compressed_end: u64,
     /// Indexes of the chunks in this member, in chunk-table order.
-    pub(crate) chunks: &'a [u32],
+    pub(crate) chunks: MemberChunks<'a>,
+}
+
+/// Indexes of the chunks of one member.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum MemberChunks<'a> {
+    Listed(&'a [u32]),
+    /// The chunks `start..end`, where the table lists no indexes.
+    Span {
+        start: u32,
+        end: u32,
+    },
+}
+
+impl MemberChunks<'_> {
+    pub(crate) fn iter(&self) -> impl Iterator<Item = u32> + '_ {
+        let (listed, span) = match *self {
+            MemberChunks::Listed(chunks) => (chunks, 0..0),
+            MemberChunks::Span { start, end } => (&[][..], start..end),
+        };
+        listed.iter().copied().chain(span)
+    }
+
+    fn first(&self) -> Option<u32> {
+        self.iter().next()
+    }
+}
+
+/// A list of `u32` positions that is kept only when it differs from
+/// `0, 1, 2, ...`: a layer whose members have one chunk each, in chunk-table
+/// order, needs neither of a [`MemberTable`]'s lists.
+#[derive(Debug)]
+enum Positions {
+    Listed(Vec<u32>),
+    /// `0..len`.
+    Identity {
+        len: u32,
+    },
+}
+
+impl Default for Positions {
+    fn default() -> Positions {
+        Positions::Identity { len: 0 }
+    }
+}
+
+impl Positions {
+    fn new(mut list: Vec<u32>) -> Positions {
+        let identity = list
+            .iter()
+            .enumerate()
+            .all(|(slot, &position)| slot == position as usize);
+        match u32::try_from(list.len()) {
+            Ok(len) if identity => Positions::Identity { len },
+            _ => {
+                list.shrink_to_fit();
+                Positions::Listed(list)
+            }
+        }
+    }
+
+    fn len(&self) -> usize {
+        match self {
+            Positions::Listed(list) => list.len(),
+            Positions::Identity { len } => *len as usize,
+        }
+    }
+
+    fn get(&self, slot: usize) -> Option<u32> {
+        match self {
+            Positions::Listed(list) => list.get(slot).copied(),
+            Positions::Identity { len } => u32::try_from(slot).ok().filter(|slot| slot < len),
+        }
+    }
+
+    /// The positions in slots `start..end`.
+    fn range(&self, start: usize, end: usize) -> Option<MemberChunks<'_>> {
+        match self {
+            Positions::Listed(list) => list.get(start..end).map(MemberChunks::Listed),
+            Positions::Identity { len } => {
+                let start = u32::try_from(start).ok()?;
+                let end = u32::try_from(end).ok()?;
+                (start <= end && end <= *len).then_some(MemberChunks::Span { start, end })
+            }
+        }
+    }
 }
 
 impl Member<'_> {
@@ -23,7 +108,7 @@ impl Member<'_> {
     pub(crate) fn slices(&self, index: &LayerIndex) -> Vec<ChunkSlice> {
         self.chunks
             .iter()
-            .filter_map(|&chunk| slice(index, chunk as usize))
+            .filter_map(|chunk| slice(index, chunk as usize))
             .collect()
     }
 }
@@ -46,16 +131,17 @@ pub(crate) fn slice(index: &LayerIndex, position: usize) -> Option<ChunkSlice> {
 /// The members of a layer sorted by compressed offset (they do not overlap).
 ///
 /// The table holds chunk indexes only: offsets, sizes and digests stay in the
-/// layer's chunk table, so a layer of a million one-chunk members costs about
-/// 8 bytes per chunk here.
+/// layer's chunk table. It costs up to 8 bytes per chunk, and nothing for a
+/// layer whose members have one chunk each in chunk-table order, as eStargz
+/// writers lay out small files.
 #[derive(Debug, Default)]
 pub(crate) struct MemberTable {
     /// Chunk indexes grouped by member, members in compressed order, the chunks
     /// of a member in chunk-table order. Chunks in the cache from the start
     /// ([`ChunkSource::Local`]) are not listed.
-    order: Vec<u32>,
+    order: Positions,
     /// Where each member's chunks start in `order`, and `order.len()` last.
-    starts: Vec<u32>,
+    starts: Positions,
 }
 
 /// Compressed range of a chunk's member; `None` for a chunk that is not in one.
@@ -79,10 +165,10 @@ impl MemberTable {
     /// Member `member` of the layer whose chunk table is `index`; `None` past
     /// the last member.
     pub(crate) fn get<'a>(&'a self, index: &LayerIndex, member: usize) -> Option<Member<'a>> {
-        let start = *self.starts.get(member)? as usize;
-        let end = *self.starts.get(member + 1)? as usize;
-        let chunks = self.order.get(start..end)?;
-        let (compressed_offset, compressed_end) = member_range(index, *chunks.first()? as usize)?;
+        let start = self.starts.get(member)? as usize;
+        let end = self.starts.get(member + 1)? as usize;
+        let chunks = self.order.range(start, end)?;
+        let (compressed_offset, compressed_end) = member_range(index, chunks.first()? as usize)?;
         Some(Member {
             compressed_offset,
             compressed_end,
@@ -182,7 +268,6 @@ pub(crate) fn build(index: &LayerIndex, blob_size: Option<u64>) -> Result<Member
         // The count was checked against u32::MAX above.
         order.push(position as u32);
     }
-    order.shrink_to_fit();
     // Chunks of an eStargz blob usually come in member order already; the sort
     // is stable, so the chunks of one member stay in chunk-table order.
     let offset_of =
@@ -220,8 +305,10 @@ pub(crate) fn build(index: &LayerIndex, blob_size: Option<u64>) -> Result<Member
         previous = Some((compressed_offset, compressed_end));
     }
     starts.push(order.len() as u32);
-    starts.shrink_to_fit();
-    Ok(MemberTable { order, starts })
+    Ok(MemberTable {
+        order: Positions::new(order),
+        starts: Positions::new(starts),
+    })
 }
 
 /// Indexes of the chunks that overlap `data_offset..data_offset + len` (`len` > 0).
@@ -284,7 +371,7 @@ mod tests {
         assert_eq!(table.len(), 2);
         let first = table.get(&layer, 0).expect("member 0");
         assert_eq!((first.compressed_offset, first.compressed_end), (0, 50));
-        assert_eq!(first.chunks, &[0, 1]);
+        assert_eq!(first.chunks.iter().collect::<Vec<_>>(), [0, 1]);
         assert_eq!(first.slices(&layer)[1].inner_offset, 600);
         let second = table.get(&layer, 1).expect("member 1");
         assert_eq!((second.compressed_offset, second.compressed_end), (50, 90));
@@ -312,9 +399,10 @@ mod tests {
         );
         let table = build(&layer, Some(200)).expect("valid table");
         assert_eq!(table.len(), 2);
-        assert_eq!(table.get(&layer, 0).expect("member 0").chunks, &[1]);
+        let first = table.get(&layer, 0).expect("member 0");
+        assert_eq!(first.chunks.iter().collect::<Vec<_>>(), [1]);
         let second = table.get(&layer, 1).expect("member 1");
-        assert_eq!(second.chunks, &[0, 2]);
+        assert_eq!(second.chunks, MemberChunks::Listed(&[0, 2]));
         let inner: Vec<u64> = second
             .slices(&layer)
             .iter()
