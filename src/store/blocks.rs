@@ -33,27 +33,57 @@ pub(crate) struct BlockSums {
 }
 
 /// Block numbers, 4 bytes each while they fit, which saves 4 bytes per chunk
-/// for layers of fewer than 2^32 blocks (16 TiB).
+/// for layers of fewer than 2^32 blocks (16 TiB), and none at all when every
+/// chunk is one block, as small files are.
 enum BlockStarts {
+    /// `0..len`: chunk `i` starts at block `i`.
+    Identity {
+        len: usize,
+    },
     Narrow(Vec<u32>),
     Wide(Vec<u64>),
 }
 
 impl BlockStarts {
     /// Stores `starts`, which are in increasing order.
+    #[cfg(test)]
     fn new(starts: Vec<u64>) -> BlockStarts {
-        let fits = starts
-            .last()
-            .is_none_or(|&last| u32::try_from(last).is_ok());
-        if !fits {
-            return BlockStarts::Wide(starts);
+        let mut stored = BlockStarts::Identity { len: 0 };
+        for start in starts {
+            stored.push(start);
         }
-        // The last start is the largest and fits, so every start fits.
-        BlockStarts::Narrow(starts.into_iter().map(|start| start as u32).collect())
+        stored
+    }
+
+    /// Appends the next start, not below the last one; switches to a wider
+    /// form only when `start` needs it.
+    fn push(&mut self, start: u64) {
+        match self {
+            BlockStarts::Identity { len } if start == *len as u64 => *len += 1,
+            BlockStarts::Identity { len } => {
+                // The starts so far are `0..len`, all below `start`.
+                let before = 0..*len as u64;
+                *self = match u32::try_from(start) {
+                    Ok(_) => BlockStarts::Narrow(before.map(|start| start as u32).collect()),
+                    Err(_) => BlockStarts::Wide(before.collect()),
+                };
+                self.push(start);
+            }
+            BlockStarts::Narrow(starts) => match u32::try_from(start) {
+                Ok(narrow) => starts.push(narrow),
+                Err(_) => {
+                    let mut wide: Vec<u64> = starts.iter().map(|&start| u64::from(start)).collect();
+                    wide.push(start);
+                    *self = BlockStarts::Wide(wide);
+                }
+            },
+            BlockStarts::Wide(starts) => starts.push(start),
+        }
     }
 
     fn get(&self, position: usize) -> Option<u64> {
         match self {
+            BlockStarts::Identity { len } => (position < *len).then_some(position as u64),
             BlockStarts::Narrow(starts) => starts.get(position).map(|&start| u64::from(start)),
             BlockStarts::Wide(starts) => starts.get(position).copied(),
         }
@@ -61,6 +91,7 @@ impl BlockStarts {
 
     fn last(&self) -> u64 {
         let len = match self {
+            BlockStarts::Identity { len } => *len,
             BlockStarts::Narrow(starts) => starts.len(),
             BlockStarts::Wide(starts) => starts.len(),
         };
@@ -86,7 +117,7 @@ pub(crate) fn compute(bytes: &[u8]) -> Vec<u32> {
 impl BlockSums {
     /// Allocates zeroed checksums for every block of `chunks`.
     pub(crate) fn new(chunks: &[ChunkRecord]) -> BlockSums {
-        let mut first = Vec::with_capacity(chunks.len() + 1);
+        let mut first = BlockStarts::Identity { len: 0 };
         let mut total = 0u64;
         for chunk in chunks {
             first.push(total);
@@ -94,10 +125,7 @@ impl BlockSums {
         }
         first.push(total);
         let sums = (0..total).map(|_| AtomicU32::new(0)).collect();
-        BlockSums {
-            first: BlockStarts::new(first),
-            sums,
-        }
+        BlockSums { first, sums }
     }
 
     /// Number of blocks in all chunks.
@@ -198,7 +226,13 @@ mod tests {
     }
 
     #[test]
-    fn block_starts_widen_past_u32() {
+    fn block_starts_kinds() {
+        let identity = BlockStarts::new(vec![0, 1, 2]);
+        assert!(matches!(identity, BlockStarts::Identity { len: 3 }));
+        assert_eq!(identity.get(1), Some(1));
+        assert_eq!(identity.get(3), None);
+        assert_eq!(identity.last(), 2);
+
         let narrow = BlockStarts::new(vec![0, 7, u64::from(u32::MAX)]);
         assert!(matches!(narrow, BlockStarts::Narrow(_)));
         assert_eq!(narrow.get(2), Some(u64::from(u32::MAX)));

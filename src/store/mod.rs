@@ -169,7 +169,8 @@ pub(crate) struct LayerState {
     flights: Mutex<HashMap<usize, Flight>>,
     /// Chunks an earlier run recorded in the index file, not yet checked in this run.
     persisted: Presence,
-    /// crc32 of each chunk recorded in the index file (0 where none is).
+    /// crc32 of each chunk recorded in the index file (0 where none is); empty when
+    /// the index file recorded no chunk.
     persisted_crc: Vec<u32>,
     /// crc32 of each 4 KiB block of the fetched chunks and of the chunks of a whole layer
     /// ([`ChunkSource::Local`](crate::layer::ChunkSource::Local), see `whole`), checked on every cache read.
@@ -270,7 +271,13 @@ impl ChunkStore {
             };
             let uncached = index_file.is_none();
             let persisted = Presence::new(index.chunks.len());
-            let mut persisted_crc = vec![0u32; index.chunks.len()];
+            // Empty unless an earlier run left chunks in the cache: a chunk is
+            // looked up here only when `persisted` has it.
+            let mut persisted_crc = if loaded.records.is_empty() {
+                Vec::new()
+            } else {
+                vec![0u32; index.chunks.len()]
+            };
             if let (true, Some(index_file)) = (has_local, &index_file) {
                 let computed =
                     whole::load_block_sums(&file, &path, &index, &blocks, index_file, &loaded)?;

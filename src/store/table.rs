@@ -51,7 +51,7 @@ enum Positions {
     Listed(Vec<u32>),
     /// `0..len`.
     Identity {
-        len: u32,
+        len: usize,
     },
 }
 
@@ -61,43 +61,70 @@ impl Default for Positions {
     }
 }
 
-impl Positions {
-    fn new(mut list: Vec<u32>) -> Positions {
-        let identity = list
-            .iter()
-            .enumerate()
-            .all(|(slot, &position)| slot == position as usize);
-        match u32::try_from(list.len()) {
-            Ok(len) if identity => Positions::Identity { len },
-            _ => {
+/// Collects a [`Positions`] list, storing nothing while it is `0, 1, 2, ...`,
+/// so a table that needs no list never keeps one, not even while it is built.
+#[derive(Default)]
+struct PositionsBuilder {
+    listed: Option<Vec<u32>>,
+    len: usize,
+}
+
+impl PositionsBuilder {
+    fn push(&mut self, position: u32) {
+        match &mut self.listed {
+            Some(list) => list.push(position),
+            None if position as usize == self.len => self.len += 1,
+            None => {
+                // `len` positions were pushed, each equal to its slot, so they
+                // are below `position` and fit a u32.
+                let mut list: Vec<u32> = (0..self.len).map(|slot| slot as u32).collect();
+                list.push(position);
+                self.listed = Some(list);
+            }
+        }
+    }
+
+    fn finish(self) -> Positions {
+        match self.listed {
+            Some(mut list) => {
                 list.shrink_to_fit();
                 Positions::Listed(list)
             }
+            None => Positions::Identity { len: self.len },
         }
+    }
+}
+
+impl Positions {
+    fn iter(&self) -> impl Iterator<Item = u32> + '_ {
+        (0..self.len()).filter_map(|slot| self.get(slot))
     }
 
     fn len(&self) -> usize {
         match self {
             Positions::Listed(list) => list.len(),
-            Positions::Identity { len } => *len as usize,
+            Positions::Identity { len } => *len,
         }
     }
 
     fn get(&self, slot: usize) -> Option<u32> {
         match self {
             Positions::Listed(list) => list.get(slot).copied(),
-            Positions::Identity { len } => u32::try_from(slot).ok().filter(|slot| slot < len),
+            Positions::Identity { len } => (slot < *len).then(|| u32::try_from(slot).ok())?,
         }
     }
 
-    /// The positions in slots `start..end`.
+    /// Returns the positions in slots `start..end`.
     fn range(&self, start: usize, end: usize) -> Option<MemberChunks<'_>> {
         match self {
             Positions::Listed(list) => list.get(start..end).map(MemberChunks::Listed),
             Positions::Identity { len } => {
+                if start > end || end > *len {
+                    return None;
+                }
                 let start = u32::try_from(start).ok()?;
                 let end = u32::try_from(end).ok()?;
-                (start <= end && end <= *len).then_some(MemberChunks::Span { start, end })
+                Some(MemberChunks::Span { start, end })
             }
         }
     }
@@ -249,7 +276,7 @@ pub(crate) fn build(index: &LayerIndex, blob_size: Option<u64>) -> Result<Member
         )));
     }
 
-    let mut order: Vec<u32> = Vec::new();
+    let mut order = PositionsBuilder::default();
     for (position, chunk) in index.chunks.iter().enumerate() {
         let Some((compressed_offset, compressed_end)) = member_range(index, position) else {
             continue;
@@ -272,13 +299,19 @@ pub(crate) fn build(index: &LayerIndex, blob_size: Option<u64>) -> Result<Member
     // is stable, so the chunks of one member stay in chunk-table order.
     let offset_of =
         |position: &u32| member_range(index, *position as usize).map(|(start, _)| start);
-    if !order.is_sorted_by_key(offset_of) {
-        order.sort_by_key(offset_of);
+    let mut order = order.finish();
+    if !order
+        .iter()
+        .is_sorted_by_key(|position| offset_of(&position))
+    {
+        let mut list: Vec<u32> = order.iter().collect();
+        list.sort_by_key(offset_of);
+        order = Positions::Listed(list);
     }
 
-    let mut starts: Vec<u32> = Vec::new();
+    let mut starts = PositionsBuilder::default();
     let mut previous: Option<(u64, u64)> = None;
-    for (slot, &position) in order.iter().enumerate() {
+    for (slot, position) in order.iter().enumerate() {
         let Some((compressed_offset, compressed_end)) = member_range(index, position as usize)
         else {
             continue;
@@ -306,8 +339,8 @@ pub(crate) fn build(index: &LayerIndex, blob_size: Option<u64>) -> Result<Member
     }
     starts.push(order.len() as u32);
     Ok(MemberTable {
-        order: Positions::new(order),
-        starts: Positions::new(starts),
+        order,
+        starts: starts.finish(),
     })
 }
 
@@ -382,6 +415,40 @@ mod tests {
         assert_eq!(table.count_before(&layer, 1), 1);
         assert_eq!(table.count_before(&layer, 50), 1);
         assert_eq!(table.count_before(&layer, 51), 2);
+    }
+
+    #[test]
+    fn build_keeps_no_lists_for_one_chunk_members() {
+        let layer = index(
+            vec![
+                member_chunk(0, 10, 0, 40, 0),
+                member_chunk(10, 5, 40, 70, 0),
+                member_chunk(15, 5, 70, 90, 0),
+            ],
+            20,
+        );
+        let table = build(&layer, Some(100)).expect("valid table");
+        assert!(matches!(table.order, Positions::Identity { len: 3 }));
+        assert!(matches!(table.starts, Positions::Identity { len: 4 }));
+        assert_eq!(table.len(), 3);
+        let second = table.get(&layer, 1).expect("member 1");
+        assert_eq!((second.compressed_offset, second.compressed_end), (40, 70));
+        assert_eq!(second.chunks, MemberChunks::Span { start: 1, end: 2 });
+        assert!(table.get(&layer, 3).is_none());
+        let members: Vec<_> = (0..3).map(|chunk| table.member_of(&layer, chunk)).collect();
+        assert_eq!(members, vec![Some(0), Some(1), Some(2)]);
+    }
+
+    #[test]
+    fn positions_list_once_out_of_sequence() {
+        let mut builder = PositionsBuilder::default();
+        for position in [0, 1, 5, 6] {
+            builder.push(position);
+        }
+        let positions = builder.finish();
+        assert!(matches!(positions, Positions::Listed(_)));
+        assert_eq!(positions.iter().collect::<Vec<_>>(), [0, 1, 5, 6]);
+        assert_eq!(positions.get(4), None);
     }
 
     #[test]
