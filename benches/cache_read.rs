@@ -6,7 +6,7 @@ use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use esgz_nbd::layer::{ChunkRecord, ChunkSource, LayerIndex};
+use esgz_nbd::layer::{ChunkRecord, LayerIndex};
 use esgz_nbd::store::{ChunkStore, IoBackendChoice, StoreLayer, StoreOptions, WholeLayerWriter};
 
 const LAYER_SIZE: u64 = 64 * 1024 * 1024;
@@ -15,13 +15,7 @@ const READ_SIZE: u64 = 128 * 1024;
 
 fn layer_index(digest: &str) -> LayerIndex {
     let chunks = (0..LAYER_SIZE / CHUNK_SIZE)
-        .map(|i| ChunkRecord {
-            data_offset: i * CHUNK_SIZE,
-            size: CHUNK_SIZE,
-            source: ChunkSource::Local,
-            digest: None,
-            name: format!("file{i}").into(),
-        })
+        .map(|i| ChunkRecord::local(i * CHUNK_SIZE, CHUNK_SIZE, None, format!("file{i}").into()))
         .collect();
     LayerIndex {
         digest: digest.to_string(),

@@ -56,6 +56,7 @@ fn main() -> ExitCode {
     let reporter = progress::reporter_for_stderr();
     init_logging(&cli, BarWriter::new(&reporter));
     progress::install(reporter);
+    esgz_nbd::heap::fix_mmap_threshold();
 
     match &cli.command {
         Command::Completions(args) => {

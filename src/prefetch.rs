@@ -149,7 +149,7 @@ impl LandmarkPlan {
             let ChunkSource::Member {
                 compressed_offset: start,
                 ..
-            } = chunk.source
+            } = chunk.source()
             else {
                 continue;
             };

@@ -15,7 +15,7 @@ use tracing::debug;
 
 use crate::estargz::name::{normalize_name, NameError};
 use crate::estargz::{NO_PREFETCH_LANDMARK, PREFETCH_LANDMARK, TOC_TAR_NAME};
-use crate::layer::{ChunkRecord, ChunkSource, LayerIndex, Prefetch};
+use crate::layer::{ChunkRecord, LayerIndex, Prefetch};
 use crate::pax;
 use crate::tree::{EntryKind, EntryPath, FileData, LayerEntry, Metadata};
 
@@ -717,13 +717,12 @@ impl TarIndexBuilder {
         }
         stream.skip(padding(raw.size), display_name)?;
 
-        self.chunks.push(ChunkRecord {
-            data_offset: data.data_offset,
-            size: raw.size,
-            source: ChunkSource::Local,
-            digest: Some(hasher.finalize().into()),
-            name: display_name.into(),
-        });
+        self.chunks.push(ChunkRecord::local(
+            data.data_offset,
+            raw.size,
+            Some(hasher.finalize().into()),
+            display_name.into(),
+        ));
         Ok(data)
     }
 }
@@ -731,6 +730,7 @@ impl TarIndexBuilder {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::layer::ChunkSource;
 
     fn header(kind: tar::EntryType, size: u64, mode: u32) -> tar::Header {
         let mut header = tar::Header::new_gnu();
@@ -846,9 +846,9 @@ mod tests {
         assert_eq!(index.chunks.len(), 2);
         assert_eq!(index.chunks[1].data_offset, 5);
         assert_eq!(index.chunks[1].size, 6);
-        assert_eq!(index.chunks[1].source, ChunkSource::Local);
+        assert_eq!(index.chunks[1].source(), ChunkSource::Local);
         let expected: [u8; 32] = Sha256::digest(b"world!").into();
-        assert_eq!(index.chunks[1].digest, Some(expected));
+        assert_eq!(index.chunks[1].digest(), Some(expected));
         assert_eq!(index.prefetch, Prefetch::Nothing);
     }
 

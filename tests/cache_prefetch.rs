@@ -47,7 +47,7 @@ async fn landmark_prefetch_fetches_prioritized_files() {
     let prioritized: Vec<_> = layer
         .chunks
         .iter()
-        .filter(|chunk| matches!(chunk.source, ChunkSource::Member { compressed_offset, .. } if compressed_offset < landmark))
+        .filter(|chunk| matches!(chunk.source(), ChunkSource::Member { compressed_offset, .. } if compressed_offset < landmark))
         .collect();
     let names: BTreeSet<&str> = prioritized
         .iter()
@@ -85,7 +85,7 @@ async fn landmark_prefetch_fetches_prioritized_files() {
             .await
             .expect("read");
         let digest: [u8; 32] = Sha256::digest(&bytes).into();
-        assert_eq!(Some(digest), chunk.digest, "chunk of {}", chunk.name);
+        assert_eq!(Some(digest), chunk.digest(), "chunk of {}", chunk.name);
     }
     assert_eq!(image.store.stats().cache_misses, misses);
 }
@@ -126,7 +126,7 @@ async fn background_fetch_completes_cache_during_reads() {
             .await
             .expect("on-demand read");
         let digest: [u8; 32] = Sha256::digest(&bytes).into();
-        assert_eq!(Some(digest), chunk.digest, "chunk of {}", chunk.name);
+        assert_eq!(Some(digest), chunk.digest(), "chunk of {}", chunk.name);
     }
     let report = task.await.expect("prefetch task");
     assert_eq!(report.failures, 0);

@@ -137,7 +137,7 @@ fn read_estargz_layer(
             compressed_offset,
             compressed_end,
             inner_offset,
-        } = chunk.source
+        } = chunk.source()
         else {
             panic!("eStargz chunk {} is not a member", chunk.name);
         };
@@ -160,7 +160,7 @@ fn read_estargz_layer(
             chunk.data_offset
         );
         let digest = chunk
-            .digest
+            .digest()
             .unwrap_or_else(|| panic!("chunk of {} has no digest", chunk.name));
         assert_eq!(
             <[u8; 32]>::from(Sha256::digest(&bytes)),
@@ -188,9 +188,9 @@ fn read_tar_layer(number: u32, reader: impl Read) -> (LayerIndex, Vec<u8>) {
     let mut next = 0;
     for chunk in &index.chunks {
         assert_eq!(chunk.data_offset, next);
-        assert_eq!(chunk.source, ChunkSource::Local);
+        assert_eq!(chunk.source(), ChunkSource::Local);
         let range = chunk.data_offset as usize..(chunk.data_offset + chunk.size) as usize;
-        assert_eq!(chunk.digest, Some(Sha256::digest(&data[range]).into()));
+        assert_eq!(chunk.digest(), Some(Sha256::digest(&data[range]).into()));
         next += chunk.size;
     }
     (index, data)

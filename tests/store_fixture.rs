@@ -123,17 +123,15 @@ fn load_fixture(name: &str) -> Fixture {
             data_offset,
             "chunks of {entry_name} are contiguous"
         );
-        chunks.push(ChunkRecord {
-            data_offset,
-            size,
-            source: ChunkSource::Member {
-                compressed_offset,
-                compressed_end: member_end(compressed_offset),
-                inner_offset: entry["innerOffset"].as_u64().unwrap_or(0),
-            },
-            digest: entry["chunkDigest"].as_str().map(parse_digest),
-            name: entry_name.into(),
-        });
+        let source = ChunkSource::Member {
+            compressed_offset,
+            compressed_end: member_end(compressed_offset),
+            inner_offset: entry["innerOffset"].as_u64().unwrap_or(0),
+        };
+        let digest = entry["chunkDigest"].as_str().map(parse_digest);
+        let record = ChunkRecord::new(data_offset, size, source, digest, entry_name.into())
+            .expect("chunk record");
+        chunks.push(record);
         data_offset += size;
     }
 
@@ -205,7 +203,7 @@ async fn basic_fixture_every_chunk_verifies() {
                 .expect("read chunk");
             assert_eq!(
                 Some(sha256(&bytes)),
-                chunk.digest,
+                chunk.digest(),
                 "backend {backend:?} chunk of {}",
                 chunk.name
             );

@@ -159,7 +159,9 @@ async fn shared_member_fetched_once() {
     // Chunks 1 and 2 share member 1; chunk 2 starts after chunk 1 and its filler.
     let first = &sample.test_blob.index.chunks[1];
     let second = &sample.test_blob.index.chunks[2];
-    assert!(matches!(second.source, ChunkSource::Member { inner_offset, .. } if inner_offset > 0));
+    assert!(
+        matches!(second.source(), ChunkSource::Member { inner_offset, .. } if inner_offset > 0)
+    );
 
     let bytes = sample
         .store
@@ -177,7 +179,7 @@ async fn shared_member_fetched_once() {
         .read(0, second.data_offset, second.size)
         .await
         .expect("second chunk");
-    assert_eq!(sha256(&bytes), second.digest.expect("digest"));
+    assert_eq!(sha256(&bytes), second.digest().expect("digest"));
     assert_eq!(
         sample.registry.requests(),
         1,
@@ -440,7 +442,7 @@ async fn corrupt_member_fails_verification() {
             assert_eq!(name, "dir/file1_0");
             assert_eq!(*compressed_offset, test_blob.member_offsets[1]);
             assert_eq!(*data_offset, bad.data_offset);
-            assert_eq!(expected, &hex::encode(bad.digest.expect("digest")));
+            assert_eq!(expected, &hex::encode(bad.digest().expect("digest")));
             assert_ne!(expected, actual);
             let message = error.to_string();
             assert!(
@@ -463,7 +465,7 @@ async fn corrupt_member_fails_verification() {
                 .expect("good chunk");
             assert_eq!(
                 sha256(&bytes),
-                chunk.digest.expect("digest"),
+                chunk.digest().expect("digest"),
                 "chunk {good}"
             );
         }
@@ -651,20 +653,8 @@ async fn whole_layer_served_without_blob() {
         writer.finish().expect("finish");
 
         let chunks = vec![
-            ChunkRecord {
-                data_offset: 0,
-                size: 12_345,
-                source: ChunkSource::Local,
-                digest: None,
-                name: "a".into(),
-            },
-            ChunkRecord {
-                data_offset: 12_345,
-                size: 20_000 - 12_345,
-                source: ChunkSource::Local,
-                digest: None,
-                name: "b".into(),
-            },
+            ChunkRecord::local(0, 12_345, None, "a".into()),
+            ChunkRecord::local(12_345, 20_000 - 12_345, None, "b".into()),
         ];
         let index = LayerIndex {
             digest: digest.clone(),
@@ -718,13 +708,7 @@ async fn whole_layer_served_without_blob() {
 #[test]
 fn whole_layer_missing_file_rejected() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let chunk = ChunkRecord {
-        data_offset: 0,
-        size: 10,
-        source: ChunkSource::Local,
-        digest: None,
-        name: "a".into(),
-    };
+    let chunk = ChunkRecord::local(0, 10, None, "a".into());
     let index = LayerIndex {
         digest: layer_digest(8),
         chunks: vec![chunk],

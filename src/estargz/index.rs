@@ -556,7 +556,11 @@ impl IndexBuilder {
         if !chunks.is_sorted_by_key(key) {
             chunks.sort_by_key(key);
         }
-        let names = Arc::new(std::mem::take(&mut self.names));
+        let mut names = std::mem::take(&mut self.names);
+        // Grown by doubling: up to half of a small layer's buffer is unused,
+        // and a buffer under glibc's mmap threshold is resident in full.
+        names.shrink_to_fit();
+        let names = Arc::new(names);
         let mut files = std::mem::take(&mut self.files);
 
         // Check every file first, so the first invalid file in TOC order is
@@ -597,17 +601,25 @@ impl IndexBuilder {
                     (Some(_), true) if !single => None,
                     (digest, _) => digest,
                 };
-                records.push(ChunkRecord {
-                    data_offset: file.data_offset + chunk.chunk_offset,
+                let source = ChunkSource::Member {
+                    compressed_offset: chunk.compressed_offset,
+                    compressed_end: self.member_end(chunk.compressed_offset),
+                    inner_offset: chunk.inner_offset,
+                };
+                // TOC offsets are signed 64-bit numbers and the TOC ends
+                // before the blob does, so every TOC source fits a record.
+                let record = ChunkRecord::new(
+                    file.data_offset + chunk.chunk_offset,
                     size,
-                    source: ChunkSource::Member {
-                        compressed_offset: chunk.compressed_offset,
-                        compressed_end: self.member_end(chunk.compressed_offset),
-                        inner_offset: chunk.inner_offset,
-                    },
+                    source,
                     digest,
-                    name: name.clone(),
-                });
+                    name.clone(),
+                )
+                .map_err(|error| TocError::ChunkLayout {
+                    name: name.to_string(),
+                    reason: error.to_string(),
+                })?;
+                records.push(record);
             }
             chunks.truncate(first);
             if released - chunks.len() >= RELEASE_STEP {
@@ -1075,7 +1087,7 @@ mod tests {
                 (
                     chunk.data_offset,
                     chunk.size,
-                    chunk.source,
+                    chunk.source(),
                     chunk.name.as_str(),
                 )
             })
@@ -1098,13 +1110,14 @@ mod tests {
 
         let digest_a = [0xaa; 32];
         let digest_b = [0xbb; 32];
-        assert_eq!(index.chunks[0].digest, Some(digest_a));
+        assert_eq!(index.chunks[0].digest(), Some(digest_a));
         assert_eq!(
-            index.chunks[1].digest, None,
+            index.chunks[1].digest(),
+            None,
             "a chunk of several has no file digest"
         );
         assert_eq!(
-            index.chunks[3].digest,
+            index.chunks[3].digest(),
             Some(digest_b),
             "single chunk falls back to digest"
         );
@@ -1138,7 +1151,7 @@ mod tests {
         assert_eq!(index.entries.len(), 2);
         assert_eq!(index.data_size, 2, "landmarks get no data");
         assert_eq!(
-            index.chunks[0].source,
+            index.chunks[0].source(),
             ChunkSource::Member {
                 compressed_offset: 100,
                 compressed_end: 200,

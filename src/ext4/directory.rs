@@ -45,12 +45,11 @@ pub(super) enum DirFormat {
 pub(super) struct Directory {
     pub inode: u32,
     pub parent: u32,
-    /// Entries in name order for linear directories, in hash order for
-    /// htree directories; empty when `tree_node` is set.
+    /// Entries in name order; empty when `tree_node` is set.
     pub entries: Vec<DirEntry>,
     pub format: DirFormat,
-    /// The tree directory a linear directory's entries are rebuilt from
-    /// when its block is rendered, instead of being kept here.
+    /// The tree directory whose entries are rebuilt when a block is
+    /// rendered, instead of being kept here.
     pub tree_node: Option<NodeId>,
 }
 
@@ -66,13 +65,12 @@ impl Directory {
     ) -> Result<Directory, htree::TooManyLeaves> {
         let needed: usize =
             2 * DOT_ENTRY_LEN + entries.iter().map(DirEntry::rec_len).sum::<usize>();
-        let mut entries = entries;
         let format = if needed <= BLOCK {
             DirFormat::Linear {
                 blocks: min_blocks.max(1),
             }
         } else {
-            DirFormat::Htree(htree::plan(&mut entries, hash_seed)?)
+            DirFormat::Htree(htree::plan(&entries, hash_seed)?)
         };
         Ok(Directory {
             inode,
@@ -91,11 +89,17 @@ impl Directory {
         }
     }
 
-    /// Renders logical block `logical` of the directory into `out`.
+    /// Renders logical block `logical` of the directory into `out`, from the
+    /// entries kept in `entries`.
     pub fn write_block(&self, logical: u64, out: &mut [u8]) {
         match &self.format {
             DirFormat::Linear { .. } => self.write_linear_block(logical, &self.entries, out),
-            DirFormat::Htree(index) => index.write_block(self, logical, out),
+            DirFormat::Htree(index) => index.write_block(self, logical, out, |positions| {
+                positions
+                    .iter()
+                    .filter_map(|&position| self.entries.get(position as usize).cloned())
+                    .collect()
+            }),
         }
     }
 

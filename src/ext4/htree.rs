@@ -32,7 +32,7 @@ pub(super) struct TooManyLeaves {
 /// One leaf block: its first entry and the hash its index entry carries.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) struct Leaf {
-    /// Index into `Directory::entries` of the leaf's first entry.
+    /// Index into `HtreeIndex::order` of the leaf's first entry.
     pub first: usize,
     /// Hash of the first entry, with bit 0 set when the previous leaf ends
     /// with the same hash. Not stored for leaf 0 (its lower bound is 0).
@@ -45,6 +45,10 @@ pub(super) struct HtreeIndex {
     pub leaves: Vec<Leaf>,
     /// dx_node blocks; 0 when the root points at the leaves directly.
     pub nodes: usize,
+    /// The directory's entries in hash order, as positions in its name-ordered
+    /// list. Four bytes per entry, so the layout need not keep a copy of
+    /// every name: it renders a leaf from the tree.
+    pub order: Vec<u32>,
 }
 
 fn rotate_round(a: u32, f: u32, x: u32, shift: u32) -> u32 {
@@ -134,24 +138,29 @@ pub(super) fn half_md4_hash(name: &[u8], seed: [u32; 4]) -> (u32, u32) {
     (hash, buf[2])
 }
 
-/// Sorts `entries` into hash order and packs them into leaves.
-pub(super) fn plan(
-    entries: &mut Vec<DirEntry>,
-    seed: [u32; 4],
-) -> Result<HtreeIndex, TooManyLeaves> {
-    let mut keyed: Vec<((u32, u32), DirEntry)> = entries
-        .drain(..)
-        .map(|entry| (half_md4_hash(&entry.name, seed), entry))
-        .collect();
-    keyed.sort_by(|(key_a, a), (key_b, b)| key_a.cmp(key_b).then_with(|| a.name.cmp(&b.name)));
+/// Sorts `entries` (in name order) into hash order and packs them into
+/// leaves; the entries themselves are not moved.
+pub(super) fn plan(entries: &[DirEntry], seed: [u32; 4]) -> Result<HtreeIndex, TooManyLeaves> {
+    let mut keyed: Vec<((u32, u32), u32)> = Vec::with_capacity(entries.len());
+    for (position, entry) in entries.iter().enumerate() {
+        // A leaf contains at least one entry, so past u32::MAX entries the leaf
+        // count is far over the two-level maximum.
+        let position = u32::try_from(position).map_err(|_| TooManyLeaves {
+            leaves: entries.len(),
+            max: ROOT_LIMIT * NODE_LIMIT,
+        })?;
+        keyed.push((half_md4_hash(&entry.name, seed), position));
+    }
+    let name = |position: u32| &entries[position as usize].name;
+    keyed.sort_by(|(key_a, a), (key_b, b)| key_a.cmp(key_b).then_with(|| name(*a).cmp(name(*b))));
 
     let mut leaves = vec![Leaf { first: 0, hash: 0 }];
     let mut used = 0;
-    for (position, ((hash, _), entry)) in keyed.iter().enumerate() {
-        let rec_len = entry.rec_len();
+    for (position, &((hash, _), entry)) in keyed.iter().enumerate() {
+        let rec_len = entries[entry as usize].rec_len();
         if used + rec_len > BLOCK {
             let previous_hash = keyed[position - 1].0 .0;
-            let continuation = u32::from(previous_hash == *hash);
+            let continuation = u32::from(previous_hash == hash);
             leaves.push(Leaf {
                 first: position,
                 hash: hash | continuation,
@@ -160,7 +169,10 @@ pub(super) fn plan(
         }
         used += rec_len;
     }
-    entries.extend(keyed.into_iter().map(|(_, entry)| entry));
+    // Collected into a new vector: `collect` would keep the sort keys'
+    // allocation, three times the size.
+    let mut order = Vec::with_capacity(keyed.len());
+    order.extend(keyed.iter().map(|&(_, entry)| entry));
 
     let nodes = if leaves.len() <= ROOT_LIMIT {
         0
@@ -173,7 +185,11 @@ pub(super) fn plan(
             max: ROOT_LIMIT * NODE_LIMIT,
         });
     }
-    Ok(HtreeIndex { leaves, nodes })
+    Ok(HtreeIndex {
+        leaves,
+        nodes,
+        order,
+    })
 }
 
 impl HtreeIndex {
@@ -204,8 +220,16 @@ impl HtreeIndex {
         }
     }
 
-    /// Renders logical block `logical` of `dir` into `out`.
-    pub fn write_block(&self, dir: &Directory, logical: u64, out: &mut [u8]) {
+    /// Renders logical block `logical` of `dir` into `out`. A leaf's entries
+    /// come from `entries_at`, which returns the entries at the given
+    /// positions of the directory's name-ordered list.
+    pub fn write_block(
+        &self,
+        dir: &Directory,
+        logical: u64,
+        out: &mut [u8],
+        entries_at: impl FnOnce(&[u32]) -> Vec<DirEntry>,
+    ) {
         let Ok(logical) = usize::try_from(logical) else {
             return;
         };
@@ -251,8 +275,11 @@ impl HtreeIndex {
             let end = self
                 .leaves
                 .get(leaf + 1)
-                .map_or(dir.entries.len(), |next| next.first);
-            write_leaf(out, &dir.entries[start..end]);
+                .map_or(self.order.len(), |next| next.first);
+            let Some(positions) = self.order.get(start..end) else {
+                return;
+            };
+            write_leaf(out, &entries_at(positions));
         }
     }
 }
@@ -289,13 +316,16 @@ mod tests {
 
     #[test]
     fn plan_sorts_by_hash_and_marks_collisions() {
-        let mut entries: Vec<DirEntry> =
-            (0..3000).map(|i| entry(format!("entry-{i:05}"))).collect();
-        let index = plan(&mut entries, [0; 4]).unwrap();
+        let entries: Vec<DirEntry> = (0..3000).map(|i| entry(format!("entry-{i:05}"))).collect();
+        let index = plan(&entries, [0; 4]).unwrap();
         assert!(index.leaves.len() > 1);
-        let hashes: Vec<u32> = entries
+        let mut order = index.order.clone();
+        order.sort_unstable();
+        assert_eq!(order, (0..3000).collect::<Vec<u32>>(), "every entry once");
+        let hashes: Vec<u32> = index
+            .order
             .iter()
-            .map(|e| half_md4_hash(&e.name, [0; 4]).0)
+            .map(|&position| half_md4_hash(&entries[position as usize].name, [0; 4]).0)
             .collect();
         assert!(hashes.windows(2).all(|pair| pair[0] <= pair[1]));
         for leaf in &index.leaves[1..] {
@@ -308,8 +338,8 @@ mod tests {
     #[test]
     fn plan_adds_node_level_past_root_limit() {
         let long = "n".repeat(200);
-        let mut entries: Vec<DirEntry> = (0..12000).map(|i| entry(format!("{long}{i}"))).collect();
-        let index = plan(&mut entries, [0; 4]).unwrap();
+        let entries: Vec<DirEntry> = (0..12000).map(|i| entry(format!("{long}{i}"))).collect();
+        let index = plan(&entries, [0; 4]).unwrap();
         assert!(index.leaves.len() > ROOT_LIMIT);
         assert_eq!(index.nodes, index.leaves.len().div_ceil(NODE_LIMIT));
     }

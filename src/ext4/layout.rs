@@ -189,14 +189,35 @@ impl Geometry {
 struct Numbering {
     /// Inode of each node; 0 for nodes no directory entry reaches.
     node_inodes: Vec<u32>,
-    /// Source of each inode, in inode order (root first, then 11, 12, ...).
-    order: Vec<(u32, InodeSource)>,
+    /// Source of each inode, in inode order: the root's (inode 2) first, then
+    /// those of inodes 11, 12, ... (see [`Numbering::inode_at`]).
+    order: Vec<InodeSource>,
     /// Parent directory inode of each directory node.
     parents: Vec<u32>,
-    /// Directory entries naming each node.
-    entry_counts: Vec<u64>,
+    /// Directory entries naming each node. Four bytes per node, as this list
+    /// is live at the layout's peak; a node has fewer than 2^32 entries, as
+    /// node ids are 32-bit.
+    entry_counts: Vec<u32>,
     synthetic_lost_found: bool,
     max_inode: u32,
+}
+
+impl Numbering {
+    /// Records the source of inode `ino`, the next one after those recorded:
+    /// inodes are numbered in the order they are recorded.
+    fn push(&mut self, ino: u32, source: InodeSource) {
+        debug_assert_eq!(ino, Numbering::inode_at(self.order.len()));
+        self.order.push(source);
+    }
+
+    /// Returns the inode whose source is `order[slot]`.
+    fn inode_at(slot: usize) -> u32 {
+        match slot {
+            0 => ROOT_INO,
+            // Inode numbers are u32, so the slots of `order` fit one.
+            _ => FIRST_INO.saturating_add((slot - 1) as u32),
+        }
+    }
 }
 
 fn children(node: &Node) -> Option<&Children> {
@@ -216,7 +237,7 @@ fn number_inodes(tree: &Tree) -> Result<Numbering, LayoutError> {
 
     let mut numbering = Numbering {
         node_inodes: vec![0; node_count],
-        order: vec![(ROOT_INO, InodeSource::Node(ROOT))],
+        order: vec![InodeSource::Node(ROOT)],
         parents: vec![0; node_count],
         entry_counts: vec![0; node_count],
         synthetic_lost_found: false,
@@ -234,7 +255,7 @@ fn number_inodes(tree: &Tree) -> Result<Numbering, LayoutError> {
                 .is_some_and(|node| children(node).is_some()) =>
         {
             numbering.node_inodes[id as usize] = next;
-            numbering.order.push((next, InodeSource::Node(id)));
+            numbering.push(next, InodeSource::Node(id));
             next += 1;
         }
         Some(_) => {
@@ -242,7 +263,7 @@ fn number_inodes(tree: &Tree) -> Result<Numbering, LayoutError> {
         }
         None => {
             numbering.synthetic_lost_found = true;
-            numbering.order.push((next, InodeSource::LostFound));
+            numbering.push(next, InodeSource::LostFound);
             next += 1;
         }
     }
@@ -264,7 +285,8 @@ fn number_inodes(tree: &Tree) -> Result<Numbering, LayoutError> {
                 });
             };
             validate_name(dir, name)?;
-            numbering.entry_counts[child as usize] += 1;
+            let count = &mut numbering.entry_counts[child as usize];
+            *count = count.saturating_add(1);
 
             if children(node).is_some() {
                 if visited_dirs[child as usize] {
@@ -276,7 +298,7 @@ fn number_inodes(tree: &Tree) -> Result<Numbering, LayoutError> {
             }
             if numbering.node_inodes[child as usize] == 0 {
                 numbering.node_inodes[child as usize] = next;
-                numbering.order.push((next, InodeSource::Node(child)));
+                numbering.push(next, InodeSource::Node(child));
                 next = next.checked_add(1).ok_or(LayoutError::TooManyInodes {
                     inodes: u64::from(u32::MAX) + 1,
                     max: u64::from(u32::MAX),
@@ -286,8 +308,6 @@ fn number_inodes(tree: &Tree) -> Result<Numbering, LayoutError> {
         stack.extend(subdirs.into_iter().rev());
     }
 
-    // Inode numbers are distinct, so the order does not depend on stability.
-    numbering.order.sort_unstable_by_key(|&(ino, _)| ino);
     numbering.max_inode = next - 1;
     Ok(numbering)
 }
@@ -433,7 +453,8 @@ impl Layout {
         let mut dirs = Vec::new();
         let mut dirs_per_group_inodes = Vec::new();
 
-        for &(ino, source) in &numbering.order {
+        for (slot, &source) in numbering.order.iter().enumerate() {
+            let ino = Numbering::inode_at(slot);
             let (record, dir) = match source {
                 InodeSource::LostFound => {
                     let dir =
@@ -609,29 +630,46 @@ impl Layout {
                 }
             }
         }
-        files.sort_unstable();
+        // Sorted in reverse and taken from the end, so the list gives its memory
+        // back as the runs grow and the two are not both held in full (16 and 12
+        // bytes per file, at the layout's peak).
+        files.sort_unstable_by(|a, b| b.cmp(a));
         self.file_runs.reserve_exact(files.len());
-
-        for (_, _, ino) in files {
-            let Some(Some(record)) = self.inodes.get_mut(ino as usize) else {
-                continue;
-            };
-            let InodeSource::Node(node) = record.source else {
-                continue;
-            };
-            if let InodeBody::Extents(map) = &mut record.body {
-                map.start = block32(cursor)?;
-                self.file_runs.push(FileRun {
-                    start: map.start,
-                    len: map.len,
-                    node,
-                });
-                cursor += map.len();
+        let mut released = files.len();
+        while let Some((_, _, ino)) = files.pop() {
+            cursor = self.place_file(ino, cursor)?;
+            if released - files.len() >= FILES_RELEASE_STEP {
+                files.shrink_to_fit();
+                released = files.len();
             }
         }
         Ok(cursor)
     }
+
+    /// Gives the file of inode `ino` its blocks from `cursor` on and records
+    /// its run; returns the block after it.
+    fn place_file(&mut self, ino: u32, cursor: u64) -> Result<u64, LayoutError> {
+        let Some(Some(record)) = self.inodes.get_mut(ino as usize) else {
+            return Ok(cursor);
+        };
+        let InodeSource::Node(node) = record.source else {
+            return Ok(cursor);
+        };
+        let InodeBody::Extents(map) = &mut record.body else {
+            return Ok(cursor);
+        };
+        map.start = block32(cursor)?;
+        self.file_runs.push(FileRun {
+            start: map.start,
+            len: map.len,
+            node,
+        });
+        Ok(cursor + map.len())
+    }
 }
+
+/// Files placed between two releases of the sorted file list's unused memory.
+const FILES_RELEASE_STEP: usize = 1 << 16;
 
 /// A block number or count as a [`BlockMap`] stores it. `Geometry::solve`
 /// keeps every block the layout places below `MAX_BLOCKS`, so this fails
@@ -723,6 +761,56 @@ pub(super) fn directory_entries(
     (entries, subdirs)
 }
 
+/// Returns the entries at `positions` of the list [`directory_entries`]
+/// returns, without building the whole list.
+pub(super) fn directory_entries_at(
+    tree: &Tree,
+    node_inodes: &[u32],
+    synthetic_lost_found: bool,
+    id: NodeId,
+    children: &Children,
+    positions: &[u32],
+) -> Vec<DirEntry> {
+    // Where the root's added lost+found sits among the children in name order.
+    let lost_found = (id == ROOT && synthetic_lost_found).then(|| {
+        let (mut low, mut high) = (0, children.len());
+        while low < high {
+            let middle = low + (high - low) / 2;
+            match children.at(middle) {
+                Some((name, _)) if name < LOST_FOUND => low = middle + 1,
+                _ => high = middle,
+            }
+        }
+        low
+    });
+
+    let mut entries = Vec::with_capacity(positions.len());
+    for &position in positions {
+        let position = position as usize;
+        let child = match lost_found {
+            Some(at) if position == at => {
+                entries.push(DirEntry {
+                    name: LOST_FOUND.into(),
+                    inode: FIRST_INO,
+                    file_type: FT_DIR,
+                });
+                continue;
+            }
+            Some(at) if position > at => position - 1,
+            _ => position,
+        };
+        let Some((name, node)) = children.at(child) else {
+            continue;
+        };
+        entries.push(DirEntry {
+            name: name.into(),
+            inode: node_inodes.get(node as usize).copied().unwrap_or(0),
+            file_type: file_type(&tree.node(node).kind),
+        });
+    }
+    entries
+}
+
 /// Plans the inode of directory node `id` and its blocks.
 fn plan_directory(
     tree: &Tree,
@@ -755,12 +843,10 @@ fn plan_directory(
             max: too_many.max,
         }
     })?;
-    if matches!(dir.format, DirFormat::Linear { .. }) {
-        // A one-block directory is rendered from the tree, which holds the
-        // same names, instead of from a copy of every name.
-        dir.entries = Vec::new();
-        dir.tree_node = Some(id);
-    }
+    // The directory is rendered from the tree, which contains the same names,
+    // instead of from a copy of every name.
+    dir.entries = Vec::new();
+    dir.tree_node = Some(id);
     let htree = matches!(dir.format, DirFormat::Htree(_));
     let record = directory_record(
         InodeSource::Node(id),
@@ -848,7 +934,7 @@ fn plan_node(
         NodeKind::Fifo => (S_IFIFO, 0, 0, InodeBody::Empty),
     };
 
-    let entry_links = numbering.entry_counts[id as usize];
+    let entry_links = u64::from(numbering.entry_counts[id as usize]);
     let links = u16::try_from(entry_links)
         .ok()
         .filter(|&links| u64::from(links) <= LINK_MAX)

@@ -2,9 +2,10 @@
 
 use tracing::error;
 
+use super::directory::DirFormat;
 use super::inode::{write_inode, InodeBody, InodeSource, INODE_SIZE};
 use super::journal::{self, JOURNAL_INO};
-use super::layout::{directory_entries, encoded_xattrs};
+use super::layout::{directory_entries, directory_entries_at, encoded_xattrs};
 use super::superblock::{write_superblock, JournalBackup};
 use super::{bitmap, extent, group_desc, xattr};
 use super::{Layout, MetaObject, Segment, SegmentKind, BLOCK_SIZE};
@@ -206,16 +207,30 @@ impl Layout {
                                 kind: NodeKind::Dir { children },
                                 ..
                             },
-                        )) => {
-                            let (entries, _) = directory_entries(
-                                &self.tree,
-                                &self.node_inodes,
-                                self.synthetic_lost_found,
-                                node,
-                                children,
-                            );
-                            dir.write_linear_block(logical, &entries, out);
-                        }
+                        )) => match &dir.format {
+                            DirFormat::Linear { .. } => {
+                                let (entries, _) = directory_entries(
+                                    &self.tree,
+                                    &self.node_inodes,
+                                    self.synthetic_lost_found,
+                                    node,
+                                    children,
+                                );
+                                dir.write_linear_block(logical, &entries, out);
+                            }
+                            DirFormat::Htree(index) => {
+                                index.write_block(dir, logical, out, |positions| {
+                                    directory_entries_at(
+                                        &self.tree,
+                                        &self.node_inodes,
+                                        self.synthetic_lost_found,
+                                        node,
+                                        children,
+                                        positions,
+                                    )
+                                })
+                            }
+                        },
                         _ => dir.write_block(logical, out),
                     }
                 }

@@ -1056,3 +1056,35 @@ fn writable_options_change_only_writable_layouts() {
         Err(LayoutError::JournalTooSmall { .. })
     ));
 }
+
+#[test]
+fn htree_root_with_lost_found_passes_e2fsck() {
+    // Names before and after "lost+found" in name order, enough to make the
+    // root a hash-indexed directory, so the added lost+found sits in the
+    // middle of the list its leaves are rendered from.
+    let mut b = Builder::new();
+    let names: Vec<String> = (0..600)
+        .map(|i| format!("{}-entry-{i:04}", ["a", "m", "z"][i % 3]))
+        .collect();
+    for name in &names {
+        b.file(ROOT, name, 0, 1, meta(0o644));
+    }
+    let tree = b.build();
+    let layout = Layout::new(tree.clone(), options()).expect("layout");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let image = dir.path().join("root-htree.ext4");
+    write_image(&layout, &tree, &image);
+    e2fsck_clean(&image);
+
+    let htree = debugfs(&image, "htree /");
+    assert!(
+        htree.contains("Root node dump"),
+        "the root is hash-indexed: {}",
+        &htree[..htree.len().min(500)]
+    );
+    let listing = debugfs(&image, "ls /");
+    assert!(listing.contains("lost+found"), "lost+found listed");
+    for name in [&names[0], &names[1], &names[2], &names[599]] {
+        assert!(listing.contains(name.as_str()), "{name} listed");
+    }
+}

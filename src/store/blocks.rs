@@ -26,10 +26,79 @@ pub(crate) struct BlockMismatch {
 
 /// The block checksums of one layer's chunks, in chunk order.
 pub(crate) struct BlockSums {
-    /// Index in `sums` of each chunk's first block; one more entry holds the total.
-    first: Vec<u64>,
+    /// Index in `sums` of each chunk's first block; one more entry is the total.
+    first: BlockStarts,
     /// Valid for a chunk once the chunk is present; written before its presence bit.
     sums: Vec<AtomicU32>,
+}
+
+/// Block numbers, 4 bytes each while they fit, which saves 4 bytes per chunk
+/// for layers of fewer than 2^32 blocks (16 TiB), and none at all when every
+/// chunk is one block, as small files are.
+enum BlockStarts {
+    /// `0..len`: chunk `i` starts at block `i`.
+    Identity {
+        len: usize,
+    },
+    Narrow(Vec<u32>),
+    Wide(Vec<u64>),
+}
+
+impl BlockStarts {
+    /// Stores `starts`, which are in increasing order.
+    #[cfg(test)]
+    fn new(starts: Vec<u64>) -> BlockStarts {
+        let mut stored = BlockStarts::Identity { len: 0 };
+        for start in starts {
+            stored.push(start);
+        }
+        stored
+    }
+
+    /// Appends the next start, not below the last one; switches to a wider
+    /// form only when `start` needs it.
+    fn push(&mut self, start: u64) {
+        match self {
+            BlockStarts::Identity { len } if start == *len as u64 => *len += 1,
+            BlockStarts::Identity { len } => {
+                // The starts so far are `0..len`, all below `start`.
+                let before = 0..*len as u64;
+                *self = match u32::try_from(start) {
+                    Ok(_) => BlockStarts::Narrow(before.map(|start| start as u32).collect()),
+                    Err(_) => BlockStarts::Wide(before.collect()),
+                };
+                self.push(start);
+            }
+            BlockStarts::Narrow(starts) => match u32::try_from(start) {
+                Ok(narrow) => starts.push(narrow),
+                Err(_) => {
+                    let mut wide: Vec<u64> = starts.iter().map(|&start| u64::from(start)).collect();
+                    wide.push(start);
+                    *self = BlockStarts::Wide(wide);
+                }
+            },
+            BlockStarts::Wide(starts) => starts.push(start),
+        }
+    }
+
+    fn get(&self, position: usize) -> Option<u64> {
+        match self {
+            BlockStarts::Identity { len } => (position < *len).then_some(position as u64),
+            BlockStarts::Narrow(starts) => starts.get(position).map(|&start| u64::from(start)),
+            BlockStarts::Wide(starts) => starts.get(position).copied(),
+        }
+    }
+
+    fn last(&self) -> u64 {
+        let len = match self {
+            BlockStarts::Identity { len } => *len,
+            BlockStarts::Narrow(starts) => starts.len(),
+            BlockStarts::Wide(starts) => starts.len(),
+        };
+        len.checked_sub(1)
+            .and_then(|last| self.get(last))
+            .unwrap_or(0)
+    }
 }
 
 /// Number of check blocks in a chunk of `size` bytes.
@@ -48,7 +117,7 @@ pub(crate) fn compute(bytes: &[u8]) -> Vec<u32> {
 impl BlockSums {
     /// Allocates zeroed checksums for every block of `chunks`.
     pub(crate) fn new(chunks: &[ChunkRecord]) -> BlockSums {
-        let mut first = Vec::with_capacity(chunks.len() + 1);
+        let mut first = BlockStarts::Identity { len: 0 };
         let mut total = 0u64;
         for chunk in chunks {
             first.push(total);
@@ -61,17 +130,17 @@ impl BlockSums {
 
     /// Number of blocks in all chunks.
     pub(crate) fn total(&self) -> u64 {
-        self.first.last().copied().unwrap_or(0)
+        self.first.last()
     }
 
     /// Index of the chunk's first block among all blocks of the layer.
     pub(crate) fn first_block(&self, chunk: usize) -> u64 {
-        self.first.get(chunk).copied().unwrap_or(0)
+        self.first.get(chunk).unwrap_or(0)
     }
 
     fn range(&self, chunk: usize) -> Range<usize> {
-        let start = self.first.get(chunk).copied().unwrap_or(0) as usize;
-        let end = self.first.get(chunk + 1).copied().unwrap_or(0) as usize;
+        let start = self.first.get(chunk).unwrap_or(0) as usize;
+        let end = self.first.get(chunk + 1).unwrap_or(0) as usize;
         start..end.max(start)
     }
 
@@ -154,6 +223,27 @@ mod tests {
         assert_eq!(sums.first_block(2), 2);
         assert_eq!(sums.first_block(3), 4);
         assert_eq!(compute(&[7u8; 10_000]).len(), 3);
+    }
+
+    #[test]
+    fn block_starts_kinds() {
+        let identity = BlockStarts::new(vec![0, 1, 2]);
+        assert!(matches!(identity, BlockStarts::Identity { len: 3 }));
+        assert_eq!(identity.get(1), Some(1));
+        assert_eq!(identity.get(3), None);
+        assert_eq!(identity.last(), 2);
+
+        let narrow = BlockStarts::new(vec![0, 7, u64::from(u32::MAX)]);
+        assert!(matches!(narrow, BlockStarts::Narrow(_)));
+        assert_eq!(narrow.get(2), Some(u64::from(u32::MAX)));
+        assert_eq!(narrow.last(), u64::from(u32::MAX));
+
+        let wide = BlockStarts::new(vec![0, 7, 1 << 32]);
+        assert!(matches!(wide, BlockStarts::Wide(_)));
+        assert_eq!(wide.get(1), Some(7));
+        assert_eq!(wide.last(), 1 << 32);
+        assert_eq!(wide.get(3), None);
+        assert_eq!(BlockStarts::new(Vec::new()).last(), 0);
     }
 
     #[test]

@@ -8,8 +8,6 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
-use crate::layer::ChunkSource;
-
 use super::blocks::{self, BlockMismatch, CHECK_BLOCK};
 use super::error::ReadError;
 use super::stats::Stats;
@@ -62,7 +60,7 @@ impl Inner {
             let Err(mismatch) = state.blocks.check(chunk, first_block, part) else {
                 continue;
             };
-            if record.source == ChunkSource::Local {
+            if record.is_local() {
                 let error = self.report_changed_local_chunk(layer, chunk, mismatch);
                 first_mismatch.get_or_insert(error);
             } else {

@@ -50,7 +50,7 @@ use bytes::BytesMut;
 use bytes::Bytes;
 use tokio::sync::Semaphore;
 
-use crate::layer::{ChunkSource, LayerIndex};
+use crate::layer::LayerIndex;
 use crate::source::BlobSource;
 
 pub use cache::WholeLayerWriter;
@@ -131,7 +131,7 @@ impl StoreOptions {
 pub struct StoreLayer {
     pub index: Arc<LayerIndex>,
     /// The layer blob. A layer written whole at start-up has only
-    /// [`ChunkSource::Local`] chunks and reads its blob only to repair its cache file
+    /// [`ChunkSource::Local`](crate::layer::ChunkSource::Local) chunks and reads its blob only to repair its cache file
     /// after a block failed its checksum. Without a blob, such a block fails its reads
     /// with EIO.
     pub blob: Option<Arc<dyn BlobSource>>,
@@ -169,10 +169,11 @@ pub(crate) struct LayerState {
     flights: Mutex<HashMap<usize, Flight>>,
     /// Chunks an earlier run recorded in the index file, not yet checked in this run.
     persisted: Presence,
-    /// crc32 of each chunk recorded in the index file (0 where none is).
+    /// crc32 of each chunk recorded in the index file (0 where none is); empty when
+    /// the index file recorded no chunk.
     persisted_crc: Vec<u32>,
     /// crc32 of each 4 KiB block of the fetched chunks and of the chunks of a whole layer
-    /// ([`ChunkSource::Local`], see `whole`), checked on every cache read.
+    /// ([`ChunkSource::Local`](crate::layer::ChunkSource::Local), see `whole`), checked on every cache read.
     blocks: BlockSums,
     /// Local chunks whose failed block checksum was logged, so each is logged once until
     /// a repair rewrites it.
@@ -233,7 +234,7 @@ impl ChunkStore {
             let presence = Presence::new(index.chunks.len());
             let mut has_local = false;
             for (position, chunk) in index.chunks.iter().enumerate() {
-                if chunk.source == ChunkSource::Local {
+                if chunk.is_local() {
                     presence.insert(position);
                     has_local = true;
                 }
@@ -265,16 +266,18 @@ impl ChunkStore {
                             path: "/dev/null".into(),
                             source,
                         })?;
-                    let loaded = persist::Loaded {
-                        records: vec![None; index.chunks.len()],
-                        block_sums: Vec::new(),
-                    };
-                    (placeholder, None, loaded)
+                    (placeholder, None, persist::Loaded::empty())
                 }
             };
             let uncached = index_file.is_none();
             let persisted = Presence::new(index.chunks.len());
-            let mut persisted_crc = vec![0u32; index.chunks.len()];
+            // Empty unless an earlier run left chunks in the cache: a chunk is
+            // looked up here only when `persisted` has it.
+            let mut persisted_crc = if loaded.records.is_empty() {
+                Vec::new()
+            } else {
+                vec![0u32; index.chunks.len()]
+            };
             if let (true, Some(index_file)) = (has_local, &index_file) {
                 let computed =
                     whole::load_block_sums(&file, &path, &index, &blocks, index_file, &loaded)?;
@@ -487,7 +490,7 @@ impl ChunkStore {
             return true;
         }
         state.table.get(&state.index, member).is_none_or(|info| {
-            info.chunks.iter().all(|&chunk| {
+            info.chunks.iter().all(|chunk| {
                 state.presence.contains(chunk as usize) || state.persisted.contains(chunk as usize)
             })
         })
@@ -513,7 +516,13 @@ impl ChunkStore {
         let end = members.end.min(state.table.len());
         let chunks: Vec<usize> = (members.start.min(end)..end)
             .filter_map(|member| state.table.get(&state.index, member))
-            .flat_map(|member| member.chunks.iter().map(|&chunk| chunk as usize))
+            .flat_map(|member| {
+                member
+                    .chunks
+                    .iter()
+                    .map(|chunk| chunk as usize)
+                    .collect::<Vec<_>>()
+            })
             .collect();
         self.inner
             .ensure_present(layer as usize, chunks.iter().copied(), priority)

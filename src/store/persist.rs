@@ -129,10 +129,22 @@ pub(crate) fn fingerprint(index: &LayerIndex) -> u64 {
 
 /// What an earlier run left in the index: the crc32 of each chunk it marked present.
 pub(crate) struct Loaded {
-    /// `Some(crc)` for each chunk marked present, by chunk index.
+    /// `Some(crc)` for each chunk marked present, by chunk index; empty when
+    /// no chunk is present, so a new index costs no memory per chunk.
     pub(crate) records: Vec<Option<u32>>,
-    /// The block checksums of all chunks, in block order (meaningful for present chunks).
+    /// The block checksums of all chunks, in block order (meaningful for present
+    /// chunks); empty when `records` is.
     pub(crate) block_sums: Vec<u32>,
+}
+
+impl Loaded {
+    /// Nothing present: the state of a new or reset index file.
+    pub(crate) fn empty() -> Loaded {
+        Loaded {
+            records: Vec::new(),
+            block_sums: Vec::new(),
+        }
+    }
 }
 
 /// An open index file, locked shared while the store uses the layer so that pruning
@@ -210,11 +222,7 @@ impl IndexFile {
                 tracing::info!(index = %path.display(), "cache index does not match the layer's chunk table, starting empty");
             }
             index_file.reset(&expected, records_len)?;
-            let loaded = Loaded {
-                records: vec![None; index.chunks.len()],
-                block_sums: vec![0; usize::try_from(block_count).unwrap_or(0)],
-            };
-            return Ok((index_file, loaded));
+            return Ok((index_file, Loaded::empty()));
         }
 
         let loaded = index_file.load_records(index.chunks.len(), block_count)?;
@@ -332,20 +340,14 @@ pub(crate) fn lock(file: &File, operation: libc::c_int) -> io::Result<()> {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::layer::{ChunkRecord, ChunkSource};
+    use crate::layer::ChunkRecord;
 
     /// A layer of whole-layer chunks with the given sizes, back to back.
     pub(crate) fn layer(sizes: &[u64]) -> LayerIndex {
         let mut chunks = Vec::new();
         let mut offset = 0;
         for &size in sizes {
-            chunks.push(ChunkRecord {
-                data_offset: offset,
-                size,
-                source: ChunkSource::Local,
-                digest: None,
-                name: "f".into(),
-            });
+            chunks.push(ChunkRecord::local(offset, size, None, "f".into()));
             offset += size;
         }
         LayerIndex {
@@ -379,7 +381,7 @@ pub(crate) mod tests {
 
         // One block per chunk.
         let (file, loaded) = IndexFile::open(&path, &index, 3).expect("create");
-        assert_eq!(loaded.records, vec![None, None, None]);
+        assert!(loaded.records.iter().all(Option::is_none));
         file.mark_present(1, 0x1234_5678, 1, &[0xabcd])
             .expect("mark");
         file.mark_present(2, 7, 2, &[9]).expect("mark");
@@ -430,7 +432,7 @@ pub(crate) mod tests {
         std::fs::write(&path, &bytes).expect("write first-format index");
 
         let (_, loaded) = IndexFile::open(&path, &index, 2).expect("reopen");
-        assert_eq!(loaded.records, vec![None, None]);
+        assert!(loaded.records.iter().all(Option::is_none));
         let header = Header::decode(&std::fs::read(&path).expect("read")).expect("header");
         assert_eq!(
             header.block_count, 2,

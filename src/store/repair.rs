@@ -314,7 +314,7 @@ fn rewrite_changed(
             .all(|(new, old)| {
                 new.data_offset == old.data_offset
                     && new.size == old.size
-                    && new.digest == old.digest
+                    && new.digest() == old.digest()
             });
     if !same_table {
         anyhow::bail!(

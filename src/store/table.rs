@@ -15,7 +15,119 @@ pub(crate) struct Member<'a> {
     pub(crate) compressed_offset: u64,
     pub(crate) compressed_end: u64,
     /// Indexes of the chunks in this member, in chunk-table order.
-    pub(crate) chunks: &'a [u32],
+    pub(crate) chunks: MemberChunks<'a>,
+}
+
+/// Indexes of the chunks of one member.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum MemberChunks<'a> {
+    Listed(&'a [u32]),
+    /// The chunks `start..end`, where the table lists no indexes.
+    Span {
+        start: u32,
+        end: u32,
+    },
+}
+
+impl MemberChunks<'_> {
+    pub(crate) fn iter(&self) -> impl Iterator<Item = u32> + '_ {
+        let (listed, span) = match *self {
+            MemberChunks::Listed(chunks) => (chunks, 0..0),
+            MemberChunks::Span { start, end } => (&[][..], start..end),
+        };
+        listed.iter().copied().chain(span)
+    }
+
+    fn first(&self) -> Option<u32> {
+        self.iter().next()
+    }
+}
+
+/// A list of `u32` positions that is kept only when it differs from
+/// `0, 1, 2, ...`: a layer whose members have one chunk each, in chunk-table
+/// order, needs neither of a [`MemberTable`]'s lists.
+#[derive(Debug)]
+enum Positions {
+    Listed(Vec<u32>),
+    /// `0..len`.
+    Identity {
+        len: usize,
+    },
+}
+
+impl Default for Positions {
+    fn default() -> Positions {
+        Positions::Identity { len: 0 }
+    }
+}
+
+/// Collects a [`Positions`] list, storing nothing while it is `0, 1, 2, ...`,
+/// so a table that needs no list never keeps one, not even while it is built.
+#[derive(Default)]
+struct PositionsBuilder {
+    listed: Option<Vec<u32>>,
+    len: usize,
+}
+
+impl PositionsBuilder {
+    fn push(&mut self, position: u32) {
+        match &mut self.listed {
+            Some(list) => list.push(position),
+            None if position as usize == self.len => self.len += 1,
+            None => {
+                // `len` positions were pushed, each equal to its slot, so they
+                // are below `position` and fit a u32.
+                let mut list: Vec<u32> = (0..self.len).map(|slot| slot as u32).collect();
+                list.push(position);
+                self.listed = Some(list);
+            }
+        }
+    }
+
+    fn finish(self) -> Positions {
+        match self.listed {
+            Some(mut list) => {
+                list.shrink_to_fit();
+                Positions::Listed(list)
+            }
+            None => Positions::Identity { len: self.len },
+        }
+    }
+}
+
+impl Positions {
+    fn iter(&self) -> impl Iterator<Item = u32> + '_ {
+        (0..self.len()).filter_map(|slot| self.get(slot))
+    }
+
+    fn len(&self) -> usize {
+        match self {
+            Positions::Listed(list) => list.len(),
+            Positions::Identity { len } => *len,
+        }
+    }
+
+    fn get(&self, slot: usize) -> Option<u32> {
+        match self {
+            Positions::Listed(list) => list.get(slot).copied(),
+            Positions::Identity { len } => (slot < *len).then(|| u32::try_from(slot).ok())?,
+        }
+    }
+
+    /// Returns the positions in slots `start..end`.
+    fn range(&self, start: usize, end: usize) -> Option<MemberChunks<'_>> {
+        match self {
+            Positions::Listed(list) => list.get(start..end).map(MemberChunks::Listed),
+            Positions::Identity { len } => {
+                if start > end || end > *len {
+                    return None;
+                }
+                let start = u32::try_from(start).ok()?;
+                let end = u32::try_from(end).ok()?;
+                Some(MemberChunks::Span { start, end })
+            }
+        }
+    }
 }
 
 impl Member<'_> {
@@ -23,7 +135,7 @@ impl Member<'_> {
     pub(crate) fn slices(&self, index: &LayerIndex) -> Vec<ChunkSlice> {
         self.chunks
             .iter()
-            .filter_map(|&chunk| slice(index, chunk as usize))
+            .filter_map(|chunk| slice(index, chunk as usize))
             .collect()
     }
 }
@@ -32,35 +144,36 @@ impl Member<'_> {
 /// not in a member.
 pub(crate) fn slice(index: &LayerIndex, position: usize) -> Option<ChunkSlice> {
     let record = index.chunks.get(position)?;
-    let ChunkSource::Member { inner_offset, .. } = record.source else {
+    let ChunkSource::Member { inner_offset, .. } = record.source() else {
         return None;
     };
     Some(ChunkSlice {
         chunk: position,
         inner_offset,
         size: record.size,
-        digest: record.digest,
+        digest: record.digest(),
     })
 }
 
 /// The members of a layer sorted by compressed offset (they do not overlap).
 ///
 /// The table holds chunk indexes only: offsets, sizes and digests stay in the
-/// layer's chunk table, so a layer of a million one-chunk members costs about
-/// 8 bytes per chunk here.
+/// layer's chunk table. It costs up to 8 bytes per chunk, and nothing for a
+/// layer whose members have one chunk each in chunk-table order, as eStargz
+/// writers lay out small files.
 #[derive(Debug, Default)]
 pub(crate) struct MemberTable {
     /// Chunk indexes grouped by member, members in compressed order, the chunks
     /// of a member in chunk-table order. Chunks in the cache from the start
     /// ([`ChunkSource::Local`]) are not listed.
-    order: Vec<u32>,
+    order: Positions,
     /// Where each member's chunks start in `order`, and `order.len()` last.
-    starts: Vec<u32>,
+    starts: Positions,
 }
 
 /// Compressed range of a chunk's member; `None` for a chunk that is not in one.
 fn member_range(index: &LayerIndex, position: usize) -> Option<(u64, u64)> {
-    match index.chunks.get(position)?.source {
+    match index.chunks.get(position)?.source() {
         ChunkSource::Member {
             compressed_offset,
             compressed_end,
@@ -79,10 +192,10 @@ impl MemberTable {
     /// Member `member` of the layer whose chunk table is `index`; `None` past
     /// the last member.
     pub(crate) fn get<'a>(&'a self, index: &LayerIndex, member: usize) -> Option<Member<'a>> {
-        let start = *self.starts.get(member)? as usize;
-        let end = *self.starts.get(member + 1)? as usize;
-        let chunks = self.order.get(start..end)?;
-        let (compressed_offset, compressed_end) = member_range(index, *chunks.first()? as usize)?;
+        let start = self.starts.get(member)? as usize;
+        let end = self.starts.get(member + 1)? as usize;
+        let chunks = self.order.range(start, end)?;
+        let (compressed_offset, compressed_end) = member_range(index, chunks.first()? as usize)?;
         Some(Member {
             compressed_offset,
             compressed_end,
@@ -163,7 +276,7 @@ pub(crate) fn build(index: &LayerIndex, blob_size: Option<u64>) -> Result<Member
         )));
     }
 
-    let mut order: Vec<u32> = Vec::new();
+    let mut order = PositionsBuilder::default();
     for (position, chunk) in index.chunks.iter().enumerate() {
         let Some((compressed_offset, compressed_end)) = member_range(index, position) else {
             continue;
@@ -182,18 +295,23 @@ pub(crate) fn build(index: &LayerIndex, blob_size: Option<u64>) -> Result<Member
         // The count was checked against u32::MAX above.
         order.push(position as u32);
     }
-    order.shrink_to_fit();
     // Chunks of an eStargz blob usually come in member order already; the sort
     // is stable, so the chunks of one member stay in chunk-table order.
     let offset_of =
         |position: &u32| member_range(index, *position as usize).map(|(start, _)| start);
-    if !order.is_sorted_by_key(offset_of) {
-        order.sort_by_key(offset_of);
+    let mut order = order.finish();
+    if !order
+        .iter()
+        .is_sorted_by_key(|position| offset_of(&position))
+    {
+        let mut list: Vec<u32> = order.iter().collect();
+        list.sort_by_key(offset_of);
+        order = Positions::Listed(list);
     }
 
-    let mut starts: Vec<u32> = Vec::new();
+    let mut starts = PositionsBuilder::default();
     let mut previous: Option<(u64, u64)> = None;
-    for (slot, &position) in order.iter().enumerate() {
+    for (slot, position) in order.iter().enumerate() {
         let Some((compressed_offset, compressed_end)) = member_range(index, position as usize)
         else {
             continue;
@@ -220,8 +338,10 @@ pub(crate) fn build(index: &LayerIndex, blob_size: Option<u64>) -> Result<Member
         previous = Some((compressed_offset, compressed_end));
     }
     starts.push(order.len() as u32);
-    starts.shrink_to_fit();
-    Ok(MemberTable { order, starts })
+    Ok(MemberTable {
+        order,
+        starts: starts.finish(),
+    })
 }
 
 /// Indexes of the chunks that overlap `data_offset..data_offset + len` (`len` > 0).
@@ -242,27 +362,23 @@ mod tests {
     use crate::layer::ChunkRecord;
 
     fn member_chunk(data_offset: u64, size: u64, offset: u64, end: u64, inner: u64) -> ChunkRecord {
-        ChunkRecord {
+        let source = ChunkSource::Member {
+            compressed_offset: offset,
+            compressed_end: end,
+            inner_offset: inner,
+        };
+        ChunkRecord::new(
             data_offset,
             size,
-            source: ChunkSource::Member {
-                compressed_offset: offset,
-                compressed_end: end,
-                inner_offset: inner,
-            },
-            digest: None,
-            name: format!("file{data_offset}").into(),
-        }
+            source,
+            None,
+            format!("file{data_offset}").into(),
+        )
+        .unwrap()
     }
 
     fn local_chunk(data_offset: u64, size: u64) -> ChunkRecord {
-        ChunkRecord {
-            data_offset,
-            size,
-            source: ChunkSource::Local,
-            digest: None,
-            name: format!("file{data_offset}").into(),
-        }
+        ChunkRecord::local(data_offset, size, None, format!("file{data_offset}").into())
     }
 
     fn index(chunks: Vec<ChunkRecord>, data_size: u64) -> LayerIndex {
@@ -288,7 +404,7 @@ mod tests {
         assert_eq!(table.len(), 2);
         let first = table.get(&layer, 0).expect("member 0");
         assert_eq!((first.compressed_offset, first.compressed_end), (0, 50));
-        assert_eq!(first.chunks, &[0, 1]);
+        assert_eq!(first.chunks.iter().collect::<Vec<_>>(), [0, 1]);
         assert_eq!(first.slices(&layer)[1].inner_offset, 600);
         let second = table.get(&layer, 1).expect("member 1");
         assert_eq!((second.compressed_offset, second.compressed_end), (50, 90));
@@ -299,6 +415,40 @@ mod tests {
         assert_eq!(table.count_before(&layer, 1), 1);
         assert_eq!(table.count_before(&layer, 50), 1);
         assert_eq!(table.count_before(&layer, 51), 2);
+    }
+
+    #[test]
+    fn build_keeps_no_lists_for_one_chunk_members() {
+        let layer = index(
+            vec![
+                member_chunk(0, 10, 0, 40, 0),
+                member_chunk(10, 5, 40, 70, 0),
+                member_chunk(15, 5, 70, 90, 0),
+            ],
+            20,
+        );
+        let table = build(&layer, Some(100)).expect("valid table");
+        assert!(matches!(table.order, Positions::Identity { len: 3 }));
+        assert!(matches!(table.starts, Positions::Identity { len: 4 }));
+        assert_eq!(table.len(), 3);
+        let second = table.get(&layer, 1).expect("member 1");
+        assert_eq!((second.compressed_offset, second.compressed_end), (40, 70));
+        assert_eq!(second.chunks, MemberChunks::Span { start: 1, end: 2 });
+        assert!(table.get(&layer, 3).is_none());
+        let members: Vec<_> = (0..3).map(|chunk| table.member_of(&layer, chunk)).collect();
+        assert_eq!(members, vec![Some(0), Some(1), Some(2)]);
+    }
+
+    #[test]
+    fn positions_list_once_out_of_sequence() {
+        let mut builder = PositionsBuilder::default();
+        for position in [0, 1, 5, 6] {
+            builder.push(position);
+        }
+        let positions = builder.finish();
+        assert!(matches!(positions, Positions::Listed(_)));
+        assert_eq!(positions.iter().collect::<Vec<_>>(), [0, 1, 5, 6]);
+        assert_eq!(positions.get(4), None);
     }
 
     #[test]
@@ -316,9 +466,10 @@ mod tests {
         );
         let table = build(&layer, Some(200)).expect("valid table");
         assert_eq!(table.len(), 2);
-        assert_eq!(table.get(&layer, 0).expect("member 0").chunks, &[1]);
+        let first = table.get(&layer, 0).expect("member 0");
+        assert_eq!(first.chunks.iter().collect::<Vec<_>>(), [1]);
         let second = table.get(&layer, 1).expect("member 1");
-        assert_eq!(second.chunks, &[0, 2]);
+        assert_eq!(second.chunks, MemberChunks::Listed(&[0, 2]));
         let inner: Vec<u64> = second
             .slices(&layer)
             .iter()

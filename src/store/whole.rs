@@ -1,5 +1,5 @@
 //! Block checksums of whole layers, the layers that were not eStargz and were unpacked
-//! into their cache file at start-up ([`ChunkSource::Local`] chunks). Their chunks get the
+//! into their cache file at start-up ([`ChunkSource::Local`](crate::layer::ChunkSource::Local) chunks). Their chunks get the
 //! same crc32 per 4 KiB block as fetched chunks, so a byte changed in the file is never
 //! served.
 //!
@@ -11,7 +11,7 @@ use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
-use crate::layer::{ChunkSource, LayerIndex};
+use crate::layer::LayerIndex;
 
 use super::blocks::{self, BlockSums, CHECK_BLOCK};
 use super::error::StoreError;
@@ -44,7 +44,7 @@ pub(crate) fn load_block_sums(
     let mut computed = 0;
     let mut buffer = vec![0u8; READ_SIZE];
     for (position, chunk) in index.chunks.iter().enumerate() {
-        if chunk.source != ChunkSource::Local {
+        if !chunk.is_local() {
             continue;
         }
         let first = blocks.first_block(position);

@@ -361,7 +361,11 @@ impl TreeBuilder {
             (kind, None) => {
                 let kind = match kind {
                     EntryKind::Reg { data } => NodeKind::Reg { data },
-                    EntryKind::Symlink { target } => NodeKind::Symlink { target },
+                    // A copy, made by the merging thread, so the tree does not
+                    // keep the parser's block alive among its freed ones.
+                    EntryKind::Symlink { target } => NodeKind::Symlink {
+                        target: target.as_slice().to_vec(),
+                    },
                     EntryKind::CharDev { major, minor } => NodeKind::CharDev { major, minor },
                     EntryKind::BlockDev { major, minor } => NodeKind::BlockDev { major, minor },
                     EntryKind::Fifo => NodeKind::Fifo,

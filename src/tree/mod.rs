@@ -191,7 +191,7 @@ impl Children {
     }
 
     /// Returns the child at position `index` in name order.
-    fn at(&self, index: usize) -> Option<(&[u8], NodeId)> {
+    pub fn at(&self, index: usize) -> Option<(&[u8], NodeId)> {
         let list = self.list.as_ref()?;
         let &(end, node) = list.entries.get(index)?;
         let start = match index {

@@ -467,7 +467,7 @@ mod tests {
                     compressed_offset,
                     inner_offset,
                     ..
-                } = chunk.source
+                } = chunk.source()
                 else {
                     panic!("case {}: chunk without a member", case.name);
                 };

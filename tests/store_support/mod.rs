@@ -254,17 +254,20 @@ pub fn build_blob(digest: &str, members: &[MemberSpec]) -> TestBlob {
 
         let end = blob.len() as u64;
         for (chunk, inner_offset, name) in pending.drain(..) {
-            chunks.push(ChunkRecord {
-                data_offset: data.len() as u64,
-                size: chunk.len() as u64,
-                source: ChunkSource::Member {
-                    compressed_offset: offset,
-                    compressed_end: end,
-                    inner_offset,
-                },
-                digest: Some(sha256(&chunk)),
-                name: name.into(),
-            });
+            let source = ChunkSource::Member {
+                compressed_offset: offset,
+                compressed_end: end,
+                inner_offset,
+            };
+            let record = ChunkRecord::new(
+                data.len() as u64,
+                chunk.len() as u64,
+                source,
+                Some(sha256(&chunk)),
+                name.into(),
+            )
+            .expect("chunk record");
+            chunks.push(record);
             data.extend_from_slice(&chunk);
         }
     }
