@@ -457,6 +457,11 @@ async fn run_server<D: BlockDevice>(
         wait_for_signal().await;
         let _ = signal_tx.send(true);
     });
+    let trim_store = store.clone();
+    let trim_task = tokio::spawn(esgz_nbd::heap::trim_when_idle(move || {
+        let stats = trim_store.stats();
+        stats.bytes_served + stats.bytes_fetched + stats.chunks_fetched
+    }));
     let stats_task = args.stats_file.clone().map(|path| {
         let store = store.clone();
         let startup = image.startup;
@@ -538,6 +543,7 @@ async fn run_server<D: BlockDevice>(
     // A server that failed to bind got no signal. Stop the stats writer anyway,
     // so that it writes its last snapshot and the error reaches the caller.
     let _ = shutdown_tx.send(true);
+    trim_task.abort();
     if let Some(task) = stats_task {
         let _ = task.await;
     }

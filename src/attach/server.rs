@@ -641,6 +641,11 @@ async fn serve(attached: Attached, settings: &AttachSettings) -> Result<(), Atta
         metrics,
     } = attached;
 
+    let trim_disk = disk.clone();
+    let trim_task = tokio::spawn(crate::heap::trim_when_idle(move || {
+        let stats = trim_disk.store().stats();
+        stats.bytes_served + stats.bytes_fetched + stats.chunks_fetched
+    }));
     let (stop_stats, stats_stopped) = tokio::sync::watch::channel(false);
     let stats_disk = disk.clone();
     let startup = image.startup;
@@ -703,6 +708,7 @@ async fn serve(attached: Attached, settings: &AttachSettings) -> Result<(), Atta
         }
     }
     prefetch_task.abort();
+    trim_task.abort();
     let _ = stop_stats.send(true);
     let _ = stats_task.await;
 

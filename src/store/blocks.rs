@@ -144,6 +144,14 @@ impl BlockSums {
         start..end.max(start)
     }
 
+    /// Stores the checksum of block `block` (numbered across all chunks); a block
+    /// past the table is ignored.
+    pub(crate) fn set(&self, block: usize, value: u32) {
+        if let Some(slot) = self.sums.get(block) {
+            slot.store(value, Ordering::Release);
+        }
+    }
+
     /// Stores the checksums of a chunk's blocks; extra or missing entries are ignored.
     pub(crate) fn store(&self, chunk: usize, values: &[u32]) {
         for (slot, value) in self.sums[self.range(chunk)].iter().zip(values) {

@@ -256,7 +256,7 @@ impl ChunkStore {
             } else {
                 open_lazy_cache(&path, &index, blocks.total())?
             };
-            let (file, index_file, loaded) = match opened {
+            let (file, index_file, mut loaded) = match opened {
                 Some((file, index_file, loaded)) => (file, Some(index_file), loaded),
                 None => {
                     // NOTE: io_uring needs a file for every layer; an uncached layer gets
@@ -270,14 +270,11 @@ impl ChunkStore {
                 }
             };
             let uncached = index_file.is_none();
+            if let (false, Some(index_file)) = (loaded.present.is_empty(), &index_file) {
+                // The file's block order is the table's, so the sums go straight in.
+                index_file.load_block_sums(blocks.total(), |block, sum| blocks.set(block, sum))?;
+            }
             let persisted = Presence::new(index.chunks.len());
-            // Empty unless an earlier run left chunks in the cache: a chunk is
-            // looked up here only when `persisted` has it.
-            let mut persisted_crc = if loaded.records.is_empty() {
-                Vec::new()
-            } else {
-                vec![0u32; index.chunks.len()]
-            };
             if let (true, Some(index_file)) = (has_local, &index_file) {
                 let computed =
                     whole::load_block_sums(&file, &path, &index, &blocks, index_file, &loaded)?;
@@ -289,18 +286,20 @@ impl ChunkStore {
                         source,
                     })?;
             } else {
-                for (position, record) in loaded.records.iter().enumerate() {
-                    if let Some(crc) = record {
+                for (position, &present) in loaded.present.iter().enumerate() {
+                    if present {
                         persisted.insert(position);
-                        persisted_crc[position] = *crc;
-                        let first = blocks.first_block(position) as usize;
-                        let count = blocks::blocks_in(index.chunks[position].size) as usize;
-                        if let Some(sums) = loaded.block_sums.get(first..first + count) {
-                            blocks.store(position, sums);
-                        }
                     }
                 }
             }
+            // The loaded crc list becomes the table, so no second copy is made. It is
+            // empty unless an earlier run left chunks in the cache, and a chunk is
+            // looked up only when `persisted` has it (a whole layer has none).
+            let persisted_crc = if has_local {
+                Vec::new()
+            } else {
+                std::mem::take(&mut loaded.crcs)
+            };
             let reusable = persisted.count();
             if reusable > 0 {
                 tracing::info!(layer = %index.digest, chunks = reusable, "reusing chunks cached by an earlier run");

@@ -129,20 +129,29 @@ pub(crate) fn fingerprint(index: &LayerIndex) -> u64 {
 
 /// What an earlier run left in the index: the crc32 of each chunk it marked present.
 pub(crate) struct Loaded {
-    /// `Some(crc)` for each chunk marked present, by chunk index; empty when
-    /// no chunk is present, so a new index costs no memory per chunk.
-    pub(crate) records: Vec<Option<u32>>,
-    /// The block checksums of all chunks, in block order (meaningful for present
-    /// chunks); empty when `records` is.
-    pub(crate) block_sums: Vec<u32>,
+    /// Whether each chunk is marked present, by chunk index; empty when no
+    /// chunk is present, so a new index costs no memory per chunk.
+    pub(crate) present: Vec<bool>,
+    /// The crc32 of each chunk, by chunk index (meaningful for present chunks);
+    /// empty when `present` is. The block checksums stay in the file until
+    /// [`IndexFile::load_block_sums`] reads them.
+    pub(crate) crcs: Vec<u32>,
 }
 
 impl Loaded {
     /// Nothing present: the state of a new or reset index file.
     pub(crate) fn empty() -> Loaded {
         Loaded {
-            records: Vec::new(),
-            block_sums: Vec::new(),
+            present: Vec::new(),
+            crcs: Vec::new(),
+        }
+    }
+
+    /// Returns the crc32 of chunk `chunk` when it is marked present.
+    pub(crate) fn record(&self, chunk: usize) -> Option<u32> {
+        match self.present.get(chunk) {
+            Some(true) => self.crcs.get(chunk).copied(),
+            _ => None,
         }
     }
 }
@@ -154,6 +163,30 @@ pub(crate) struct IndexFile {
     path: PathBuf,
     /// Offset of the block checksums: after the header and the chunk records.
     block_sums_offset: u64,
+}
+
+/// Bytes read per step by [`read_in_pieces`].
+const READ_PIECE: u64 = 1 << 20;
+
+/// Reads `len` bytes at `offset` in pieces of about [`READ_PIECE`] bytes, each a
+/// whole number of `unit`-byte items, and hands each piece to `take`.
+fn read_in_pieces(
+    file: &std::fs::File,
+    offset: u64,
+    len: u64,
+    unit: u64,
+    mut take: impl FnMut(&[u8]),
+) -> io::Result<()> {
+    let step = (READ_PIECE / unit).max(1) * unit;
+    let mut buffer = vec![0u8; usize::try_from(step.min(len)).unwrap_or(0)];
+    let mut done = 0;
+    while done < len {
+        let piece = (len - done).min(step) as usize;
+        file.read_exact_at(&mut buffer[..piece], offset + done)?;
+        take(&buffer[..piece]);
+        done += piece as u64;
+    }
+    Ok(())
 }
 
 impl IndexFile {
@@ -225,7 +258,7 @@ impl IndexFile {
             return Ok((index_file, Loaded::empty()));
         }
 
-        let loaded = index_file.load_records(index.chunks.len(), block_count)?;
+        let loaded = index_file.load_records(index.chunks.len())?;
         index_file.touch()?;
         Ok((index_file, loaded))
     }
@@ -243,37 +276,62 @@ impl IndexFile {
             .map_err(write_error)
     }
 
-    fn load_records(&self, chunks: usize, block_count: u64) -> Result<Loaded, StoreError> {
+    fn load_records(&self, chunks: usize) -> Result<Loaded, StoreError> {
         let read_error = |source| StoreError::OpenIndexFile {
             path: self.path.clone(),
             source,
         };
-        let mut raw = vec![0u8; chunks * RECORD_LEN as usize];
-        self.file
-            .read_exact_at(&mut raw, HEADER_LEN)
-            .map_err(read_error)?;
-        let records = raw
-            .chunks_exact(RECORD_LEN as usize)
-            .map(|record| {
-                let crc = u32::from_le_bytes([record[0], record[1], record[2], record[3]]);
-                (record[4] == 1).then_some(crc)
-            })
-            .collect();
+        // Read in pieces, so a table of a million chunks needs no second copy.
+        let mut present = Vec::with_capacity(chunks);
+        let mut crcs = Vec::with_capacity(chunks);
+        read_in_pieces(
+            &self.file,
+            HEADER_LEN,
+            chunks as u64 * RECORD_LEN,
+            RECORD_LEN,
+            |piece| {
+                for record in piece.chunks_exact(RECORD_LEN as usize) {
+                    crcs.push(u32::from_le_bytes([
+                        record[0], record[1], record[2], record[3],
+                    ]));
+                    present.push(record[4] == 1);
+                }
+            },
+        )
+        .map_err(read_error)?;
 
-        let sums_len = usize::try_from(block_count * BLOCK_SUM_LEN)
-            .map_err(|_| read_error(io::Error::other("the block count is too large")))?;
-        let mut raw = vec![0u8; sums_len];
-        self.file
-            .read_exact_at(&mut raw, self.block_sums_offset)
-            .map_err(read_error)?;
-        let block_sums = raw
-            .chunks_exact(BLOCK_SUM_LEN as usize)
-            .map(|sum| u32::from_le_bytes([sum[0], sum[1], sum[2], sum[3]]))
-            .collect();
-        Ok(Loaded {
-            records,
-            block_sums,
-        })
+        Ok(Loaded { present, crcs })
+    }
+
+    /// Reads the block checksums of all `block_count` blocks, in block order, and
+    /// hands each to `set` with its block number. Only the sums of chunks marked
+    /// present are meaningful.
+    pub(crate) fn load_block_sums(
+        &self,
+        block_count: u64,
+        mut set: impl FnMut(usize, u32),
+    ) -> Result<(), StoreError> {
+        let read_error = |source| StoreError::OpenIndexFile {
+            path: self.path.clone(),
+            source,
+        };
+        let sums_len = block_count
+            .checked_mul(BLOCK_SUM_LEN)
+            .ok_or_else(|| read_error(io::Error::other("the block count is too large")))?;
+        let mut block = 0;
+        read_in_pieces(
+            &self.file,
+            self.block_sums_offset,
+            sums_len,
+            BLOCK_SUM_LEN,
+            |piece| {
+                for sum in piece.chunks_exact(BLOCK_SUM_LEN as usize) {
+                    set(block, u32::from_le_bytes([sum[0], sum[1], sum[2], sum[3]]));
+                    block += 1;
+                }
+            },
+        )
+        .map_err(read_error)
     }
 
     /// Records that chunk `chunk`, whose blocks start at block `first_block`, is in the
@@ -381,7 +439,7 @@ pub(crate) mod tests {
 
         // One block per chunk.
         let (file, loaded) = IndexFile::open(&path, &index, 3).expect("create");
-        assert!(loaded.records.iter().all(Option::is_none));
+        assert!(loaded.present.iter().all(|present| !present));
         file.mark_present(1, 0x1234_5678, 1, &[0xabcd])
             .expect("mark");
         file.mark_present(2, 7, 2, &[9]).expect("mark");
@@ -391,9 +449,15 @@ pub(crate) mod tests {
 
         let header = Header::decode(&std::fs::read(&path).expect("read index")).expect("header");
         assert_eq!(header.flags, FLAG_COMPLETE);
-        let (_, loaded) = IndexFile::open(&path, &index, 3).expect("reopen");
-        assert_eq!(loaded.records, vec![None, Some(0x1234_5678), None]);
-        assert_eq!(loaded.block_sums, vec![0, 0xabcd, 9]);
+        let (file, loaded) = IndexFile::open(&path, &index, 3).expect("reopen");
+        assert_eq!(
+            (0..3).map(|chunk| loaded.record(chunk)).collect::<Vec<_>>(),
+            vec![None, Some(0x1234_5678), None]
+        );
+        let mut sums = vec![u32::MAX; 3];
+        file.load_block_sums(3, |block, sum| sums[block] = sum)
+            .expect("block sums");
+        assert_eq!(sums, vec![0, 0xabcd, 9]);
     }
 
     #[test]
@@ -411,7 +475,7 @@ pub(crate) mod tests {
         for (name, index) in cases {
             let blocks = index.chunks.len() as u64;
             let (_, loaded) = IndexFile::open(&path, &index, blocks).expect("reopen");
-            assert!(loaded.records.iter().all(Option::is_none), "case {name}");
+            assert!(loaded.present.iter().all(|present| !present), "case {name}");
         }
     }
 
@@ -432,7 +496,7 @@ pub(crate) mod tests {
         std::fs::write(&path, &bytes).expect("write first-format index");
 
         let (_, loaded) = IndexFile::open(&path, &index, 2).expect("reopen");
-        assert!(loaded.records.iter().all(Option::is_none));
+        assert!(loaded.present.iter().all(|present| !present));
         let header = Header::decode(&std::fs::read(&path).expect("read")).expect("header");
         assert_eq!(
             header.block_count, 2,

@@ -48,19 +48,8 @@ pub(crate) fn load_block_sums(
             continue;
         }
         let first = blocks.first_block(position);
-        let count = blocks::blocks_in(chunk.size);
-        let recorded = loaded
-            .records
-            .get(position)
-            .copied()
-            .flatten()
-            .and_then(|_| {
-                let first = usize::try_from(first).ok()?;
-                let count = usize::try_from(count).ok()?;
-                loaded.block_sums.get(first..first.checked_add(count)?)
-            });
-        if let Some(sums) = recorded {
-            blocks.store(position, sums);
+        // The sums of a recorded chunk were loaded into `blocks` with the index.
+        if loaded.record(position).is_some() {
             continue;
         }
 
