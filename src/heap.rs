@@ -66,8 +66,8 @@ const BUSY_TRIM: std::time::Duration = std::time::Duration::from_secs(10);
 ///
 /// Fetching and decoding allocate and free many buffers, and glibc keeps the
 /// freed pages. Measured on the 1M-entry image of scripts/bench/attach.sh, a
-/// whole-disk `nbdcopy` with a fresh cache left 840 MB of anonymous memory
-/// resident, and one `malloc_trim` brought it to 433 MB.
+/// whole-disk `nbdcopy` with a fresh cache left 821 MiB of anonymous memory
+/// resident, and one `malloc_trim` brought it to 423 MiB.
 pub async fn trim_when_idle(activity: impl Fn() -> u64) {
     trim_after_bursts(activity, || async {
         let started = std::time::Instant::now();
