@@ -18,10 +18,10 @@ const MMAP_THRESHOLD: i32 = 1 << 20;
 /// compressed TOC of a few MiB, so without a fixed threshold the chunk tables
 /// and other large vectors built afterwards land on the main heap, among small
 /// blocks that stay live. A free page there goes back to the kernel only when
-/// no live block sits on it. Measured with `esgz-nbd serve` on the 1M-entry
-/// images of scripts/bench/attach.sh (2 CPUs): the 20-layer peak varied from
-/// 343 to 389 MiB over four runs with the dynamic threshold, and it was
-/// 329 and 330 MiB in two runs with a fixed 1 MiB.
+/// no live block sits on it. This was measured with `esgz-nbd serve` on the
+/// 1M-entry images of scripts/bench/attach.sh (2 CPUs). With the dynamic
+/// threshold the 20-layer peak varied from 343 to 389 MiB over four runs. With
+/// a fixed 1 MiB it was 329 and 330 MiB in two runs.
 pub fn fix_mmap_threshold() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     {

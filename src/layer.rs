@@ -8,7 +8,7 @@ use crate::tree::LayerEntry;
 ///
 /// A layer of a million small files has about as many records, so the
 /// record packs its source and digest into 56 bytes (88 in all, not 104).
-/// The top bit of `inner_offset` tells whether `digest` is set, and a
+/// The top bit of `inner_offset` records whether `digest` is set, and a
 /// [`ChunkSource::Local`] chunk has [`LOCAL_MEMBER`] as member offsets.
 /// [`ChunkRecord::new`] takes the plain values, and [`ChunkRecord::source`]
 /// and [`ChunkRecord::digest`] return them.

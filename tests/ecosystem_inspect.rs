@@ -207,6 +207,21 @@ fn export_warns_on_other_platform() {
     );
 }
 
+/// Exports `image` to a temporary disk with a fresh cache and returns the
+/// warnings the export logged.
+fn export_warnings(image: &str) -> String {
+    let work = tempfile::tempdir().expect("temp dir");
+    let output = run(Command::new(esgz_bin())
+        .arg("export")
+        .arg(image)
+        .arg("-o")
+        .arg(work.path().join("disk.img"))
+        .args(["--cache-dir"])
+        .arg(work.path().join("cache"))
+        .env("RUST_LOG", "warn"));
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
 /// A layer whose media type names zstd but whose blob is eStargz is served from its
 /// bytes, with a warning that names the media type.
 #[test]
@@ -216,20 +231,7 @@ fn export_warns_on_wrong_media_type() {
     support::edit_manifest(layout.path(), |manifest| {
         manifest["layers"][0]["mediaType"] = zstd.into();
     });
-    let work = tempfile::tempdir().expect("temp dir");
-    let export = |image: String| {
-        let output = run(Command::new(esgz_bin())
-            .arg("export")
-            .arg(&image)
-            .arg("-o")
-            .arg(work.path().join("disk.img"))
-            .args(["--cache-dir"])
-            .arg(work.path().join("cache"))
-            .env("RUST_LOG", "warn"));
-        String::from_utf8_lossy(&output.stderr).into_owned()
-    };
-
-    let edited = export(format!("oci:{}:latest", layout.path().display()));
+    let edited = export_warnings(&format!("oci:{}:latest", layout.path().display()));
     assert!(
         edited.contains("media type is not a gzip tar type"),
         "no media type warning:\n{edited}"
@@ -238,7 +240,7 @@ fn export_warns_on_wrong_media_type() {
         edited.contains(zstd),
         "the warning does not name the type:\n{edited}"
     );
-    let original = export(format!(
+    let original = export_warnings(&format!(
         "oci:{}:latest",
         fixture_dir("basic").join("oci").display()
     ));
@@ -255,16 +257,7 @@ fn export_warns_on_empty_toc() {
     support::rewrite_toc(layout.path(), 0, |toc| {
         toc["entries"] = Value::Array(Vec::new());
     });
-    let work = tempfile::tempdir().expect("temp dir");
-    let output = run(Command::new(esgz_bin())
-        .arg("export")
-        .arg(format!("oci:{}:latest", layout.path().display()))
-        .arg("-o")
-        .arg(work.path().join("disk.img"))
-        .args(["--cache-dir"])
-        .arg(work.path().join("cache"))
-        .env("RUST_LOG", "warn"));
-    let stderr = String::from_utf8_lossy(&output.stderr);
+    let stderr = export_warnings(&format!("oci:{}:latest", layout.path().display()));
     assert!(
         stderr.contains("TOC lists no entries"),
         "no empty TOC warning:\n{stderr}"

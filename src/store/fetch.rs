@@ -278,7 +278,7 @@ impl Inner {
         };
 
         // A body corrupted on the way (a broken proxy or cache) fails decoding or
-        // verification. One more fetch of those members tells that apart from a
+        // verification. One more fetch of those members distinguishes that from a
         // corrupt blob, and `decode_members` skips the chunks already stored.
         let start = state.member(member_ids[0]).compressed_offset;
         let end = state
